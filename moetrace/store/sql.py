@@ -1,0 +1,110 @@
+"""DuckDB views over a trace, for users' own SQL and for the tuner's heavy lifting.
+
+Views (see docs/trace-format.md):
+
+``activations``       one row per (request, token, MoE layer): the physical columns plus
+                      ``experts`` (SMALLINT[]) and ``weights`` (FLOAT[]) lists
+``activations_long``  one row per (request, token, layer, rank, expert, weight)
+``requests``          one row per request
+``manifest``          one row with the manifest's scalar fields
+``moe_layers``        one row per MoE layer: ``layer``, ``layer_index``
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import duckdb
+import pyarrow as pa
+
+from moetrace.errors import QueryError
+from moetrace.store import schema as S
+
+if TYPE_CHECKING:
+    from moetrace.store.reader import Trace
+
+
+def _files_sql(files: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+
+
+def _source(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> str:
+    """A FROM clause reading the parts, or an empty registered table when there are none."""
+    if files:
+        return f"read_parquet({_files_sql(files)})"
+    con.register(f"_empty_{name}", schema.empty_table())
+    return f"_empty_{name}"
+
+
+def connect(trace: Trace, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the trace's views defined."""
+    con = con or duckdb.connect()
+    k = trace.top_k
+    act_src = _source(con, "activations", trace.activation_files, trace.activation_schema)
+    req_src = _source(con, "requests", trace.request_files, S.REQUESTS_SCHEMA)
+    e_cols = S.expert_columns(k)
+    w_cols = S.weight_columns(k)
+    con.execute(f"CREATE OR REPLACE VIEW activations_raw AS SELECT * FROM {act_src}")
+    con.execute(
+        "CREATE OR REPLACE VIEW activations AS SELECT *, "
+        f"[{', '.join(e_cols)}]::SMALLINT[] AS experts, "
+        f"[{', '.join(w_cols)}]::FLOAT[] AS weights FROM activations_raw"
+    )
+    ranks = " UNION ALL ".join(
+        f"SELECT request_id, token, step, phase, forward, layer, {i} AS rank, "
+        f"e{i} AS expert, w{i}::FLOAT AS weight FROM activations_raw"
+        for i in range(k)
+    )
+    con.execute(f"CREATE OR REPLACE VIEW activations_long AS {ranks}")
+    con.execute(f"CREATE OR REPLACE VIEW requests AS SELECT * FROM {req_src}")
+    m = trace.manifest
+    row = {
+        "format_version": m.format_version,
+        "model_name": m.model.name,
+        "architecture": m.model.architecture,
+        "config_fingerprint": m.model.fingerprint,
+        "num_layers": m.model.num_layers,
+        "num_moe_layers": len(m.model.moe_layers),
+        "num_experts": m.model.num_experts,
+        "top_k": m.model.top_k,
+        "bytes_per_expert": m.model.bytes_per_expert,
+        "dtype": m.model.dtype,
+        "shared_experts": m.model.shared_experts,
+        "inferred": ",".join(m.model.inferred),
+        "source_kind": m.source.kind,
+        "source_origin": m.source.origin,
+        "source_path": m.source.path,
+        "tool_version": m.source.tool_version,
+        "created": m.source.created,
+        "weight_dtype": m.weight_dtype,
+        "speculative": m.speculative,
+        "tags": json.dumps(dict(m.tags)),
+    }
+    types = {"created": pa.float64(), "speculative": pa.bool_()}
+    manifest_tbl = pa.table(
+        {
+            k: pa.array([v], type=types.get(k, pa.int64() if isinstance(v, int) or k == "bytes_per_expert" else pa.string()))
+            for k, v in row.items()
+        }
+    )
+    con.register("_manifest_tbl", manifest_tbl)
+    con.execute("CREATE OR REPLACE VIEW manifest AS SELECT * FROM _manifest_tbl")
+    layers_tbl = pa.table(
+        {"layer": list(m.model.moe_layers), "layer_index": list(range(len(m.model.moe_layers)))},
+        schema=pa.schema([("layer", pa.int16()), ("layer_index", pa.int32())]),
+    )
+    con.register("_moe_layers_tbl", layers_tbl)
+    con.execute("CREATE OR REPLACE VIEW moe_layers AS SELECT * FROM _moe_layers_tbl")
+    return con
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table:
+    try:
+        rel = con.sql(query)
+        if rel is None:  # a statement without a result (CREATE, SET...)
+            return pa.table({})
+        return rel.to_arrow_table()
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QueryError(f"SQL error: {first}") from None
