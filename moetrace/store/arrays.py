@@ -93,7 +93,11 @@ def load_routing(
         pa.table({"layer": list(m.model.moe_layers), "lix": list(range(len(m.model.moe_layers)))}),
     )
     where = f"WHERE a.phase = '{phase}'" if phase else ""
-    sort = "r.rix, a.step, a.token, l.lix" if order == "arrival" else "a.forward, r.rix, a.token, l.lix"
+    sort = (
+        "r.rix, a.step, a.token, l.lix"
+        if order == "arrival"
+        else "a.forward, r.rix, a.token, l.lix"
+    )
     spec = "".join(f", a.s{i}" for i in range(k)) if m.speculative else ""
     query = f"""
         SELECT r.rix::INTEGER AS rix, a.token, a.step, (a.phase = 'decode')::TINYINT AS ph,

@@ -25,7 +25,9 @@ def read_manifest(path: str | os.PathLike[str]) -> S.Manifest:
     if not directory.exists():
         raise TraceFormatError(f"{directory}: no such trace directory")
     if not directory.is_dir():
-        raise TraceFormatError(f"{directory}: not a directory (a trace is a directory with manifest.json)")
+        raise TraceFormatError(
+            f"{directory}: not a directory (a trace is a directory with manifest.json)"
+        )
     if not target.exists():
         raise TraceFormatError(f"{target}: missing manifest (is {directory} a moetrace trace?)")
     try:
@@ -49,7 +51,9 @@ def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
         if not d.is_dir():
             return set()
         return {
-            p.name for p in d.iterdir() if p.name.startswith(S.PART_PREFIX) and p.name.endswith(".parquet")
+            p.name
+            for p in d.iterdir()
+            if p.name.startswith(S.PART_PREFIX) and p.name.endswith(".parquet")
         }
 
     acts, reqs = names(act_dir), names(req_dir)
@@ -61,7 +65,12 @@ def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
         )
     orphans = sorted(acts - reqs)
     if orphans:
-        log.warning("%s: ignoring %d uncommitted activations part(s), e.g. %s", directory, len(orphans), orphans[0])
+        log.warning(
+            "%s: ignoring %d uncommitted activations part(s), e.g. %s",
+            directory,
+            len(orphans),
+            orphans[0],
+        )
     return [(act_dir / n, req_dir / n) for n in sorted(acts & reqs)]
 
 
@@ -168,7 +177,9 @@ class Trace:
         for part in self.parts:
             try:
                 pf = pq.ParquetFile(part.activations)
-                yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
+                yield from pf.iter_batches(
+                    batch_size=batch_size, columns=list(columns) if columns else None
+                )
             except (OSError, pa.ArrowException) as exc:
                 raise TraceFormatError(f"{part.activations}: cannot read part ({exc})") from None
 

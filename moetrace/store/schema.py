@@ -87,7 +87,10 @@ class ModelInfo:
             self.bytes_per_expert is None or self.bytes_per_expert > 0,
             f"model.bytes_per_expert must be positive, got {self.bytes_per_expert}",
         )
-        _require(self.shared_experts >= 0, f"model.shared_experts must be >= 0, got {self.shared_experts}")
+        _require(
+            self.shared_experts >= 0,
+            f"model.shared_experts must be >= 0, got {self.shared_experts}",
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -109,7 +112,10 @@ class SourceInfo:
     created: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
-        _require(self.kind in SOURCE_KINDS, f"source.kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        _require(
+            self.kind in SOURCE_KINDS,
+            f"source.kind must be one of {SOURCE_KINDS}, got {self.kind!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -189,14 +195,23 @@ class Manifest:
         )
 
 
-def routing_fingerprint(num_layers: int, moe_layers: tuple[int, ...], num_experts: int, top_k: int) -> str:
+def routing_fingerprint(
+    num_layers: int, moe_layers: tuple[int, ...], num_experts: int, top_k: int
+) -> str:
     blob = json.dumps([num_layers, list(moe_layers), num_experts, top_k])
     return "routing:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def config_fingerprint(config: Mapping[str, Any]) -> str:
     """A stable hash of a model config dict (ignoring bookkeeping keys)."""
-    ignore = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "_commit_hash"}
+    ignore = {
+        "_name_or_path",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "architectures",
+        "_commit_hash",
+    }
     clean = {k: v for k, v in config.items() if k not in ignore}
     blob = json.dumps(clean, sort_keys=True, default=str)
     return "config:" + hashlib.sha256(blob.encode()).hexdigest()[:16]

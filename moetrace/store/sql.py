@@ -37,7 +37,9 @@ def _source(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema:
     return f"_empty_{name}"
 
 
-def connect(trace: Trace, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    trace: Trace, con: duckdb.DuckDBPyConnection | None = None
+) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the trace's views defined."""
     con = con or duckdb.connect()
     k = trace.top_k
@@ -84,7 +86,12 @@ def connect(trace: Trace, con: duckdb.DuckDBPyConnection | None = None) -> duckd
     types = {"created": pa.float64(), "speculative": pa.bool_()}
     manifest_tbl = pa.table(
         {
-            k: pa.array([v], type=types.get(k, pa.int64() if isinstance(v, int) or k == "bytes_per_expert" else pa.string()))
+            k: pa.array(
+                [v],
+                type=types.get(
+                    k, pa.int64() if isinstance(v, int) or k == "bytes_per_expert" else pa.string()
+                ),
+            )
             for k, v in row.items()
         }
     )

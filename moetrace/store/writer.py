@@ -199,10 +199,14 @@ class TraceWriter:
             arr = np.broadcast_to(np.asarray(values, dtype=dtype), (n,))
             cols[name] = arr
         if n and (cols["phase"].min() < 0 or cols["phase"].max() >= len(S.PHASES)):
-            raise TraceWriteError(f"request {request_id!r}: phase codes must be 0 (prefill) or 1 (decode)")
+            raise TraceWriteError(
+                f"request {request_id!r}: phase codes must be 0 (prefill) or 1 (decode)"
+            )
         if n and not np.isin(cols["layer"], self._layers).all():
             bad = sorted(set(cols["layer"].tolist()) - set(self._layers.tolist()))
-            raise TraceWriteError(f"request {request_id!r}: layers {bad[:5]} are not MoE layers of the manifest")
+            raise TraceWriteError(
+                f"request {request_id!r}: layers {bad[:5]} are not MoE layers of the manifest"
+            )
         num_experts = self.manifest.model.num_experts
         if n and (experts.min() < S.DROPPED_EXPERT or experts.max() >= num_experts):
             raise TraceWriteError(
@@ -219,7 +223,9 @@ class TraceWriter:
             cols["weights"] = weights.astype(self._weight_np, copy=False)
         if self.manifest.speculative:
             if speculative is None:
-                raise TraceWriteError(f"request {request_id!r}: speculative trace needs speculative experts")
+                raise TraceWriteError(
+                    f"request {request_id!r}: speculative trace needs speculative experts"
+                )
             speculative = np.asarray(speculative)
             if speculative.shape != experts.shape:
                 raise TraceWriteError(
@@ -227,7 +233,9 @@ class TraceWriter:
                 )
             cols["speculative"] = speculative.astype(np.int16, copy=False)
         elif speculative is not None:
-            raise TraceWriteError("speculative experts given but the manifest has speculative=False")
+            raise TraceWriteError(
+                "speculative experts given but the manifest has speculative=False"
+            )
         pending.chunks.append(cols)
         pending.rows += n
 
@@ -276,21 +284,30 @@ class TraceWriter:
             [len(c["token"]) for c in chunks],
         )
         arrays: dict[str, pa.Array] = {
-            "request_id": pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniq, pa.string())),
+            "request_id": pa.DictionaryArray.from_arrays(
+                pa.array(codes), pa.array(uniq, pa.string())
+            ),
         }
         for name in ("token", "step", "forward", "layer"):
             arrays[name] = pa.array(np.concatenate([c[name] for c in chunks]))
         arrays["phase"] = pa.DictionaryArray.from_arrays(
             pa.array(np.concatenate([c["phase"] for c in chunks])), pa.array(list(S.PHASES))
         )
-        experts = np.concatenate([c["experts"] for c in chunks]) if n else np.zeros((0, k), np.int16)
+        experts = (
+            np.concatenate([c["experts"] for c in chunks]) if n else np.zeros((0, k), np.int16)
+        )
         for i, name in enumerate(S.expert_columns(k)):
             arrays[name] = pa.array(experts[:, i])
         has_w = [("weights" in c) for c in chunks]
         wtype = self._act_schema.field("w0").type
         if any(has_w):
             w = np.concatenate(
-                [c["weights"] if "weights" in c else np.zeros(c["experts"].shape, self._weight_np) for c in chunks]
+                [
+                    c["weights"]
+                    if "weights" in c
+                    else np.zeros(c["experts"].shape, self._weight_np)
+                    for c in chunks
+                ]
             )
             mask = np.repeat(~np.array(has_w), [len(c["token"]) for c in chunks])
             for i, name in enumerate(S.weight_columns(k)):
@@ -387,4 +404,3 @@ class TraceWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
