@@ -1,10 +1,17 @@
 """Streaming, crash-safe trace writer.
 
 Rows are buffered per open request; :meth:`TraceWriter.end_request` makes a request
-committable, and once enough committable rows are buffered they are written as one part.
-A part is written under a temporary name, fsynced and renamed, activations first and the
-requests part (the commit marker) last, so a writer killed at any moment leaves only whole
-requests visible. Each writer has its own id in part names: two writers never collide.
+committable, and once ``part_rows`` committable rows are buffered they are handed to a
+background thread that encodes and commits them as one part while the caller keeps
+producing (at most ``threads`` parts in flight, so memory stays bounded).
+
+Commit protocol (docs/trace-format.md): each part is written under a ``.tmp-`` name and
+fsynced; then, holding the trace's ``.lock`` (flock), the writer reads the requests parts
+other writers committed meanwhile (to number arrivals uniquely and refuse duplicate request
+ids), writes the requests part, and renames the activations part and then the requests
+part (the commit marker) into place, fsyncing the directories. A writer killed at any
+moment therefore leaves only whole requests visible; each writer has its own id in part
+names, so two writers never collide.
 """
 
 from __future__ import annotations
@@ -12,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -22,13 +31,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moetrace.errors import TraceWriteError
+from moetrace.errors import TraceFormatError, TraceWriteError
+from moetrace.store import encode as E
 from moetrace.store import schema as S
+
+try:  # POSIX advisory locks; elsewhere concurrent writers only avoid name collisions
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PART_ROWS = 1 << 20
-COMPRESSION = "zstd"
+COMPRESSION = E.COMPRESSION
+DEFAULT_THREADS = 2
+LOCK_NAME = ".lock"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,6 +55,20 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the trace (released by the kernel if we are killed)."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def write_manifest(directory: Path, manifest: S.Manifest) -> S.Manifest:
@@ -64,8 +95,11 @@ def write_manifest(directory: Path, manifest: S.Manifest) -> S.Manifest:
             raise TraceWriteError(
                 f"{target}: the trace holds another model or layout "
                 f"(fingerprint {existing.model.fingerprint}, top_k {existing.top_k}, "
-                f"{existing.model.num_experts} experts) than this writer's "
-                f"({manifest.model.fingerprint}, top_k {manifest.top_k}, {manifest.model.num_experts} experts)"
+                f"{existing.model.num_experts} experts, weight_dtype {existing.weight_dtype}, "
+                f"speculative {existing.speculative}) than this writer's "
+                f"({manifest.model.fingerprint}, top_k {manifest.top_k}, "
+                f"{manifest.model.num_experts} experts, weight_dtype {manifest.weight_dtype}, "
+                f"speculative {manifest.speculative})"
             ) from None
         return existing
     finally:
@@ -73,18 +107,21 @@ def write_manifest(directory: Path, manifest: S.Manifest) -> S.Manifest:
 
 
 class _PendingRequest:
-    __slots__ = ("chunks", "rows")
+    __slots__ = ("chunks", "rows", "order")
 
-    def __init__(self) -> None:
-        self.chunks: list[dict[str, np.ndarray]] = []
+    def __init__(self, order: int) -> None:
+        self.chunks: list[E.Chunk] = []
         self.rows = 0
+        self.order = order
 
 
 class TraceWriter:
     """Append requests and their activations to a trace directory.
 
-    Use as a context manager; on a clean exit buffered complete requests are committed,
-    on an exception they are committed too (open, unfinished requests never are).
+    Use as a context manager; on exit (clean or by exception) buffered complete requests
+    are committed; open, unfinished requests never are. :meth:`flush` and :meth:`close`
+    return once everything handed over is committed; parts cut automatically every
+    ``part_rows`` rows are committed in the background (``threads=0``: in the caller).
     """
 
     def __init__(
@@ -94,9 +131,12 @@ class TraceWriter:
         *,
         part_rows: int = DEFAULT_PART_ROWS,
         compression: str = COMPRESSION,
+        threads: int = DEFAULT_THREADS,
     ) -> None:
         if part_rows < 1:
             raise TraceWriteError(f"part_rows must be >= 1, got {part_rows}")
+        if threads < 0:
+            raise TraceWriteError(f"threads must be >= 0, got {threads}")
         self.path = Path(path)
         self.manifest = write_manifest(self.path, manifest)
         self.top_k = self.manifest.top_k
@@ -105,40 +145,60 @@ class TraceWriter:
         self.writer_id = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._act_schema = S.activations_schema(self.manifest)
         self._weight_np = np.float16 if self.manifest.weight_dtype == "float16" else np.float32
-        self._layers = np.asarray(self.manifest.model.moe_layers, dtype=np.int64)
-        (self.path / S.REQUESTS_DIR).mkdir(exist_ok=True)
-        (self.path / S.ACTIVATIONS_DIR).mkdir(exist_ok=True)
-        self._existing = self._committed_request_ids()
-        self._arrival = self._next_arrival()
+        self._moe_layers = np.asarray(self.manifest.model.moe_layers, dtype=np.int64)
+        self._act_dir = self.path / S.ACTIVATIONS_DIR
+        self._req_dir = self.path / S.REQUESTS_DIR
+        self._act_dir.mkdir(exist_ok=True)
+        self._req_dir.mkdir(exist_ok=True)
+        self._write_options = E.activation_write_options(
+            self.top_k, compression, part_rows, self.manifest.weight_dtype
+        )
+        # state shared with the commit threads (guarded by _state)
+        self._state = threading.Condition()
+        self._seen_parts: set[str] = set()
+        self._foreign_ids: set[str] = set()
+        self._max_arrival = -1
+        self._next_commit = 0
+        with _dir_lock(self.path):
+            self._refresh_committed()
+        self._existing = set(self._foreign_ids)
+        # caller-side buffers
         self._open: dict[str, _PendingRequest] = {}
-        self._ready_chunks: list[dict[str, np.ndarray]] = []
+        self._begun = 0
+        self._ready_ids: list[str] = []
+        self._ready_chunks: list[E.Chunk] = []
         self._ready_rows = 0
-        self._ready_requests: list[S.RequestRecord] = []
-        self._ready_arrivals: list[int] = []
+        self._ready_requests: list[tuple[int, S.RequestRecord]] = []
         self._seq = 0
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(threads, "moetrace-writer") if threads else None
+        self._inflight: list[Future[None]] = []
         self._closed = False
         self.parts_written = 0
         self.rows_written = 0
         self.requests_written = 0
 
     # ------------------------------------------------------------------ helpers
-    def _committed_request_ids(self) -> set[str]:
-        from moetrace.store.reader import committed_parts
-
-        ids: set[str] = set()
-        for _, req_part in committed_parts(self.path):
-            ids.update(pq.read_table(req_part, columns=["request_id"]).column(0).to_pylist())
-        return ids
-
-    def _next_arrival(self) -> int:
-        from moetrace.store.reader import committed_parts
-
-        top = -1
-        for _, req_part in committed_parts(self.path):
-            col = pq.read_table(req_part, columns=["arrival"]).column(0)
-            if len(col):
-                top = max(top, int(pa.compute.max(col).as_py()))
-        return top + 1
+    def _refresh_committed(self) -> None:
+        """Read requests parts committed since the last look (holding the trace lock)."""
+        names = sorted(
+            p.name
+            for p in self._req_dir.iterdir()
+            if p.name.startswith(S.PART_PREFIX) and p.name.endswith(".parquet")
+        )
+        for name in names:
+            if name in self._seen_parts:
+                continue
+            part = self._req_dir / name
+            try:
+                table = pq.read_table(part, columns=["request_id", "arrival"])
+            except (OSError, pa.ArrowException) as exc:
+                raise TraceFormatError(f"{part}: cannot read requests part ({exc})") from None
+            self._foreign_ids.update(table.column("request_id").to_pylist())
+            if table.num_rows:
+                top = pa.compute.max(table.column("arrival")).as_py()
+                self._max_arrival = max(self._max_arrival, int(top))
+            self._seen_parts.add(name)
 
     @property
     def existing_request_ids(self) -> frozenset[str]:
@@ -149,14 +209,78 @@ class TraceWriter:
         if self._closed:
             raise TraceWriteError(f"{self.path}: writer is closed")
 
+    def _raise_failed(self) -> None:
+        """Re-raise the error of a background commit that failed."""
+        done = [f for f in self._inflight if f.done()]
+        self._inflight = [f for f in self._inflight if not f.done()]
+        for fut in done:
+            fut.result()
+
     # ------------------------------------------------------------------ API
     def begin_request(self, request_id: str) -> None:
         self._check_open()
+        if not isinstance(request_id, str) or not request_id:
+            raise TraceWriteError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self._existing:
             raise TraceWriteError(f"{self.path}: request {request_id!r} is already in the trace")
         if request_id in self._open:
             raise TraceWriteError(f"{self.path}: request {request_id!r} is already open")
-        self._open[request_id] = _PendingRequest()
+        self._open[request_id] = _PendingRequest(self._begun)
+        self._begun += 1
+
+    def _row_column(self, request_id: str, name: str, values: object, n: int) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.ndim == 0 or (arr.ndim == 1 and arr.shape[0] == n):
+            if arr.size and arr.dtype.kind not in "iub":
+                raise TraceWriteError(
+                    f"request {request_id!r}: {name} must hold integers, got dtype {arr.dtype}"
+                )
+            return np.broadcast_to(arr, (n,))
+        raise TraceWriteError(
+            f"request {request_id!r}: {name} must be a scalar or have shape ({n},) like "
+            f"experts, got shape {arr.shape}"
+        )
+
+    def _phase_codes(self, request_id: str, phase: object, n: int) -> np.ndarray:
+        arr = np.asarray(phase)
+        if arr.dtype.kind in "UO":
+            codes = np.full(arr.shape, -1, dtype=np.int8)
+            for name, code in S.PHASE_CODE.items():
+                codes[arr == name] = code
+            if (codes < 0).any():
+                bad = arr[codes < 0].flat[0]
+                raise TraceWriteError(
+                    f"request {request_id!r}: unknown phase {bad!r} (expected one of {S.PHASES} "
+                    f"or codes 0..{len(S.PHASES) - 1})"
+                )
+            arr = codes
+        arr = self._row_column(request_id, "phase", arr, n)
+        if n and (arr.min() < 0 or arr.max() >= len(S.PHASES)):
+            bad = arr[(arr < 0) | (arr >= len(S.PHASES))][0]
+            raise TraceWriteError(
+                f"request {request_id!r}: unknown phase code {int(bad)} (0 = prefill, 1 = decode)"
+            )
+        return arr.astype(np.int8, copy=False)
+
+    def _expert_ids(self, request_id: str, name: str, values: object, shape: tuple) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.shape != shape:
+            raise TraceWriteError(
+                f"request {request_id!r}: {name} must have shape (n, top_k={self.top_k}) = "
+                f"{shape}, got {arr.shape}"
+            )
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TraceWriteError(
+                f"request {request_id!r}: {name} must hold integer expert ids, got {arr.dtype}"
+            )
+        num_experts = self.manifest.model.num_experts
+        if arr.size and (arr.min() < S.DROPPED_EXPERT or arr.max() >= num_experts):
+            bad = arr[(arr < S.DROPPED_EXPERT) | (arr >= num_experts)][0]
+            raise TraceWriteError(
+                f"request {request_id!r}: {name} id {int(bad)} out of range "
+                f"[{S.DROPPED_EXPERT}, {num_experts}) (-1 = dropped)"
+            )
+        return arr.astype(np.int16, copy=False)
 
     def add_activations(
         self,
@@ -164,7 +288,7 @@ class TraceWriter:
         *,
         token: Iterable[int] | np.ndarray,
         step: Iterable[int] | np.ndarray,
-        phase: Iterable[int] | np.ndarray,
+        phase: Iterable[int] | Iterable[str] | np.ndarray | int | str,
         forward: Iterable[int] | np.ndarray,
         layer: Iterable[int] | np.ndarray,
         experts: np.ndarray,
@@ -173,70 +297,65 @@ class TraceWriter:
     ) -> None:
         """Buffer rows of one open request.
 
-        ``phase`` holds codes (0 = prefill, 1 = decode). ``experts`` is ``(n, k)`` in rank
-        order (-1 = dropped); ``weights`` ``(n, k)`` or None when unknown; ``speculative``
-        ``(n, k)`` predicted next-layer experts (-1/None = no prediction), required iff the
-        manifest says the trace is speculative.
+        Per-row values (``token``, ``step``, ``phase``, ``forward``, ``layer``) are scalars
+        or length-``n`` arrays. ``phase`` holds codes (0 = prefill, 1 = decode) or names.
+        ``layer`` holds model layer ids that must be MoE layers of the manifest.
+        ``experts`` is ``(n, k)`` in rank order (-1 = dropped); ``weights`` ``(n, k)`` or
+        None when unknown; ``speculative`` ``(n, k)`` predicted next-layer experts (-1 =
+        no prediction), required iff the manifest says the trace is speculative.
         """
         self._check_open()
         pending = self._open.get(request_id)
         if pending is None:
             raise TraceWriteError(f"{self.path}: request {request_id!r} was not begun")
-        experts = np.asarray(experts)
-        if experts.ndim != 2 or experts.shape[1] != self.top_k:
+        raw = np.asarray(experts)
+        if raw.ndim != 2 or raw.shape[1] != self.top_k:
             raise TraceWriteError(
-                f"request {request_id!r}: experts must have shape (n, top_k={self.top_k}), got {experts.shape}"
+                f"request {request_id!r}: experts must have shape (n, top_k={self.top_k}), "
+                f"got {raw.shape}"
             )
-        n = experts.shape[0]
-        cols: dict[str, np.ndarray] = {}
-        for name, values, dtype in (
-            ("token", token, np.int32),
-            ("step", step, np.int32),
-            ("phase", phase, np.int8),
-            ("forward", forward, np.int64),
-            ("layer", layer, np.int16),
-        ):
-            arr = np.broadcast_to(np.asarray(values, dtype=dtype), (n,))
-            cols[name] = arr
-        if n and (cols["phase"].min() < 0 or cols["phase"].max() >= len(S.PHASES)):
+        n = raw.shape[0]
+        shape = (n, self.top_k)
+        expert_ids = self._expert_ids(request_id, "experts", raw, shape)
+        layer_arr = self._row_column(request_id, "layer", layer, n)
+        if n and not np.isin(layer_arr, self._moe_layers).all():
+            bad = sorted(set(layer_arr.tolist()) - set(self._moe_layers.tolist()))
             raise TraceWriteError(
-                f"request {request_id!r}: phase codes must be 0 (prefill) or 1 (decode)"
+                f"request {request_id!r}: layer(s) {bad[:5]} are not MoE layers of the manifest "
+                f"{list(self.manifest.model.moe_layers)}"
             )
-        if n and not np.isin(cols["layer"], self._layers).all():
-            bad = sorted(set(cols["layer"].tolist()) - set(self._layers.tolist()))
-            raise TraceWriteError(
-                f"request {request_id!r}: layers {bad[:5]} are not MoE layers of the manifest"
-            )
-        num_experts = self.manifest.model.num_experts
-        if n and (experts.min() < S.DROPPED_EXPERT or experts.max() >= num_experts):
-            raise TraceWriteError(
-                f"request {request_id!r}: expert ids must lie in [-1, {num_experts}), "
-                f"got min {experts.min()} max {experts.max()}"
-            )
-        cols["experts"] = experts.astype(np.int16, copy=False)
+        w = None
         if weights is not None:
-            weights = np.asarray(weights)
-            if weights.shape != experts.shape:
+            w = np.asarray(weights)
+            if w.shape != shape:
                 raise TraceWriteError(
-                    f"request {request_id!r}: weights shape {weights.shape} != experts shape {experts.shape}"
+                    f"request {request_id!r}: weights shape {w.shape} != experts shape {shape}"
                 )
-            cols["weights"] = weights.astype(self._weight_np, copy=False)
+            w = w.astype(self._weight_np, copy=False)
+        spec = None
         if self.manifest.speculative:
             if speculative is None:
                 raise TraceWriteError(
-                    f"request {request_id!r}: speculative trace needs speculative experts"
+                    f"request {request_id!r}: the manifest has speculative=True, so "
+                    "speculative experts are required"
                 )
-            speculative = np.asarray(speculative)
-            if speculative.shape != experts.shape:
-                raise TraceWriteError(
-                    f"request {request_id!r}: speculative shape {speculative.shape} != experts shape {experts.shape}"
-                )
-            cols["speculative"] = speculative.astype(np.int16, copy=False)
+            spec = self._expert_ids(request_id, "speculative", speculative, shape)
         elif speculative is not None:
             raise TraceWriteError(
-                "speculative experts given but the manifest has speculative=False"
+                f"request {request_id!r}: speculative experts given but the manifest has "
+                "speculative=False"
             )
-        pending.chunks.append(cols)
+        chunk = E.Chunk(
+            token=self._row_column(request_id, "token", token, n),
+            step=self._row_column(request_id, "step", step, n),
+            phase=self._phase_codes(request_id, phase, n),
+            forward=self._row_column(request_id, "forward", forward, n),
+            layer=layer_arr,
+            experts=expert_ids,
+            weights=w,
+            speculative=spec,
+        )
+        pending.chunks.append(chunk)
         pending.rows += n
 
     def end_request(self, record: S.RequestRecord) -> None:
@@ -245,16 +364,13 @@ class TraceWriter:
         pending = self._open.pop(record.request_id, None)
         if pending is None:
             raise TraceWriteError(f"{self.path}: request {record.request_id!r} was not begun")
-        for chunk in pending.chunks:
-            chunk["request_id"] = record.request_id  # type: ignore[assignment]
+        self._ready_ids.extend([record.request_id] * len(pending.chunks))
         self._ready_chunks.extend(pending.chunks)
         self._ready_rows += pending.rows
-        self._ready_requests.append(record)
-        self._ready_arrivals.append(self._arrival)
-        self._arrival += 1
+        self._ready_requests.append((pending.order, record))
         self._existing.add(record.request_id)
         if self._ready_rows >= self.part_rows:
-            self.flush()
+            self._submit()
 
     def abandon_request(self, request_id: str) -> None:
         """Drop an open request and its buffered rows."""
@@ -271,113 +387,74 @@ class TraceWriter:
             raise
         self.end_request(record)
 
-    # ------------------------------------------------------------------ flushing
-    def _activation_table(self) -> pa.Table:
-        chunks = self._ready_chunks
-        k = self.top_k
-        n = self._ready_rows
-        ids = [c["request_id"] for c in chunks]
-        uniq = list(dict.fromkeys(ids))
-        index = {rid: i for i, rid in enumerate(uniq)}
-        codes = np.repeat(
-            np.array([index[r] for r in ids], dtype=np.int32),
-            [len(c["token"]) for c in chunks],
-        )
-        arrays: dict[str, pa.Array] = {
-            "request_id": pa.DictionaryArray.from_arrays(
-                pa.array(codes), pa.array(uniq, pa.string())
-            ),
-        }
-        for name in ("token", "step", "forward", "layer"):
-            arrays[name] = pa.array(np.concatenate([c[name] for c in chunks]))
-        arrays["phase"] = pa.DictionaryArray.from_arrays(
-            pa.array(np.concatenate([c["phase"] for c in chunks])), pa.array(list(S.PHASES))
-        )
-        experts = (
-            np.concatenate([c["experts"] for c in chunks]) if n else np.zeros((0, k), np.int16)
-        )
-        for i, name in enumerate(S.expert_columns(k)):
-            arrays[name] = pa.array(experts[:, i])
-        has_w = [("weights" in c) for c in chunks]
-        wtype = self._act_schema.field("w0").type
-        if any(has_w):
-            w = np.concatenate(
-                [
-                    c["weights"]
-                    if "weights" in c
-                    else np.zeros(c["experts"].shape, self._weight_np)
-                    for c in chunks
-                ]
-            )
-            mask = np.repeat(~np.array(has_w), [len(c["token"]) for c in chunks])
-            for i, name in enumerate(S.weight_columns(k)):
-                arrays[name] = pa.array(w[:, i], type=wtype, mask=mask if not all(has_w) else None)
-        else:
-            for name in S.weight_columns(k):
-                arrays[name] = pa.nulls(n, type=wtype)
-        if self.manifest.speculative:
-            spec = np.concatenate([c["speculative"] for c in chunks])
-            for i, name in enumerate(S.speculative_columns(k)):
-                arrays[name] = pa.array(spec[:, i], mask=spec[:, i] < 0)
-        return pa.table([arrays[f.name] for f in self._act_schema], schema=self._act_schema)
-
-    def _request_table(self) -> pa.Table:
-        recs = self._ready_requests
-        return pa.table(
-            {
-                "request_id": [r.request_id for r in recs],
-                "arrival": self._ready_arrivals,
-                "arrival_time": [r.arrival_time for r in recs],
-                "prompt_tokens": [r.prompt_tokens for r in recs],
-                "generated_tokens": [r.generated_tokens for r in recs],
-                "prompt_text": [r.prompt_text for r in recs],
-                "prompt_hash": [r.prompt_hash for r in recs],
-                "tags": [list(r.tags.items()) if r.tags else None for r in recs],
-            },
-            schema=S.REQUESTS_SCHEMA,
-        )
-
-    def _write_tmp(self, table: pa.Table, directory: Path, **kwargs: object) -> Path:
-        tmp = directory / f"{S.TMP_PREFIX}{self.writer_id}-{self._seq:06d}.parquet"
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression=self.compression, **kwargs)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        return tmp
-
-    def flush(self) -> None:
-        """Commit every complete buffered request as one part (no-op when none)."""
-        self._check_open()
+    # ------------------------------------------------------------------ committing
+    def _submit(self) -> None:
+        """Hand the complete buffered requests to a commit (background when threads > 0)."""
+        self._raise_failed()
         if not self._ready_requests:
             return
-        acts = self._activation_table()
-        reqs = self._request_table()
-        k = self.top_k
-        name = f"{S.PART_PREFIX}{self.writer_id}-{self._seq:06d}.parquet"
-        act_dir = self.path / S.ACTIVATIONS_DIR
-        req_dir = self.path / S.REQUESTS_DIR
-        act_tmp = self._write_tmp(
-            acts,
-            act_dir,
-            row_group_size=self.part_rows,
-            use_dictionary=["request_id", "phase"],
-            column_encoding={c: "BYTE_STREAM_SPLIT" for c in S.weight_columns(k)},
-            write_statistics=["request_id", "token", "step", "forward", "layer"],
-        )
-        req_tmp = self._write_tmp(reqs, req_dir)
-        os.replace(act_tmp, act_dir / name)
-        _fsync_dir(act_dir)
-        os.replace(req_tmp, req_dir / name)  # the commit point
-        _fsync_dir(req_dir)
-        self.parts_written += 1
-        self.rows_written += acts.num_rows
-        self.requests_written += reqs.num_rows
-        log.debug("committed %s: %d requests, %d activations", name, reqs.num_rows, acts.num_rows)
+        job = (self._seq, self._ready_ids, self._ready_chunks, self._ready_requests)
         self._seq += 1
-        self._ready_chunks = []
-        self._ready_rows = 0
+        self._ready_ids, self._ready_chunks, self._ready_rows = [], [], 0
         self._ready_requests = []
-        self._ready_arrivals = []
+        if self._pool is None:
+            self._commit(*job)
+            return
+        while len(self._inflight) >= self._threads:  # bound memory: wait for the oldest
+            self._inflight.pop(0).result()
+        self._inflight.append(self._pool.submit(self._commit, *job))
+
+    def _commit(
+        self,
+        seq: int,
+        ids: list[str],
+        chunks: list[E.Chunk],
+        requests: list[tuple[int, S.RequestRecord]],
+    ) -> None:
+        name = f"{S.PART_PREFIX}{self.writer_id}-{seq:06d}.parquet"
+        act_tmp = self._act_dir / f"{S.TMP_PREFIX}{name}"
+        req_tmp = self._req_dir / f"{S.TMP_PREFIX}{name}"
+        try:
+            acts = E.activations_table(self._act_schema, self.top_k, ids, chunks)
+            E.write_synced(acts, act_tmp, **self._write_options)
+            records = [r for _, r in sorted(requests, key=lambda x: x[0])]
+            with self._state:  # commit parts in sequence order
+                self._state.wait_for(lambda: self._next_commit == seq)
+            with _dir_lock(self.path):
+                self._refresh_committed()
+                dup = [r.request_id for r in records if r.request_id in self._foreign_ids]
+                if dup:
+                    raise TraceWriteError(
+                        f"{self.path}: request {dup[0]!r} was committed meanwhile by another "
+                        f"writer; part {name} ({len(records)} requests) is not committed"
+                    )
+                first = self._max_arrival + 1
+                arrivals = list(range(first, first + len(records)))
+                E.write_synced(E.requests_table(records, arrivals), req_tmp, compression="zstd")
+                os.replace(act_tmp, self._act_dir / name)
+                _fsync_dir(self._act_dir)
+                os.replace(req_tmp, self._req_dir / name)  # the commit point
+                _fsync_dir(self._req_dir)
+                self._seen_parts.add(name)
+                self._foreign_ids.update(r.request_id for r in records)
+                self._max_arrival = first + len(records) - 1
+            self.parts_written += 1
+            self.rows_written += acts.num_rows
+            self.requests_written += len(records)
+            log.debug("committed %s: %d requests, %d activations", name, len(records), len(acts))
+        finally:
+            act_tmp.unlink(missing_ok=True)
+            req_tmp.unlink(missing_ok=True)
+            with self._state:
+                self._next_commit = max(self._next_commit, seq + 1)
+                self._state.notify_all()
+
+    def flush(self) -> None:
+        """Commit every complete buffered request; return once all are committed."""
+        self._check_open()
+        self._submit()
+        while self._inflight:
+            self._inflight.pop(0).result()
 
     def close(self) -> None:
         if self._closed:
@@ -385,6 +462,12 @@ class TraceWriter:
         try:
             self.flush()
         finally:
+            for fut in self._inflight:  # after an error: still wait for the others
+                with contextlib.suppress(Exception):
+                    fut.result()
+            self._inflight = []
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             if self._open:
                 log.warning(
                     "%s: %d unfinished request(s) were not committed: %s",
