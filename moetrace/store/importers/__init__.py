@@ -1,0 +1,40 @@
+"""Importers of published expert-routing traces into moetrace traces.
+
+Formats are found by name in a registry; see docs/importers.md::
+
+    from moetrace.store.importers import import_trace
+    result = import_trace("moe-beyond", "traces/puffin", "out/deepseek")
+"""
+
+from moetrace.store.importers.base import (
+    IMPORT_MARKER,
+    Importer,
+    ParsedRequest,
+    SourceFile,
+    available_formats,
+    get_importer,
+    register_importer,
+)
+from moetrace.store.importers.driver import BadFile, ImportResult, import_trace
+from moetrace.store.importers.known_models import KnownModel, find_known_model, register_known_model
+from moetrace.store.importers.moe_beyond import MoeBeyondImporter
+from moetrace.store.importers.patterns_behind_chaos import PatternsBehindChaosImporter
+
+register_importer(PatternsBehindChaosImporter())
+register_importer(MoeBeyondImporter())
+
+__all__ = [
+    "IMPORT_MARKER",
+    "BadFile",
+    "ImportResult",
+    "Importer",
+    "KnownModel",
+    "ParsedRequest",
+    "SourceFile",
+    "available_formats",
+    "find_known_model",
+    "get_importer",
+    "import_trace",
+    "register_importer",
+    "register_known_model",
+]

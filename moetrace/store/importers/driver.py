@@ -1,0 +1,330 @@
+"""``import_trace``: run an importer over SRC and write a moetrace trace into OUT.
+
+Flow: find the files, resolve the model facts (caller > trace already in OUT > known
+models > data; a pre-scan of all files only when the number of experts must come from the
+data), then parse, check and write request by request with the store's TraceWriter, which
+commits whole requests in batched parts. Requests already in OUT are skipped, so a failed
+or interrupted import can be rerun; while an import runs (and after one failed) OUT holds
+an ``.import-incomplete.json`` marker that ``moetrace inspect`` reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from moetrace import __version__
+from moetrace.errors import ImportFormatError, TraceWriteError
+from moetrace.store.importers.base import (
+    IMPORT_MARKER,
+    Importer,
+    ParsedRequest,
+    SourceFile,
+    get_importer,
+    require_source,
+)
+from moetrace.store.importers.facts import ModelOverrides, check_request, resolve_model
+from moetrace.store.importers.known_models import find_known_model
+from moetrace.store.reader import open_trace, read_manifest
+from moetrace.store.schema import MANIFEST_NAME, Manifest, RequestRecord, SourceInfo
+from moetrace.store.writer import TraceWriter
+
+log = logging.getLogger(__name__)
+
+SCAN_CACHE_BYTES = 512 << 20
+"""Parsed requests kept in memory between the pre-scan and the write pass."""
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did."""
+
+    format: str
+    src: str
+    out: str
+    model_name: str
+    requests_imported: int
+    requests_skipped_existing: int
+    prefill_tokens: int
+    decode_tokens: int
+    activations: int
+    forwards: int
+    bad_files: tuple[BadFile, ...] = ()
+    inferred: Mapping[str, str] = field(default_factory=dict)
+    """Model fields not given by the caller -> where their value came from."""
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "requests_imported",
+            "requests_skipped_existing",
+            "prefill_tokens",
+            "decode_tokens",
+            "activations",
+            "forwards",
+        ):
+            if getattr(self, name) < 0:
+                raise ImportFormatError(
+                    f"ImportResult.{name} must be >= 0, got {getattr(self, name)}"
+                )
+        object.__setattr__(self, "bad_files", tuple(self.bad_files))
+        object.__setattr__(self, "inferred", dict(self.inferred))
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {"prefill": self.prefill_tokens, "decode": self.decode_tokens}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["bad_files"] = [asdict(b) for b in self.bad_files]
+        data["tokens"] = self.tokens
+        return data
+
+
+class _BadFiles:
+    """Bad files: raise at once, or (skip_bad) record and go on."""
+
+    def __init__(self, skip_bad: bool) -> None:
+        self.skip_bad = skip_bad
+        self.files: dict[str, BadFile] = {}
+
+    def parse(self, importer: Importer, source: SourceFile) -> ParsedRequest | None:
+        try:
+            return importer.parse(source)
+        except ImportFormatError as exc:
+            self.add(source, exc)
+            return None
+
+    def add(self, source: SourceFile, exc: ImportFormatError) -> None:
+        if not self.skip_bad:
+            raise exc
+        log.warning("skipping bad file: %s", exc)
+        self.files[source.request_id] = BadFile(str(source.path), str(exc))
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise TraceWriteError(
+            f"{out}: exists and is not a directory; OUT must be a trace directory"
+        )
+    if (out / MANIFEST_NAME).exists():
+        return read_manifest(out)
+    if any(p.name != IMPORT_MARKER for p in out.iterdir()):
+        raise TraceWriteError(
+            f"{out}: not empty and not a moetrace trace (no {MANIFEST_NAME}); "
+            "import into a new or empty directory"
+        )
+    return None
+
+
+def _write_marker(out: Path, info: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{IMPORT_MARKER}-{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out / IMPORT_MARKER)
+
+
+def _progress(items: list[SourceFile], desc: str, enabled: bool) -> Any:
+    return tqdm(
+        items,
+        desc=desc,
+        unit="file",
+        file=sys.stderr,
+        disable=not (enabled and sys.stderr.isatty()),
+        leave=False,
+    )
+
+
+def import_trace(
+    format: str,
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    num_layers: int | None = None,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    shared_experts: int | None = None,
+    bytes_per_expert: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> ImportResult:
+    """Import the published trace files at ``src`` (format ``format``) into trace ``out``.
+
+    Raises ImportFormatError naming file and line for a malformed file unless
+    ``skip_bad``, in which case bad files are skipped and listed in the result.
+    """
+    started = time.perf_counter()
+    importer = get_importer(format)
+    given = ModelOverrides(
+        model_name=model_name,
+        num_layers=num_layers,
+        num_experts=num_experts,
+        top_k=top_k,
+        shared_experts=shared_experts,
+        bytes_per_expert=bytes_per_expert,
+    )
+    src_path, out_path = require_source(Path(src)), Path(out)
+    existing = _existing_manifest(out_path)
+    name, name_reason = given.model_name, None
+    if name is None:
+        name = importer.model_name_hint(src_path) or (existing.model.name if existing else None)
+        name_reason = "folder name"
+        if not name:
+            raise ImportFormatError(f"{src_path}: cannot tell the model name; pass model_name")
+    if existing is not None and existing.model.name != name:
+        raise TraceWriteError(
+            f"{out_path} holds a trace of model {existing.model.name!r}, not {name!r}; "
+            "import into another directory (or pass the same model name)"
+        )
+    files = importer.discover(src_path, name)
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.request_id in seen:
+            raise ImportFormatError(
+                f"{f.path}: request id {f.request_id!r} also comes from {seen[f.request_id]}"
+            )
+        seen[f.request_id] = f.path
+    have: set[str] = set()
+    forward = 0
+    if existing is not None:
+        trace = open_trace(out_path)
+        have = set(trace.sql("SELECT request_id FROM requests").column(0).to_pylist())
+        top = trace.sql("SELECT max(forward) FROM activations_raw").column(0)[0].as_py()
+        forward = 0 if top is None else int(top) + 1
+    todo = [f for f in files if f.request_id not in have]
+    skipped = len(files) - len(todo)
+    bad = _BadFiles(skip_bad)
+
+    cache: dict[str, ParsedRequest] = {}
+    first: ParsedRequest | None = None
+    max_expert: int | None = None
+    scan = existing is None and given.num_experts is None and find_known_model(name) is None
+    if scan:  # the number of experts must come from the data: look at every file first
+        max_expert, cached = -1, 0
+        for f in _progress(todo, f"scan {format}", progress):
+            parsed = bad.parse(importer, f)
+            if parsed is None:
+                continue
+            first = first or parsed
+            if parsed.experts.size:
+                max_expert = max(max_expert, int(parsed.experts.max()))
+            if cached + parsed.nbytes <= SCAN_CACHE_BYTES:
+                cache[f.request_id] = parsed
+                cached += parsed.nbytes
+    else:
+        for f in todo:
+            parsed = bad.parse(importer, f)
+            if parsed is not None:
+                first = cache[f.request_id] = parsed
+                break
+    if first is None and todo:
+        raise ImportFormatError(f"{src_path}: no importable files ({len(bad.files)} bad)")
+    if first is None:  # everything was imported before
+        assert existing is not None
+        model, inferred = (
+            existing.model,
+            {f: "as in the existing trace" for f in existing.model.inferred},
+        )
+    else:
+        model, inferred = resolve_model(
+            name,
+            name_reason,
+            given,
+            existing=existing.model if existing else None,
+            first=first,
+            max_expert=max_expert,
+        )
+    manifest = existing or Manifest(
+        model=model,
+        source=SourceInfo(
+            kind="imported", origin=importer.name, path=str(src_path), tool_version=__version__
+        ),
+    )
+    counts = {"requests": 0, "prefill": 0, "decode": 0, "activations": 0, "forwards": 0}
+    marker = {"format": format, "src": str(src_path), "started": time.time(), "error": None}
+    _write_marker(out_path, marker)
+    try:
+        with TraceWriter(out_path, manifest) as writer:
+            for f in _progress(todo, f"import {format}", progress):
+                if f.request_id in bad.files:
+                    continue
+                parsed = cache.pop(f.request_id, None) or bad.parse(importer, f)
+                if parsed is None:
+                    continue
+                try:
+                    check_request(parsed, model)
+                except ImportFormatError as exc:
+                    bad.add(f, exc)
+                    continue
+                _write(writer, parsed, forward)
+                forward += parsed.num_forwards
+                counts["requests"] += 1
+                counts["prefill"] += parsed.prompt_tokens
+                counts["decode"] += parsed.generated_tokens
+                counts["activations"] += parsed.experts.shape[0]
+                counts["forwards"] += parsed.num_forwards
+    except BaseException as exc:
+        _write_marker(out_path, {**marker, "error": str(exc) or type(exc).__name__})
+        raise
+    (out_path / IMPORT_MARKER).unlink(missing_ok=True)
+    result = ImportResult(
+        format=format,
+        src=str(src_path),
+        out=str(out_path),
+        model_name=model.name,
+        requests_imported=counts["requests"],
+        requests_skipped_existing=skipped,
+        prefill_tokens=counts["prefill"],
+        decode_tokens=counts["decode"],
+        activations=counts["activations"],
+        forwards=counts["forwards"],
+        bad_files=tuple(bad.files.values()),
+        inferred=inferred,
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "imported %d requests (%d skipped as present, %d bad) into %s in %.1f s",
+        result.requests_imported,
+        skipped,
+        len(result.bad_files),
+        out_path,
+        result.seconds,
+    )
+    return result
+
+
+def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int) -> None:
+    src = parsed.source
+    writer.write_request(
+        RequestRecord(
+            request_id=src.request_id,
+            prompt_tokens=parsed.prompt_tokens,
+            generated_tokens=parsed.generated_tokens,
+            prompt_text=parsed.prompt_text,
+            tags=src.tags,
+        ),
+        token=parsed.token,
+        step=parsed.step,
+        phase=parsed.phase,
+        forward=forward + parsed.step.astype("int64"),
+        layer=parsed.layer,
+        experts=parsed.experts,
+    )

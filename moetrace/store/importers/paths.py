@@ -1,0 +1,39 @@
+"""Model name and dataset tags from the folder layout of a trace set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moetrace.store.importers.known_models import find_known_model, normalize
+
+
+def model_name_hint(first_file: Path) -> str:
+    """The folder naming a known model among the file's parents, else its grandparent."""
+    for parent in first_file.resolve().parents:
+        if parent.name and find_known_model(parent.name) is not None:
+            return parent.name
+    return first_file.resolve().parent.parent.name or first_file.resolve().parent.name
+
+
+def model_dir(file: Path, model_name: str) -> Path | None:
+    """The parent folder of ``file`` that names ``model_name`` (or the same known model)."""
+    want = normalize(model_name)
+    known = find_known_model(model_name)
+    for parent in file.resolve().parents:
+        if not parent.name:
+            continue
+        if normalize(parent.name) == want:
+            return parent
+        if known is not None and find_known_model(parent.name) is known:
+            return parent
+    return None
+
+
+def dataset_of(file: Path, model_name: str) -> str:
+    """The file's folder relative to the model folder (``mmlu/abstract_algebra``), or its
+    own folder name when no parent folder names the model."""
+    folder = file.resolve().parent
+    root = model_dir(file, model_name)
+    if root is not None and root != folder:
+        return folder.relative_to(root).as_posix()
+    return folder.name
