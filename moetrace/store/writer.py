@@ -248,7 +248,7 @@ class TraceWriter:
             for name, code in S.PHASE_CODE.items():
                 codes[arr == name] = code
             if (codes < 0).any():
-                bad = arr[codes < 0].flat[0]
+                bad = arr[codes < 0].tolist()[0]
                 raise TraceWriteError(
                     f"request {request_id!r}: unknown phase {bad!r} (expected one of {S.PHASES} "
                     f"or codes 0..{len(S.PHASES) - 1})"
