@@ -1,0 +1,390 @@
+"""The offloading engine: a transformers MoE model run from a budgeted cache of experts.
+
+``OffloadEngine`` attaches to a model whose expert tensors were detached (the skeleton of
+an expert store, or an in-memory model via :meth:`OffloadEngine.from_model`), switches it
+to the ``moetrace_offload`` experts implementation and serves every experts call from
+device slots managed by the plan's eviction policy and prefetcher. ``generate()`` and
+user code run unchanged; :meth:`OffloadEngine.close` (or leaving the ``with`` block)
+restores the previous implementation and removes every hook.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moetrace.errors import ConfigError, RuntimeEngineError
+from moetrace.runtime import experts as X
+from moetrace.runtime.checks import Footprint, check_plan, default_plan, model_info
+from moetrace.runtime.expert_store import (
+    DiskExpertSource,
+    ExpertSource,
+    HostExpertSource,
+    detach_experts,
+    load_skeleton,
+    model_fingerprint,
+)
+from moetrace.runtime.slots import STREAMED, RuntimeCache, SlotPool
+from moetrace.runtime.stats import RuntimeStats
+from moetrace.store.plan import Plan
+from moetrace.tuner.policy.eviction import eviction_spec
+from moetrace.tuner.policy.prefetch import get_prefetcher
+
+log = logging.getLogger(__name__)
+PREFILL, DECODE = 0, 1
+
+
+class OffloadEngine:
+    """Runs ``model`` with only ``plan``'s expert slots on ``device``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: ExpertSource,
+        plan: Plan | None,
+        *,
+        device: str | torch.device,
+        budget_bytes: int | None = None,
+        fingerprint: str | None = None,
+        implementation: str | None = None,
+        prefetch: bool = True,
+        async_prefetch: bool = True,
+        log_accesses: bool = False,
+    ):
+        self.model = model
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeEngineError("device cuda requested but CUDA is not available")
+        self.layers = X.find_moe_layers(model)
+        config = model.config
+        num_layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
+        num_layers = max(num_layers, self.layers[-1].layer_id + 1)
+        self.info = model_info(
+            self.layers,
+            num_layers,
+            fingerprint or model_fingerprint(model),
+            str(getattr(config, "_name_or_path", "") or config.model_type),
+        )
+        if plan is None:
+            bpe = self.info.bytes_per_expert or 1
+            if budget_bytes is None:
+                slots = len(self.layers) * self.info.num_experts
+            else:
+                slots = budget_bytes // bpe - self.info.top_k
+            plan = default_plan(self.info, slots)
+        self.plan = plan
+        self.footprint: Footprint = check_plan(plan, self.info, self.device, budget_bytes)
+        L, E = len(self.layers), self.info.num_experts
+        spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides)
+        try:
+            self.cache = RuntimeCache(plan.layout, spec, E)
+            self.prefetcher = get_prefetcher(plan.prefetch, L, E) if prefetch else None
+        except ConfigError as exc:
+            raise RuntimeEngineError(f"plan cannot run online: {exc}") from None
+        if self.prefetcher is not None and not self.prefetcher.online:
+            raise RuntimeEngineError(
+                f"prefetcher {plan.prefetch.name!r} needs the future; it is simulator-only"
+            )
+        if self.prefetcher is not None and plan.prefetch.name == "none":
+            self.prefetcher = None
+        self.fetch = self._fetch_per_phase(plan)
+        self.inner = implementation or X.current_implementation(model)
+        if self.inner == X.OFFLOAD_IMPLEMENTATION:
+            raise RuntimeEngineError("model is already attached to an offloading engine")
+        if self.inner not in X.INNER_IMPLEMENTATIONS:
+            raise RuntimeEngineError(
+                f"experts implementation {self.inner!r} is not supported under offloading; "
+                f"use one of {X.INNER_IMPLEMENTATIONS}"
+            )
+        self.pool = SlotPool(
+            self.layers[0].params,
+            self.footprint.slots,
+            self.footprint.stream_slots,
+            self.device,
+            source,
+            async_loads=async_prefetch,
+        )
+        self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers))
+        if log_accesses:
+            self.stats.accesses_log = []
+        self._prefetched: set[int] = set()
+        self._phase = PREFILL
+        self._handles: list[Any] = []
+        self._previous: str | None = None
+        for slot, key in enumerate(self.cache.slots):
+            if key is not None:
+                self.pool.load(slot, *key)
+        self._install()
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        plan: Plan | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        **kw: Any,
+    ) -> OffloadEngine:
+        """Detach the experts of a loaded model to host memory and run it offloaded."""
+        fingerprint = kw.pop("fingerprint", None) or model_fingerprint(model)
+        layers = X.find_moe_layers(model)
+        tensors = detach_experts(model, layers)
+        dev = torch.device(device)
+        source = HostExpertSource(tensors, pin=dev.type == "cuda")
+        model.to(dev)
+        return cls(model, source, plan, device=dev, fingerprint=fingerprint, **kw)
+
+    @classmethod
+    def from_store(
+        cls, store: str, plan: Plan | None = None, *, device: str | torch.device = "cpu", **kw: Any
+    ) -> OffloadEngine:
+        """Load an expert store's skeleton on ``device``; experts stream from disk."""
+        dev = torch.device(device)
+        model, index = load_skeleton(store, dev)
+        source = DiskExpertSource(store, index.layer_ids)
+        return cls(model, source, plan, device=dev, fingerprint=index.fingerprint, **kw)
+
+    # ------------------------------------------------------------ install / remove
+    def _install(self) -> None:
+        X.register_implementation()
+        for ref in self.layers:
+            ref.experts.__dict__[X.HANDLER_ATTR] = functools.partial(self._forward, ref)
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
+        )
+        self._previous = X.current_implementation(self.model)
+        X.set_implementation(self.model, X.OFFLOAD_IMPLEMENTATION)
+
+    def close(self) -> None:
+        """Restore the experts implementation, remove hooks, wait for loads."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for ref in self.layers:
+            ref.experts.__dict__.pop(X.HANDLER_ATTR, None)
+        if self._previous is not None:
+            X.set_implementation(self.model, self._previous)
+            self._previous = None
+        self.pool.close()
+
+    def __enter__(self) -> OffloadEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ phases
+    def _phase_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        past = kwargs.get("past_key_values")
+        seen = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            seen = int(past.get_seq_length())
+        self._phase = PREFILL if seen == 0 else DECODE
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is not None:
+            self.stats.tokens[self._phase] += int(ids.shape[0] * ids.shape[1])
+
+    @staticmethod
+    def _fetch_per_phase(plan: Plan) -> tuple[int, int]:
+        out = []
+        for phase in ("prefill", "decode"):
+            ov = plan.phase_overrides.get(phase)
+            f = (
+                plan.prefetch.fetch
+                if ov is None or ov.prefetch_fetch is None
+                else ov.prefetch_fetch
+            )
+            out.append(int(f))
+        return out[0], out[1]
+
+    # ------------------------------------------------------------ the experts call
+    def _forward(
+        self,
+        ref: X.MoELayerRef,
+        module: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        layer, ph = ref.index, self._phase
+        flat = top_k_index.reshape(-1)
+        uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
+        need = [int(e) for e in uniq.tolist()]
+        st = self.stats
+        was_resident = [self.cache.resident(layer, e) for e in need]
+        loads = self.cache.access(layer, need, ph)
+        streamed = {e for e, ev in loads if ev == STREAMED}
+        loaded = {e: ev for e, ev in loads if ev != STREAMED}
+        stall = 0.0
+        for e, res in zip(need, was_resident, strict=True):
+            st.add("accesses", layer, ph)
+            if res:
+                st.add("hits", layer, ph)
+                slot = self.cache.slot_of[(layer, e)]
+                if slot in self._prefetched:
+                    self._prefetched.discard(slot)
+                    st.add("prefetch_used", layer, ph)
+                stall += self.pool.wait(slot)
+            else:
+                st.add("misses", layer, ph)
+        for e, evicted in loaded.items():
+            slot = self.cache.slot_of[(layer, e)]
+            self._evicted(slot, evicted, ph)
+            t0 = time.perf_counter()
+            moved = self.pool.load(slot, layer, e)
+            stall += time.perf_counter() - t0
+            st.add("bytes_demand", layer, ph, moved)
+        st.add("streamed", layer, ph, len(streamed))
+        if st.accesses_log is not None:
+            st.accesses_log.append((layer, ph, tuple(need), tuple(was_resident)))
+        protect = {self.cache.slot_of[(layer, e)] for e in need if e not in streamed}
+        if self.prefetcher is not None:
+            self._issue_prefetch(ref, hidden, uniq, counts, ph, protect)
+        self._check_budget()
+        t0 = time.perf_counter()
+        if streamed:
+            out, s = self._compute_streaming(
+                ref, module, hidden, top_k_index, top_k_weights, streamed
+            )
+            stall += s
+        else:
+            out = self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {})
+        st.add("compute_s", layer, ph, time.perf_counter() - t0)
+        st.add("stall_s", layer, ph, stall)
+        return out
+
+    def _evicted(self, slot: int, evicted: tuple[int, int] | None, ph: int) -> None:
+        if evicted is not None and slot in self._prefetched:
+            self.stats.add("prefetch_wasted", evicted[0], ph)
+        self._prefetched.discard(slot)
+
+    def _check_budget(self) -> None:
+        resident = sum(1 for s in self.cache.slots if s is not None) * self.pool.bytes_per_slot
+        if resident > self.pool.slot_bytes:
+            raise RuntimeEngineError(
+                f"resident expert bytes {resident} exceed the slot budget {self.pool.slot_bytes}"
+            )
+        self.stats.max_resident_bytes = max(self.stats.max_resident_bytes, resident)
+
+    # ------------------------------------------------------------ prefetch
+    def _issue_prefetch(
+        self,
+        ref: X.MoELayerRef,
+        hidden: torch.Tensor,
+        uniq: torch.Tensor,
+        counts: torch.Tensor,
+        ph: int,
+        protect: set[int],
+    ) -> None:
+        assert self.prefetcher is not None
+        target = ref.index + self.prefetcher.lookahead
+        if target >= len(self.layers):
+            return
+        fetch = self.fetch[ph]
+        if self.plan.prefetch.name == "speculative":
+            nxt = self.layers[target]
+            if nxt.router is None:
+                return
+            with torch.no_grad():
+                logits = nn.functional.linear(hidden, nxt.router.weight.to(hidden.dtype))
+                pick = torch.topk(logits, nxt.top_k, dim=-1).indices.reshape(-1)
+            e_ids, c = torch.unique(pick, return_counts=True)
+            order = torch.argsort(-c, stable=True)
+            predicted = e_ids[order].tolist()
+            if fetch > 0:
+                predicted = predicted[:fetch]
+        else:
+            predicted = self.prefetcher.predict(
+                ref.index, uniq.cpu().numpy(), counts.cpu().numpy().astype(np.float64)
+            ).tolist()
+            if fetch > 0:
+                predicted = predicted[:fetch]
+        for e in predicted:
+            got = self.cache.prefetch(target, int(e), ph, protect)
+            if got is None:
+                if not self.cache.resident(target, int(e)):
+                    self.stats.add("prefetch_dropped", target, ph)
+                continue
+            slot, evicted = got
+            self._evicted(slot, evicted, ph)
+            moved = self.pool.load_async(slot, target, int(e))
+            self._prefetched.add(slot)
+            self.stats.add("prefetch_issued", target, ph)
+            self.stats.add("bytes_prefetch", target, ph, moved)
+
+    # ------------------------------------------------------------ compute
+    def _compute(
+        self,
+        ref: X.MoELayerRef,
+        module: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        need: Sequence[int],
+        extra_slots: dict[int, int],
+    ) -> torch.Tensor:
+        """The model's own experts implementation over the ``need`` experts (ascending)."""
+        layer = ref.index
+        slots = [
+            extra_slots[e] if e in extra_slots else self.cache.slot_of[(layer, e)] for e in need
+        ]
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        num_experts = int(module.num_experts)
+        lut = torch.full((num_experts + 1,), len(need), dtype=torch.long, device=self.device)
+        lut[torch.tensor(need, dtype=torch.long, device=self.device)] = torch.arange(
+            len(need), device=self.device
+        )
+        local = lut[top_k_index]  # -1 (dropped) reads the sentinel at lut[-1]
+        tensors = {name: t.index_select(0, slot_t) for name, t in self.pool.storage.items()}
+        proxy = X.ExpertsProxy(module, tensors, len(need))
+        fn = X.inner_forward(module, self.inner)
+        return fn(proxy, hidden, local.to(top_k_index.dtype), top_k_weights)
+
+    def _compute_streaming(
+        self,
+        ref: X.MoELayerRef,
+        module: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        streamed: set[int],
+    ) -> tuple[torch.Tensor, float]:
+        """Token chunks whose streamed experts fit the ``top_k`` streaming slots."""
+        rows = top_k_index.tolist()
+        chunks: list[tuple[int, int, list[int]]] = []
+        start, cur = 0, []  # type: ignore[var-annotated]
+        limit = self.pool.stream_slots
+        for t, row in enumerate(rows):
+            extra = sorted({e for e in row if e in streamed} - set(cur))
+            if len(cur) + len(extra) > limit and t > start:
+                chunks.append((start, t, cur))
+                start, cur = t, []
+                extra = sorted({e for e in row if e in streamed})
+            cur = sorted(set(cur) | set(extra))
+        chunks.append((start, len(rows), cur))
+        outs, stall = [], 0.0
+        for a, b, stream in chunks:
+            extra_slots = {}
+            for i, e in enumerate(stream):
+                slot = self.pool.stream_slot(i)
+                t0 = time.perf_counter()
+                moved = self.pool.load(slot, ref.index, e)
+                stall += time.perf_counter() - t0
+                self.stats.add("bytes_demand", ref.index, self._phase, moved)
+                extra_slots[e] = slot
+            idx = top_k_index[a:b]
+            need = sorted({e for e in idx.reshape(-1).tolist() if e >= 0})
+            outs.append(
+                self._compute(ref, module, hidden[a:b], idx, top_k_weights[a:b], need, extra_slots)
+            )
+        return torch.cat(outs, dim=0), stall

@@ -1,0 +1,84 @@
+"""Runtime statistics per MoE layer and phase, in the simulator's vocabulary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moetrace.store.schema import PHASES
+
+COUNTERS = (
+    "accesses",
+    "hits",
+    "misses",
+    "streamed",
+    "prefetch_issued",
+    "prefetch_used",
+    "prefetch_wasted",
+    "prefetch_dropped",
+    "bytes_demand",
+    "bytes_prefetch",
+    "stall_s",
+    "compute_s",
+)
+
+
+@dataclass
+class RuntimeStats:
+    """Counters ``(L, 2)`` per layer index and phase (0 prefill, 1 decode).
+
+    ``misses`` counts accesses that were not resident (``streamed`` ones included);
+    ``prefetch_used`` counts prefetched experts that were accessed before eviction.
+    """
+
+    layer_ids: tuple[int, ...]
+    counters: dict[str, np.ndarray] = field(init=False)
+    tokens: np.ndarray = field(init=False)
+    max_resident_bytes: int = 0
+    accesses_log: list[tuple[int, int, tuple[int, ...], tuple[bool, ...]]] | None = None
+
+    def __post_init__(self) -> None:
+        L = len(self.layer_ids)
+        self.counters = {name: np.zeros((L, 2), dtype=np.float64) for name in COUNTERS}
+        self.tokens = np.zeros(2, dtype=np.int64)
+
+    def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
+        self.counters[name][layer, phase] += value
+
+    def total(self, name: str, phase: int | None = None) -> float:
+        arr = self.counters[name]
+        return float(arr.sum() if phase is None else arr[:, phase].sum())
+
+    def summary(self, phase: int | None = None) -> dict[str, float]:
+        out = {name: self.total(name, phase) for name in COUNTERS}
+        acc = out["accesses"]
+        out["hit_rate"] = out["hits"] / acc if acc else 0.0
+        issued = out["prefetch_issued"]
+        out["prefetch_precision"] = out["prefetch_used"] / issued if issued else 0.0
+        out["prefetch_recall"] = (
+            out["prefetch_used"] / (out["prefetch_used"] + out["misses"])
+            if out["prefetch_used"] + out["misses"]
+            else 0.0
+        )
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        per_layer = []
+        for i, layer_id in enumerate(self.layer_ids):
+            row: dict[str, Any] = {"layer": layer_id}
+            for p, phase in enumerate(PHASES):
+                row[phase] = {name: float(self.counters[name][i, p]) for name in COUNTERS}
+            per_layer.append(row)
+        return {
+            "total": self.summary(),
+            "by_phase": {phase: self.summary(p) for p, phase in enumerate(PHASES)},
+            "tokens": {phase: int(self.tokens[p]) for p, phase in enumerate(PHASES)},
+            "max_resident_bytes": int(self.max_resident_bytes),
+            "per_layer": per_layer,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
