@@ -413,14 +413,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--expert-hidden", type=int, default=64)
     ap.add_argument("--aux-coef", type=float, default=0.01)
-    ap.add_argument("--steps", type=int, default=2500)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-windows", type=int, default=48, help="held-out windows per domain")
     ap.add_argument("--prompts-per-domain", type=int, default=150)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--log-every", type=int, default=50)
     return ap.parse_args(argv)
 
 
@@ -567,7 +567,9 @@ def main(argv: list[str] | None = None) -> None:
         f" | {'JS code/prose tr':>16} {'random':>7}"
     )
     for tr, rd in zip(
-        report_models["trained"]["per_layer"], report_models["random_init"]["per_layer"]
+        report_models["trained"]["per_layer"],
+        report_models["random_init"]["per_layer"],
+        strict=True,
     ):
         print(
             f"{tr['layer']:>5} | {tr['gini_all']:>12.3f} {rd['gini_all']:>7.3f} |"
