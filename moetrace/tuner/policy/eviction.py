@@ -1,0 +1,233 @@
+"""Eviction policies: a registry of names mapped to priority weights and fitted tables.
+
+Mechanism (slot tables, residency, accounting) lives in :mod:`.cache` and the simulator's
+kernel; a policy only says how to rank resident experts. Every policy is a linear priority
+
+    key = w_last * last_use + w_insert * inserted + w_freq * frequency
+          + w_gap * gap[phase, layer, expert] + w_next * next_use
+
+with ties broken by ``last_use``; the resident, unpinned, unprotected slot with the smallest
+key is evicted. Weights are per phase (prefill, decode), so phase overrides are weights.
+Frequencies decay by ``decay`` per replayed event (1.0 = perfect LFU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moetrace.errors import ConfigError, PlanError
+from moetrace.store.plan import EvictionConfig, PhaseOverride
+from moetrace.tuner.policy.events import Events, expert_frequency
+
+W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT = range(5)
+NUM_WEIGHTS = 5
+MAX_GAP = 1e6
+
+
+@dataclass(frozen=True)
+class EvictionSpec:
+    """The numeric form of a policy that cache mechanisms read."""
+
+    weights: np.ndarray  # float64 (2, NUM_WEIGHTS), per phase
+    decay: float
+    pinned: np.ndarray  # bool (L, E)
+    gap: np.ndarray  # float64 (2, L, E)
+    oracle: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.decay <= 1.0:
+            raise ConfigError(f"eviction decay must be in (0, 1], got {self.decay}")
+        if self.weights.shape != (2, NUM_WEIGHTS):
+            raise ConfigError(f"eviction weights must have shape (2, 5), got {self.weights.shape}")
+
+
+Fitter = Callable[
+    [Events, tuple[int, ...], Mapping[str, Any]],
+    tuple[tuple[tuple[int, ...], ...], dict[str, Any]],
+]
+"""(tune events, per-layer capacities, params) -> (pinned experts per layer, tables)."""
+
+
+@dataclass(frozen=True)
+class PolicyDef:
+    """A registered policy: its weights from params, defaults, and an optional fitter."""
+
+    name: str
+    doc: str
+    weights: Callable[[Mapping[str, Any], int], list[float]]
+    defaults: Mapping[str, Any]
+    fit: Fitter | None = None
+    oracle: bool = False
+
+
+REGISTRY: dict[str, PolicyDef] = {}
+Pins = tuple[tuple[int, ...], ...]
+
+
+def register_policy(policy: PolicyDef) -> PolicyDef:
+    REGISTRY[policy.name] = policy
+    return policy
+
+
+def get_policy(name: str) -> PolicyDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown eviction policy {name!r}; known: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def _w(**kw: float) -> list[float]:
+    out = [0.0] * NUM_WEIGHTS
+    for key, val in kw.items():
+        out[
+            {"last": W_LAST, "insert": W_INSERT, "freq": W_FREQ, "gap": W_GAP, "next": W_NEXT}[key]
+        ] = val
+    return out
+
+
+def _hot(freq: np.ndarray, counts: list[int]) -> tuple[tuple[int, ...], ...]:
+    """Per layer, the ``counts[l]`` experts most often needed (ties by id)."""
+    rows = []
+    for layer, n in enumerate(counts):
+        order = np.lexsort((np.arange(freq.shape[1]), -freq[layer]))
+        rows.append(tuple(int(e) for e in order[:n] if freq[layer, e] > 0))
+    return tuple(rows)
+
+
+def _fit_pins(
+    events: Events, caps: tuple[int, ...], params: Mapping[str, Any]
+) -> tuple[Pins, dict[str, Any]]:
+    freq = expert_frequency(events).sum(axis=0)
+    frac = float(params.get("pin_fraction", 1.0))
+    counts = [int(np.floor(c * frac)) for c in caps]
+    return _hot(freq, counts), {}
+
+
+def _fit_gap(
+    events: Events, caps: tuple[int, ...], params: Mapping[str, Any]
+) -> tuple[Pins, dict[str, Any]]:
+    freq = expert_frequency(events)
+    overall = freq.sum(axis=0) / 2.0
+    gap = np.empty_like(freq)
+    for ph in range(2):
+        f = freq[ph] if freq[ph].sum() > 0 else overall
+        gap[ph] = np.minimum(1.0 / np.maximum(f, 1.0 / MAX_GAP), MAX_GAP)
+    pins = _fit_pins(events, caps, params)[0] if params.get("pin_fraction") else ()
+    return pins, {"gap": np.round(gap, 3).tolist()}
+
+
+register_policy(PolicyDef("lru", "least recently used", lambda p, L: _w(last=1.0), {}))
+register_policy(PolicyDef("fifo", "first in, first out", lambda p, L: _w(insert=1.0), {}))
+register_policy(
+    PolicyDef(
+        "lfu",
+        "least frequently used (counts persist across evictions; decay per event)",
+        lambda p, L: _w(freq=1.0),
+        {"decay": 1.0},
+    )
+)
+register_policy(
+    PolicyDef(
+        "lfu_decay",
+        "LFU whose counts decay by `decay` per replayed event",
+        lambda p, L: _w(freq=1.0),
+        {"decay": 0.999},
+    )
+)
+register_policy(
+    PolicyDef(
+        "static",
+        "a pinned hot set fills each layer's cache; other experts are streamed",
+        lambda p, L: _w(last=1.0),
+        {"pin_fraction": 1.0},
+        fit=_fit_pins,
+    )
+)
+register_policy(
+    PolicyDef(
+        "pinned_lru",
+        "the `pin_fraction` hottest experts pinned, LRU for the rest",
+        lambda p, L: _w(last=1.0),
+        {"pin_fraction": 0.5},
+        fit=_fit_pins,
+    )
+)
+register_policy(
+    PolicyDef(
+        "pinned_lfu",
+        "the `pin_fraction` hottest experts pinned, LFU (with decay) for the rest",
+        lambda p, L: _w(freq=1.0),
+        {"pin_fraction": 0.5, "decay": 0.999},
+        fit=_fit_pins,
+    )
+)
+register_policy(
+    PolicyDef(
+        "freq_lru",
+        "phase-aware frequency-biased LRU: key = last_use - beta * L * gap[phase]",
+        lambda p, L: _w(last=1.0, gap=-float(p.get("beta", 1.0)) * L),
+        {"beta": 1.0},
+        fit=_fit_gap,
+    )
+)
+register_policy(
+    PolicyDef(
+        "belady",
+        "Belady-MIN: evict the expert needed furthest in the future (oracle bound)",
+        lambda p, L: _w(next=-1.0),
+        {},
+        oracle=True,
+    )
+)
+
+
+def fit_eviction(
+    name: str, events: Events, capacities: tuple[int, ...], params: Mapping[str, Any] | None = None
+) -> EvictionConfig:
+    """An eviction config for ``name``, its tables/pins fitted on ``events`` if it has any."""
+    policy = get_policy(name)
+    merged = {**policy.defaults, **(params or {})}
+    if policy.fit is None:
+        return EvictionConfig(policy=name, params=merged)
+    pinned, tables = policy.fit(events, capacities, merged)
+    return EvictionConfig(policy=name, params=merged, pinned=pinned, tables=tables)
+
+
+def eviction_spec(
+    config: EvictionConfig,
+    num_layers: int,
+    num_experts: int,
+    overrides: Mapping[str, PhaseOverride] | None = None,
+) -> EvictionSpec:
+    """Compile a config (and per-phase parameter overrides) into an EvictionSpec."""
+    policy = get_policy(config.policy)
+    weights = np.zeros((2, NUM_WEIGHTS), dtype=np.float64)
+    for ph, phase in enumerate(("prefill", "decode")):
+        params = {**policy.defaults, **config.params}
+        ov = (overrides or {}).get(phase)
+        if ov is not None and ov.eviction_params:
+            params.update(ov.eviction_params)
+        weights[ph] = policy.weights(params, num_layers)
+    decay = float({**policy.defaults, **config.params}.get("decay", 1.0))
+    pinned = np.zeros((num_layers, num_experts), dtype=bool)
+    for layer, row in enumerate(config.pinned):
+        if layer >= num_layers or any(not 0 <= e < num_experts for e in row):
+            raise PlanError(f"eviction.pinned[{layer}] = {list(row)} does not fit the model")
+        pinned[layer, list(row)] = True
+    gap = np.zeros((2, num_layers, num_experts), dtype=np.float64)
+    if weights[:, W_GAP].any():
+        table = config.tables.get("gap")
+        arr = np.asarray(table, dtype=np.float64) if table is not None else None
+        if arr is None or arr.shape != gap.shape:
+            raise PlanError(
+                f"eviction.tables.gap must have shape {list(gap.shape)} for policy "
+                f"{config.policy!r}, got {None if arr is None else list(arr.shape)}"
+            )
+        gap = arr
+    return EvictionSpec(weights=weights, decay=decay, pinned=pinned, gap=gap, oracle=policy.oracle)

@@ -1,0 +1,329 @@
+"""Prefetchers: a registry of predictors of the experts a later layer will need.
+
+Each prefetcher has ``fit(events)`` (tables from the tune split, returned as a
+PrefetchConfig so they go into the plan), ``candidates(events, fetch)`` (the simulator's
+batch form: per event, (layer, expert) pairs to fetch while the event's layer computes)
+and, where it can run online, ``predict(layer, experts, counts)``. Prefetchers here
+predict from routing alone, never from cache state, so the batch and online forms agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from moetrace.errors import ConfigError, PlanError
+from moetrace.store.plan import PrefetchConfig
+from moetrace.tuner.policy.events import Events
+
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""CSR over events: ``ptr`` (n+1,), target ``layer`` and ``expert`` per candidate."""
+
+REGISTRY: dict[str, type[Prefetcher]] = {}
+
+
+def register_prefetcher(cls: type[Prefetcher]) -> type[Prefetcher]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_prefetcher(config: PrefetchConfig, num_layers: int, num_experts: int) -> Prefetcher:
+    try:
+        cls = REGISTRY[config.name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown prefetcher {config.name!r}; known: {', '.join(sorted(REGISTRY))}"
+        ) from None
+    return cls(config, num_layers, num_experts)
+
+
+def empty_candidates(n_events: int) -> Candidates:
+    return (
+        np.zeros(n_events + 1, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+    )
+
+
+def top_by_score(scores: np.ndarray, fetch: np.ndarray) -> list[np.ndarray]:
+    """Per row, the ``fetch[row]`` highest-scoring columns with a positive score."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    out = []
+    for r in range(scores.shape[0]):
+        top = order[r, : fetch[r]]
+        out.append(top[scores[r, top] > 0])
+    return out
+
+
+def _csr(
+    n_events: int, rows: np.ndarray, layers: np.ndarray, lists: list[np.ndarray]
+) -> Candidates:
+    sizes = np.zeros(n_events, np.int64)
+    for r, lst in zip(rows, lists, strict=True):
+        sizes[r] = len(lst)
+    ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    exp = (
+        np.concatenate([lists[o] for o in order]).astype(np.int64)
+        if lists
+        else np.zeros(0, np.int64)
+    )
+    lay = np.repeat(layers[order], sizes[rows[order]]).astype(np.int64)
+    return ptr, lay, exp
+
+
+class Prefetcher:
+    """Base class: a named predictor configured by a PrefetchConfig."""
+
+    name: ClassVar[str] = ""
+    online: ClassVar[bool] = True
+    fetch_all: ClassVar[bool] = False
+
+    def __init__(self, config: PrefetchConfig, num_layers: int, num_experts: int) -> None:
+        self.config = config
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+
+    @property
+    def lookahead(self) -> int:
+        return self.config.lookahead
+
+    def fit(self, events: Events) -> PrefetchConfig:
+        return self.config
+
+    def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
+        raise NotImplementedError
+
+    def predict(
+        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        raise ConfigError(f"prefetcher {self.name!r} cannot predict online")
+
+    def _targets(self, events: Events, cross_pass: bool = False) -> np.ndarray:
+        """Per event, the target event index ``lookahead`` layers on in the same pass
+        (or, with ``cross_pass``, in the next passes)."""
+        L = events.num_layers
+        tl = events.layer.astype(np.int64) + self.lookahead
+        tp = events.pass_id.astype(np.int64)
+        if cross_pass:
+            tp = tp + tl // L
+            tl = tl % L
+        ok = (tl < L) & (tp < events.num_passes)
+        out = np.full(events.num_events, -1, np.int64)
+        out[ok] = events.pass_event[tp[ok], tl[ok]]
+        return out
+
+
+@register_prefetcher
+class NoPrefetch(Prefetcher):
+    name = "none"
+
+    def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
+        return empty_candidates(events.num_events)
+
+    def predict(
+        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+
+@register_prefetcher
+class OraclePrefetch(Prefetcher):
+    """Perfect knowledge of the experts ``lookahead`` layers on (the bound)."""
+
+    name = "oracle"
+    online = False
+    fetch_all = True
+
+    def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
+        tgt = self._targets(events, cross_pass=True)
+        rows = np.flatnonzero((tgt >= 0) & (fetch > 0))
+        lists = [events.experts[events.ptr[t] : events.ptr[t + 1]] for t in tgt[rows]]
+        return _csr(events.num_events, rows, events.layer[tgt[rows]].astype(np.int64), lists)
+
+
+@register_prefetcher
+class SpeculativePrefetch(Prefetcher):
+    """The recorded speculative next-layer gate (trace columns s0..; ProMoE-style)."""
+
+    name = "speculative"
+    fetch_all = True
+
+    def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
+        if events.spec_ptr is None or events.spec_experts is None:
+            raise ConfigError("prefetcher 'speculative' needs a trace with speculative columns")
+        if self.lookahead != 1:
+            raise ConfigError(f"prefetcher 'speculative' has lookahead 1, got {self.lookahead}")
+        tl = events.layer.astype(np.int64) + 1
+        rows = np.flatnonzero((tl < events.num_layers) & (fetch > 0))
+        lists = [events.spec_experts[events.spec_ptr[r] : events.spec_ptr[r + 1]] for r in rows]
+        return _csr(events.num_events, rows, tl[rows], lists)
+
+    def predict(
+        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        return np.asarray(experts, np.int64)  # the caller passes the speculative gate's picks
+
+
+class LinearPrefetch(Prefetcher):
+    """Scores for layer l+d = counts of experts at l @ W[l] + tokens * bias[l]; W is kept
+    sparse in the plan (top ``keep`` successors per expert)."""
+
+    def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def fit(self, events: Events) -> PrefetchConfig:
+        W, b = self._fit_dense(events)
+        keep = int(self.config.params.get("keep", 16))
+        succ = np.argsort(-W, axis=2, kind="stable")[:, :, :keep]
+        weight = np.take_along_axis(W, succ, axis=2)
+        tables = {
+            "succ": succ.tolist(),
+            "weight": np.round(weight, 4).tolist(),
+            "bias": np.round(b, 4).tolist(),
+        }
+        return PrefetchConfig(
+            name=self.name,
+            lookahead=self.lookahead,
+            fetch=self.config.fetch,
+            params=dict(self.config.params),
+            tables=tables,
+        )
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        L, E = self.num_layers, self.num_experts
+        t = self.config.tables
+        try:
+            succ = np.asarray(t["succ"], dtype=np.int64)
+            weight = np.asarray(t["weight"], dtype=np.float64)
+            bias = np.asarray(t["bias"], dtype=np.float64)
+        except (KeyError, ValueError) as exc:
+            raise PlanError(
+                f"prefetch.tables of {self.name!r} are missing or malformed ({exc})"
+            ) from None
+        if succ.shape[:2] != (L, E) or weight.shape != succ.shape or bias.shape != (L, E):
+            raise PlanError(
+                f"prefetch.tables of {self.name!r} have shapes succ {list(succ.shape)}, "
+                f"bias {list(bias.shape)}; expected ({L}, {E}, m) and ({L}, {E})"
+            )
+        if succ.size and (succ.min() < 0 or succ.max() >= E):
+            raise PlanError(f"prefetch.tables.succ of {self.name!r} has expert ids out of range")
+        W = np.zeros((L, E, E))
+        np.put_along_axis(W, succ, weight, axis=2)
+        return W, bias
+
+    def _dense_cached(self) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "_W"):
+            self._W, self._b = self.dense()
+        return self._W, self._b
+
+    def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
+        W, b = self._dense_cached()
+        tl_all = events.layer.astype(np.int64) + self.lookahead
+        rows_all, lists_all, layers_all = [], [], []
+        E = events.num_experts
+        for layer in range(events.num_layers - self.lookahead):
+            rows = np.flatnonzero((events.layer == layer) & (fetch > 0))
+            if len(rows) == 0:
+                continue
+            C = np.zeros((len(rows), E))
+            for n, r in enumerate(rows):
+                C[n, events.experts[events.ptr[r] : events.ptr[r + 1]]] = events.counts[
+                    events.ptr[r] : events.ptr[r + 1]
+                ]
+            S = C @ W[layer] + events.tokens[rows, None] * b[layer][None, :]
+            lists_all += top_by_score(S, fetch[rows])
+            rows_all.append(rows)
+            layers_all.append(tl_all[rows])
+        if not rows_all:
+            return empty_candidates(events.num_events)
+        return _csr(
+            events.num_events, np.concatenate(rows_all), np.concatenate(layers_all), lists_all
+        )
+
+    def predict(
+        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+    ) -> np.ndarray:
+        if layer + self.lookahead >= self.num_layers:
+            return np.zeros(0, np.int64)
+        W, b = self._dense_cached()
+        c = np.ones(len(experts)) if counts is None else np.asarray(counts, np.float64)
+        s = c @ W[layer][np.asarray(experts, np.int64)] + c.max(initial=1.0) * b[layer]
+        return top_by_score(s[None, :], np.asarray([self.config.fetch]))[0].astype(np.int64)
+
+
+def _token_pairs(
+    events: Events, d: int, layer: int, limit: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot (tokens, E) of experts at ``layer`` and at ``layer + d`` (subsampled)."""
+    te = events.token_experts
+    ok = (te[:, layer, 0] >= 0) & (te[:, layer + d, 0] >= 0)
+    idx = np.flatnonzero(ok)
+    if len(idx) > limit:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, limit, replace=False))
+    E = events.num_experts
+    X = np.zeros((len(idx), E), np.float32)
+    Y = np.zeros((len(idx), E), np.float32)
+    for j in range(te.shape[2]):
+        a, b = te[idx, layer, j], te[idx, layer + d, j]
+        X[np.flatnonzero(a >= 0), a[a >= 0]] = 1.0
+        Y[np.flatnonzero(b >= 0), b[b >= 0]] = 1.0
+    return X, Y
+
+
+@register_prefetcher
+class TransitionPrefetch(LinearPrefetch):
+    """Cross-layer transition table: P(expert e' at l+d | expert e at l), from tokens."""
+
+    name = "transition"
+
+    def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
+        L, E, d = self.num_layers, self.num_experts, self.lookahead
+        W = np.zeros((L, E, E))
+        for layer in range(L - d):
+            X, Y = _token_pairs(events, d, layer, 200_000, 0)
+            cnt = X.T @ Y
+            W[layer] = cnt / np.maximum(X.sum(axis=0)[:, None], 1.0)
+        return W, np.zeros((L, E))
+
+
+@register_prefetcher
+class LearnedPrefetch(LinearPrefetch):
+    """A layer-level learned predictor (DuoServe-MoE style): per layer a ridge regression
+    (scikit-learn) from the multi-hot experts at l to those at l+d, trained offline."""
+
+    name = "learned"
+
+    def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.linear_model import Ridge
+
+        L, E, d = self.num_layers, self.num_experts, self.lookahead
+        alpha = float(self.config.params.get("alpha", 1.0))
+        W = np.zeros((L, E, E))
+        b = np.zeros((L, E))
+        for layer in range(L - d):
+            X, Y = _token_pairs(events, d, layer, 30_000, layer)
+            if len(X) < 2:
+                continue
+            model = Ridge(alpha=alpha).fit(X, Y)
+            W[layer] = np.asarray(model.coef_).T
+            b[layer] = model.intercept_
+        return W, b
+
+
+def fetch_per_event(
+    events: Events,
+    config: PrefetchConfig,
+    overrides: Mapping[str, Any] | None,
+    fetch_all: bool = False,
+) -> np.ndarray:
+    """How many experts to fetch per event: the plan's ``fetch`` or a phase override.
+    0 means none, or for predictors with ``fetch_all`` (oracle, speculative) all they yield."""
+    per_phase = []
+    for phase in ("prefill", "decode"):
+        ov = (overrides or {}).get(phase)
+        f = config.fetch if ov is None or ov.prefetch_fetch is None else ov.prefetch_fetch
+        per_phase.append(events.num_experts if f == 0 and fetch_all else f)
+    return np.asarray(per_phase, np.int64)[events.phase.astype(np.int64)]

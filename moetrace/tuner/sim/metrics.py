@@ -1,0 +1,93 @@
+"""Simulation results: per layer and phase counters, and the summary metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moetrace.tuner.sim import kernel as K
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return float(a / b) if b > 0 else None
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What one replay measured. ``stats`` is (NUM_STATS, L, 2 phases), see kernel.S_*."""
+
+    label: str
+    stats: np.ndarray
+    tokens_by_phase: np.ndarray
+    total_seconds: float
+    warmup_bytes: float
+    bytes_per_expert: int
+    bytes_per_expert_assumed: bool
+    moe_layers: tuple[int, ...]
+
+    def _sum(self, row: int, phase: int | None = None) -> float:
+        s = self.stats[row]
+        return float(s.sum() if phase is None else s[:, phase].sum())
+
+    def _metrics(self, phase: int | None) -> dict[str, Any]:
+        acc = self._sum(K.S_ACCESS, phase)
+        hit = self._sum(K.S_HIT, phase)
+        served = self._sum(K.S_PF_SERVED, phase)
+        issued = self._sum(K.S_PF_ISSUED, phase)
+        tokens = float(self.tokens_by_phase.sum() if phase is None else self.tokens_by_phase[phase])
+        stall = self._sum(K.S_STALL, phase)
+        return {
+            "accesses": int(acc),
+            "hit_rate": _ratio(hit, acc),
+            "streamed": int(self._sum(K.S_STREAM, phase)),
+            "prefetch_issued": int(issued),
+            "prefetch_precision": _ratio(served, issued),
+            "prefetch_recall": _ratio(served, served + acc - hit),
+            "bytes_moved": int(self._sum(K.S_BYTES_DEMAND, phase) + self._sum(K.S_BYTES_PF, phase)),
+            "tokens": int(tokens),
+            "stall_s": stall,
+            "stall_per_token_ms": None if tokens == 0 else 1e3 * stall / tokens,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        out = self._metrics(None)
+        out["tokens_per_s"] = _ratio(float(self.tokens_by_phase.sum()), self.total_seconds)
+        out["total_s"] = self.total_seconds
+        out["warmup_bytes"] = int(self.warmup_bytes)
+        out["bytes_per_expert"] = self.bytes_per_expert
+        out["bytes_per_expert_assumed"] = self.bytes_per_expert_assumed
+        for ph, name in enumerate(("prefill", "decode")):
+            if self.tokens_by_phase[ph] > 0:
+                out[name] = self._metrics(ph)
+        return out
+
+    def per_layer(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, layer in enumerate(self.moe_layers):
+            for ph, name in enumerate(("prefill", "decode")):
+                acc = float(self.stats[K.S_ACCESS, i, ph])
+                if acc == 0:
+                    continue
+                hit = float(self.stats[K.S_HIT, i, ph])
+                served = float(self.stats[K.S_PF_SERVED, i, ph])
+                issued = float(self.stats[K.S_PF_ISSUED, i, ph])
+                rows.append(
+                    {
+                        "layer": layer,
+                        "phase": name,
+                        "accesses": int(acc),
+                        "hit_rate": hit / acc,
+                        "prefetch_precision": _ratio(served, issued),
+                        "prefetch_recall": _ratio(served, served + acc - hit),
+                        "bytes_moved": int(
+                            self.stats[K.S_BYTES_DEMAND, i, ph] + self.stats[K.S_BYTES_PF, i, ph]
+                        ),
+                        "stall_s": float(self.stats[K.S_STALL, i, ph]),
+                    }
+                )
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "summary": self.summary(), "per_layer": self.per_layer()}

@@ -1,0 +1,203 @@
+"""Trace-level entry points: load traces into events, parse budgets, simulate a trace."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from moetrace.errors import AnalysisError, ConfigError
+from moetrace.store.arrays import Routing, load_routing
+from moetrace.store.hardware import load_hardware
+from moetrace.store.plan import CacheLayout, Plan, PrefetchConfig, RoutingShape, load_plan
+from moetrace.store.reader import open_trace
+from moetrace.store.schema import ModelInfo
+from moetrace.tuner.policy.events import Events, build_events
+from moetrace.tuner.sim.engine import make_plan, simulate
+from moetrace.tuner.sim.layouts import pool_layout, uniform_layout
+from moetrace.tuner.sim.metrics import SimResult
+
+_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+
+
+def parse_budget(text: str, num_layers: int, num_experts: int, bytes_per_expert: int | None) -> int:
+    """Slots for a budget: ``12.5%`` of all experts, ``4GB``/``4GiB`` (needs
+    bytes_per_expert) or a plain integer number of slots."""
+    s = str(text).strip()
+    total = num_layers * num_experts
+    if s.endswith("%"):
+        try:
+            pct = float(s[:-1])
+        except ValueError:
+            raise ConfigError(f"budget {text!r}: not a percentage") from None
+        if not 0 < pct <= 100:
+            raise ConfigError(f"budget {text!r}: percentage must be in (0, 100]")
+        slots = int(round(total * pct / 100.0))
+    elif (m := _BYTES.match(s)) is not None:
+        if bytes_per_expert is None:
+            raise ConfigError(
+                f"budget {text!r} is in bytes but the trace does not know bytes_per_expert; "
+                "give --bytes-per-expert or a budget in slots or %"
+            )
+        slots = int(float(m.group(1)) * _UNITS[m.group(2).upper()] // bytes_per_expert)
+    elif s.isdigit():
+        slots = int(s)
+    else:
+        raise ConfigError(f"budget {text!r}: expected N% of experts, bytes (4GB, 4GiB) or slots")
+    if slots < 1:
+        raise ConfigError(f"budget {text!r} is less than one expert slot")
+    if slots > total:
+        raise ConfigError(f"budget {text!r} = {slots} slots exceeds all {total} experts")
+    return slots
+
+
+@dataclass(frozen=True)
+class LoadedTraces:
+    """Routing of one or more traces of the same model, requests numbered across them."""
+
+    routing: Routing
+    model: ModelInfo
+    paths: tuple[str, ...]
+
+    @property
+    def shape(self) -> RoutingShape:
+        return RoutingShape.of(self.model)
+
+
+def load_traces(paths: Sequence[str | os.PathLike[str]], *, order: str = "arrival") -> LoadedTraces:
+    """Load and concatenate the routing of traces of one model (in the given order)."""
+    if not paths:
+        raise AnalysisError("no traces given")
+    parts: list[Routing] = []
+    model: ModelInfo | None = None
+    for path in paths:
+        trace = open_trace(path)
+        m = trace.manifest.model
+        if model is None:
+            model = m
+        elif (m.fingerprint, m.moe_layers, m.num_experts, m.top_k) != (
+            model.fingerprint, model.moe_layers, model.num_experts, model.top_k,
+        ):  # fmt: skip
+            raise AnalysisError(f"{path}: trace is of another model than {paths[0]} ({m.name})")
+        parts.append(load_routing(trace, order=order))
+    assert model is not None
+    if len(parts) == 1:
+        return LoadedTraces(parts[0], model, tuple(str(p) for p in paths))
+    offs = np.cumsum([0] + [len(p.request_ids) for p in parts])
+    fwd_offs = np.cumsum([0] + [int(p.forward.max()) + 1 if p.num_rows else 0 for p in parts])
+    ids = tuple(f"{i}:{r}" for i, p in enumerate(parts) for r in p.request_ids)
+    cat = np.concatenate
+    spec = None
+    if all(p.speculative is not None for p in parts):
+        spec = cat([p.speculative for p in parts])  # type: ignore[misc]
+    routing = Routing(
+        request_ids=ids,
+        moe_layers=model.moe_layers,
+        num_experts=model.num_experts,
+        top_k=model.top_k,
+        request=cat([p.request + offs[i] for i, p in enumerate(parts)]).astype(np.int32),
+        token=cat([p.token for p in parts]),
+        step=cat([p.step for p in parts]),
+        phase=cat([p.phase for p in parts]),
+        forward=cat([p.forward + fwd_offs[i] for i, p in enumerate(parts)]),
+        layer=cat([p.layer for p in parts]),
+        experts=cat([p.experts for p in parts]),
+        speculative=spec,
+    )
+    return LoadedTraces(routing, model, tuple(str(p) for p in paths))
+
+
+def events_for(
+    loaded: LoadedTraces,
+    requests: np.ndarray | None = None,
+    *,
+    order: str = "arrival",
+    granularity: str = "pass",
+    phase: str | None = None,
+) -> Events:
+    """Events of a subset of request indices (None = all) and optionally one phase."""
+    r = loaded.routing
+    mask = np.ones(r.num_rows, dtype=bool)
+    if requests is not None:
+        mask &= np.isin(r.request, requests)
+    if phase is not None:
+        mask &= r.phase == (0 if phase == "prefill" else 1)
+    if not mask.all():
+        r = r.select(mask)
+    return build_events(r, order=order, granularity=granularity)
+
+
+@dataclass(frozen=True)
+class SimulateRequest:
+    """What ``moetrace simulate`` asks for."""
+
+    plan: str | None = None
+    policy: str | None = None
+    params: tuple[tuple[str, float], ...] = ()
+    prefetch: str = "none"
+    fetch: int = 0
+    lookahead: int = 1
+    cache: int | None = None
+    budget: str | None = None
+    layout: str = "uniform"
+    hardware: str | None = None
+    order: str = "arrival"
+    granularity: str = "pass"
+    phase: str | None = None
+    bytes_per_expert: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.plan is None) == (self.policy is None):
+            raise ConfigError("give exactly one of a plan file or a policy name")
+        if self.plan is None and (self.cache is None) == (self.budget is None):
+            raise ConfigError(
+                "with a policy, give exactly one of --cache (slots per layer) or --budget"
+            )
+        if self.cache is not None and self.cache < 1:
+            raise ConfigError(f"--cache must be >= 1 slot per layer, got {self.cache}")
+        if self.layout not in ("uniform", "pool"):
+            raise ConfigError(f"layout must be 'uniform' or 'pool', got {self.layout!r}")
+
+
+def simulate_trace(trace: str | os.PathLike[str], req: SimulateRequest) -> tuple[Plan, SimResult]:
+    """Replay a trace under a plan file, or under a named policy (tables fitted on the
+    same trace: in-sample) with a cache size or budget."""
+    hardware = load_hardware(req.hardware)
+    loaded = load_traces([trace], order=req.order)
+    ev = events_for(loaded, order=req.order, granularity=req.granularity, phase=req.phase)
+    m = loaded.model
+    bpe = req.bytes_per_expert or m.bytes_per_expert
+    if req.plan is not None:
+        plan = load_plan(req.plan)
+        plan.check_compatible(m)
+    else:
+        L, E = ev.num_layers, ev.num_experts
+        layout: CacheLayout
+        if req.cache is not None:
+            if req.cache > E:
+                raise ConfigError(f"--cache {req.cache} exceeds the {E} experts per layer")
+            layout = CacheLayout("per_layer", tuple([req.cache] * L))
+            if req.layout == "pool":
+                layout = pool_layout(req.cache * L, L, E)
+        else:
+            slots = parse_budget(str(req.budget), L, E, bpe)
+            layout = (
+                uniform_layout(slots, L, E) if req.layout == "uniform" else pool_layout(slots, L, E)
+            )
+        plan = make_plan(
+            ev,
+            loaded.shape,
+            layout,
+            str(req.policy),
+            dict(req.params),
+            PrefetchConfig(req.prefetch, lookahead=req.lookahead, fetch=req.fetch),
+            bytes_per_expert=bpe,
+        )
+    return plan, simulate(ev, plan, hardware, bytes_per_expert=bpe)
