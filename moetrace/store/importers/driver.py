@@ -237,21 +237,14 @@ def import_trace(
                 break
     if first is None and todo:
         raise ImportFormatError(f"{src_path}: no importable files ({len(bad.files)} bad)")
-    if first is None:  # everything was imported before
-        assert existing is not None
-        model, inferred = (
-            existing.model,
-            {f: "as in the existing trace" for f in existing.model.inferred},
-        )
-    else:
-        model, inferred = resolve_model(
-            name,
-            name_reason,
-            given,
-            existing=existing.model if existing else None,
-            first=first,
-            max_expert=max_expert,
-        )
+    model, inferred = resolve_model(
+        name,
+        name_reason,
+        given,
+        existing=existing.model if existing else None,
+        first=first,
+        max_expert=max_expert,
+    )
     manifest = existing or Manifest(
         model=model,
         source=SourceInfo(

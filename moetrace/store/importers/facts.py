@@ -60,17 +60,20 @@ def resolve_model(
     given: ModelOverrides,
     *,
     existing: ModelInfo | None,
-    first: ParsedRequest,
+    first: ParsedRequest | None,
     max_expert: int | None,
 ) -> tuple[ModelInfo, dict[str, str]]:
     """The import's ModelInfo and {field: where it came from} for inferred fields.
 
-    ``first`` is the first good request (layers and top-k are read from it);
+    ``first`` is the first good request (layers and top-k are read from it; may be None
+    only with an ``existing`` model);
     ``max_expert`` the highest expert id over all files (needed only when neither the
     caller nor the known-models table gives the number of experts).
     """
     if existing is not None:
         return _from_existing(existing, given)
+    if first is None:
+        raise ConfigError("internal: no request to read the model facts from")
     known = find_known_model(name)
     reasons: dict[str, str] = {}
     if name_reason:
