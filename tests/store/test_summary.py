@@ -10,8 +10,8 @@ from importkit import pbc_steps, write_json
 
 from moetrace.store import RequestRecord, TraceWriter
 from moetrace.store.importers import import_trace
-from moetrace.store.summary import summarize
 from moetrace.store.schema import Manifest, ModelInfo
+from moetrace.store.summary import summarize
 
 
 def _manifest(**kw: object) -> Manifest:
