@@ -1,0 +1,281 @@
+"""Altair chart builders: every chart has a title and axes labelled with their units.
+
+Inputs are small arrays (layers x experts and the like); nothing here touches a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+HEATMAP_SCHEME = "viridis"
+
+
+def _layer_labels(moe_layers: Sequence[int]) -> list[str]:
+    return [f"L{lid}" for lid in moe_layers]
+
+
+def layer_expert_heatmap(
+    values: np.ndarray,
+    moe_layers: Sequence[int],
+    *,
+    title: str,
+    value_title: str,
+    pinned: np.ndarray | None = None,
+    percent: bool = True,
+) -> alt.Chart:
+    """(L, E) values as a layer x expert heatmap; ``pinned`` (L, E) bool marks cells."""
+    L, E = values.shape
+    layers = _layer_labels(moe_layers)
+    df = pd.DataFrame(
+        {
+            "layer": np.repeat(layers, E),
+            "expert": np.tile(np.arange(E), L),
+            "value": (values * (100.0 if percent else 1.0)).reshape(-1),
+        }
+    )
+    fmt = ".2f" if percent else ",.0f"
+    base = alt.Chart(df).encode(
+        x=alt.X("expert:O", title="Expert id", axis=alt.Axis(labelOverlap=True)),
+        y=alt.Y("layer:O", title="MoE layer (model layer id)", sort=layers),
+    )
+    chart = base.mark_rect().encode(
+        color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme=HEATMAP_SCHEME)),
+        tooltip=[
+            alt.Tooltip("layer:O", title="layer"),
+            alt.Tooltip("expert:O", title="expert"),
+            alt.Tooltip("value:Q", title=value_title, format=fmt),
+        ],
+    )
+    if pinned is not None:
+        pin = pd.DataFrame(
+            [
+                {"layer": layers[i], "expert": int(e), "mark": "pinned"}
+                for i, e in zip(*np.nonzero(pinned), strict=True)
+            ]
+        )
+        if len(pin):
+            overlay = (
+                alt.Chart(pin)
+                .mark_point(shape="square", filled=False, size=140, strokeWidth=2.5, color="red")
+                .encode(
+                    x="expert:O",
+                    y=alt.Y("layer:O", sort=layers),
+                    shape=alt.Shape("mark:N", title="Plan", scale=alt.Scale(range=["square"])),
+                )
+            )
+            chart = alt.layer(chart, overlay).resolve_scale(color="independent")
+    height = min(max(18 * L, 160), 700)
+    return chart.properties(title=title, height=height)
+
+
+def square_heatmap(
+    values: np.ndarray,
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    value_title: str,
+    fmt: str = ",.0f",
+) -> alt.Chart:
+    """(E, E) matrix (rows = y, columns = x) as a heatmap."""
+    n_y, n_x = values.shape
+    df = pd.DataFrame(
+        {
+            "y": np.repeat(np.arange(n_y), n_x),
+            "x": np.tile(np.arange(n_x), n_y),
+            "value": values.reshape(-1),
+        }
+    )
+    return (
+        alt.Chart(df)
+        .mark_rect()
+        .encode(
+            x=alt.X("x:O", title=x_title, axis=alt.Axis(labelOverlap=True)),
+            y=alt.Y("y:O", title=y_title, axis=alt.Axis(labelOverlap=True)),
+            color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme=HEATMAP_SCHEME)),
+            tooltip=[
+                alt.Tooltip("y:O", title=y_title),
+                alt.Tooltip("x:O", title=x_title),
+                alt.Tooltip("value:Q", title=value_title, format=fmt),
+            ],
+        )
+        .properties(title=title, height=min(max(14 * n_y, 220), 600))
+    )
+
+
+def lorenz_chart(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str) -> alt.Chart:
+    """Lorenz curves (share of experts -> share of activations), with the equality line."""
+    rows = []
+    for name, (x, y) in curves.items():
+        rows += [
+            {"series": name, "experts": 100 * a, "acts": 100 * b} for a, b in zip(x, y, strict=True)
+        ]
+    rows += [{"series": "uniform (equality)", "experts": v, "acts": v} for v in (0.0, 100.0)]
+    df = pd.DataFrame(rows)
+    return (
+        alt.Chart(df)
+        .mark_line(point=False)
+        .encode(
+            x=alt.X("experts:Q", title="Experts, least used first (% of experts)"),
+            y=alt.Y("acts:Q", title="Cumulative activations (% of the layer's)"),
+            color=alt.Color("series:N", title="Layer"),
+            strokeDash=alt.condition(
+                alt.datum.series == "uniform (equality)", alt.value([4, 4]), alt.value([1, 0])
+            ),
+            tooltip=[
+                "series:N",
+                alt.Tooltip("experts:Q", format=".1f"),
+                alt.Tooltip("acts:Q", format=".1f"),
+            ],
+        )
+        .properties(title=title, height=320)
+    )
+
+
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence[float],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    fmt: str = ".3f",
+    sort: bool = False,
+) -> alt.Chart:
+    df = pd.DataFrame({"label": list(labels), "value": list(values)})
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X("label:O", title=x_title, sort=None if not sort else "-y"),
+            y=alt.Y("value:Q", title=y_title),
+            tooltip=[
+                alt.Tooltip("label:O", title=x_title),
+                alt.Tooltip("value:Q", title=y_title, format=fmt),
+            ],
+        )
+        .properties(title=title, height=260)
+    )
+
+
+def mrc_chart(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    points: Sequence[dict[str, object]] = (),
+    *,
+    title: str,
+    num_experts: int,
+) -> alt.Chart:
+    """Hit rate vs cache size per policy; ``points`` (name, size, hit_rate) drawn as marks."""
+    rows = []
+    for name, (sizes, rates) in curves.items():
+        rows += [
+            {"policy": name, "size": float(s), "hit": 100 * float(r)}
+            for s, r in zip(sizes, rates, strict=True)
+        ]
+    df = pd.DataFrame(rows)
+    x = alt.X(
+        "size:Q", title="Cache size (experts per layer)", scale=alt.Scale(domain=[0, num_experts])
+    )
+    y = alt.Y("hit:Q", title="Hit rate (% of expert accesses)", scale=alt.Scale(domain=[0, 100]))
+    lines = (
+        alt.Chart(df)
+        .mark_line(point=True)
+        .encode(
+            x=x,
+            y=y,
+            color=alt.Color("policy:N", title="Policy"),
+            tooltip=[
+                "policy:N",
+                alt.Tooltip("size:Q", title="experts"),
+                alt.Tooltip("hit:Q", title="hit %", format=".1f"),
+            ],
+        )
+    )
+    chart: alt.Chart | alt.LayerChart = lines
+    if points:
+        pdf = pd.DataFrame(
+            [
+                {"plan": p["name"], "size": float(p["size"]), "hit": 100 * float(p["hit_rate"])}
+                for p in points
+            ]
+        )
+        marks = (
+            alt.Chart(pdf)
+            .mark_point(shape="diamond", size=220, filled=True, color="black")
+            .encode(x=x, y=y, tooltip=["plan:N", "size:Q", alt.Tooltip("hit:Q", format=".1f")])
+        )
+        text = alt.Chart(pdf).mark_text(align="left", dx=9, dy=-9).encode(x=x, y=y, text="plan:N")
+        chart = alt.layer(lines, marks, text)
+    return chart.properties(title=title, height=360)
+
+
+def histogram(
+    labels: Sequence[str],
+    counts: np.ndarray,
+    *,
+    title: str,
+    x_title: str,
+) -> alt.Chart:
+    """A histogram from precomputed bins, shown as % of all counts."""
+    total = max(float(np.sum(counts)), 1.0)
+    df = pd.DataFrame(
+        {"bin": list(labels), "pct": 100.0 * np.asarray(counts, np.float64) / total, "n": counts}
+    )
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X("bin:O", title=x_title, sort=list(labels)),
+            y=alt.Y("pct:Q", title="Accesses (% of reuses)"),
+            tooltip=[
+                alt.Tooltip("bin:O", title=x_title),
+                alt.Tooltip("pct:Q", format=".2f"),
+                alt.Tooltip("n:Q", title="accesses", format=","),
+            ],
+        )
+        .properties(title=title, height=260)
+    )
+
+
+def token_routing_chart(
+    rows: list[dict[str, object]], *, title: str, num_experts: int
+) -> alt.Chart:
+    df = pd.DataFrame(rows)
+    return (
+        alt.Chart(df)
+        .mark_square(size=60)
+        .encode(
+            x=alt.X("pos:Q", title="Token position in the request (prompt first, tokens)"),
+            y=alt.Y("expert:O", title="Expert id", sort=list(range(num_experts))),
+            color=alt.Color("rank:O", title="Router rank (0 = top)"),
+            shape=alt.Shape("phase:N", title="Phase"),
+            tooltip=[
+                "pos:Q",
+                "phase:N",
+                "rank:O",
+                "expert:O",
+                alt.Tooltip("weight:Q", format=".3f"),
+            ],
+        )
+        .properties(title=title, height=min(max(12 * num_experts, 220), 600))
+    )
+
+
+def projection_chart(
+    df: pd.DataFrame, *, title: str, x_title: str, y_title: str, color: str
+) -> alt.Chart:
+    return (
+        alt.Chart(df)
+        .mark_circle(size=90, opacity=0.8)
+        .encode(
+            x=alt.X("x:Q", title=x_title),
+            y=alt.Y("y:Q", title=y_title),
+            color=alt.Color(f"{color}:N", title=color),
+            tooltip=["request_id:N", f"{color}:N"],
+        )
+        .properties(title=title, height=380)
+    )

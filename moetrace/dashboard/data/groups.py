@@ -1,0 +1,157 @@
+"""Within-layer co-activation (pair counts, lift, strongest groups) and cross-layer
+transitions with their predictive power, from the mining functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moetrace.dashboard.data.common import layer_id, phase_arg, phase_where, query, reopen
+from moetrace.dashboard.data.experts import expert_counts
+from moetrace.errors import AnalysisError
+from moetrace.store.arrays import Routing
+from moetrace.store.reader import Trace
+from moetrace.tuner.mining import groups as G
+from moetrace.tuner.mining import transitions as T
+
+TOP_PAIRS = 10
+
+
+@dataclass(frozen=True)
+class CoActivation:
+    """Co-activation of one MoE layer: counts of tokens that picked both experts."""
+
+    layer: int
+    pairs: np.ndarray
+    """(E, E) symmetric pair counts (diagonal zero)."""
+    lift: np.ndarray
+    """(E, E) lift over independence (NaN where an expert is unused)."""
+    tokens: int
+    top: tuple[G.PairStat, ...]
+    groups: tuple[G.Group, ...]
+    min_support: int
+
+    def __post_init__(self) -> None:
+        if self.pairs.shape != self.lift.shape or self.pairs.ndim != 2:
+            raise AnalysisError(
+                f"pairs {self.pairs.shape} and lift {self.lift.shape} must be equal (E, E)"
+            )
+
+
+def all_pair_counts(trace: Trace, phase: str = "all") -> np.ndarray:
+    """(L, E, E) pair counts of every layer (one DuckDB pass; cache the result)."""
+    return G.pair_counts(reopen(trace.path), phase_arg(phase))
+
+
+def coactivation(
+    trace: Trace, layer_index: int, phase: str = "all", pairs: np.ndarray | None = None
+) -> CoActivation:
+    """One layer's co-activation; ``pairs`` is :func:`all_pair_counts` when precomputed."""
+    k = trace.top_k
+    if pairs is None:
+        pairs = all_pair_counts(trace, phase)
+    counts = expert_counts(trace, phase)
+    lifts = G.lift(
+        pairs[layer_index : layer_index + 1],
+        counts.counts[layer_index : layer_index + 1],
+        counts.tokens[layer_index : layer_index + 1],
+    )
+    tokens = int(counts.tokens[layer_index])
+    support = max(5, int(0.001 * tokens))
+    top = G.top_pairs(pairs[layer_index : layer_index + 1], lifts, 0, TOP_PAIRS, support)
+    groups = G.greedy_groups(
+        pairs[layer_index : layer_index + 1], lifts, 0, max_size=max(k, 2), min_support=support
+    )
+    lid = layer_id(trace, layer_index)
+    return CoActivation(
+        layer=lid,
+        pairs=pairs[layer_index],
+        lift=lifts[0],
+        tokens=tokens,
+        top=tuple(G.PairStat(lid, p.a, p.b, p.count, p.lift) for p in top),
+        groups=tuple(G.Group(lid, g.experts, g.mean_lift, g.min_pair_count) for g in groups),
+        min_support=support,
+    )
+
+
+def pair_routing(trace: Trace, layer_index: int, phase: str = "all") -> Routing:
+    """A two-layer :class:`Routing` (MoE-layer indices l and l+1) in arrival order."""
+    m = trace.manifest
+    L, k = len(m.model.moe_layers), m.top_k
+    if not 0 <= layer_index < L - 1:
+        raise AnalysisError(
+            f"a transition starts at MoE-layer index 0..{L - 2}, got {layer_index}"
+            if L > 1
+            else f"{trace.path}: one MoE layer only, there are no transitions"
+        )
+    a, b = layer_id(trace, layer_index), layer_id(trace, layer_index + 1)
+    cols = ", ".join(f"x.e{i}" for i in range(k))
+    tbl = query(
+        trace,
+        f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
+                       AS rix FROM requests)
+            SELECT r.rix::INTEGER AS rix, x.token, x.step, (x.phase = 'decode')::TINYINT AS ph,
+                   x.forward, (x.layer = {b})::SMALLINT AS lix, {cols}
+            FROM activations_raw x JOIN r USING (request_id)
+            WHERE x.layer IN ({a}, {b}){phase_where(phase, "x.")}
+            ORDER BY r.rix, x.step, x.token, lix""",
+    )
+    ids = query(trace, "SELECT request_id FROM requests ORDER BY arrival, request_id")
+    experts = np.empty((tbl.num_rows, k), np.int16)
+    for i in range(k):
+        experts[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)
+
+    def col(name: str, dtype: type) -> np.ndarray:
+        return tbl.column(name).to_numpy().astype(dtype)
+
+    return Routing(
+        request_ids=tuple(ids.column(0).to_pylist()),
+        moe_layers=(a, b),
+        num_experts=m.model.num_experts,
+        top_k=k,
+        request=col("rix", np.int32),
+        token=col("token", np.int32),
+        step=col("step", np.int32),
+        phase=col("ph", np.int8),
+        forward=col("forward", np.int64),
+        layer=col("lix", np.int16),
+        experts=experts,
+    )
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """Expert at layer ``src`` -> experts at layer ``dst`` of the same token."""
+
+    src: int
+    dst: int
+    counts: np.ndarray
+    """(E, E) counts of (a at src, b at dst)."""
+    recall: float | None
+    """Recall@k of the fitted table on held-out requests (None: too few requests)."""
+    baseline: float | None
+    """Recall@k of the dst layer's k most used experts (the frequency baseline)."""
+    test_tokens: int
+
+    @property
+    def conditional(self) -> np.ndarray:
+        """P(b at dst | a at src), rows of unused experts zero."""
+        rows = self.counts.sum(axis=1, keepdims=True).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(rows > 0, self.counts / np.maximum(rows, 1), 0.0)
+
+
+def transitions(trace: Trace, layer_index: int, phase: str = "all", seed: int = 0) -> Transitions:
+    routing = pair_routing(trace, layer_index, phase)
+    counts = T.transition_counts(routing)[0]
+    scores = T.score_transitions(routing, top_n=routing.top_k, seed=seed)
+    s = scores[0] if scores else None
+    return Transitions(
+        src=routing.moe_layers[0],
+        dst=routing.moe_layers[1],
+        counts=counts,
+        recall=s.recall if s else None,
+        baseline=s.baseline if s else None,
+        test_tokens=s.test_tokens if s else 0,
+    )

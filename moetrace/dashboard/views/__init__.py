@@ -1,0 +1,1 @@
+"""One module per dashboard page; each is run by Streamlit as a script (``render``)."""

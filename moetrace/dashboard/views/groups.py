@@ -1,0 +1,124 @@
+"""Groups page: co-activation matrix of a chosen layer with its strongest groups, and
+cross-layer transitions (heatmap of P(next | current)) with their predictive power."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from moetrace.dashboard import cache, charts
+from moetrace.dashboard.context import PageContext, layer_select, run_page
+
+
+def _coactivation(ctx: PageContext) -> None:
+    st.subheader("Co-activation within a layer")
+    if ctx.overview.top_k < 2:
+        st.info(
+            f"Top-{ctx.overview.top_k} routing: a token picks one expert per layer, so no "
+            "two experts are ever activated together."
+        )
+        return
+    li = layer_select(ctx, "Layer", "groups_layer")
+    co = cache.coactivation(ctx.trace_path, ctx.stamp, li, ctx.phase)
+    measure = st.radio(
+        "Colour by",
+        ("tokens picking both", "lift over independence"),
+        horizontal=True,
+        key="groups_measure",
+    )
+    if measure.startswith("tokens"):
+        values, title, fmt = co.pairs.astype(np.float64), "Tokens picking both (count)", ",.0f"
+    else:
+        values, title, fmt = np.nan_to_num(co.lift), "Lift (1 = independent)", ".2f"
+    st.altair_chart(
+        charts.square_heatmap(
+            values,
+            title=f"Co-activation of expert pairs, layer L{co.layer} (phase {ctx.phase})",
+            x_title="Expert id",
+            y_title="Expert id",
+            value_title=title,
+            fmt=fmt,
+        ),
+        width="stretch",
+    )
+    left, right = st.columns(2)
+    with left:
+        st.markdown(f"**Strongest pairs** (seen at least {co.min_support} times)")
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {"experts": f"{p.a} + {p.b}", "tokens": p.count, "lift": round(p.lift, 2)}
+                    for p in co.top
+                ]
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+    with right:
+        st.markdown("**Groups** (greedy, lift >= 1.5)")
+        if co.groups:
+            st.dataframe(
+                pd.DataFrame(
+                    [
+                        {
+                            "experts": ", ".join(map(str, g.experts)),
+                            "mean lift": round(g.mean_lift, 2),
+                            "min pair tokens": g.min_pair_count,
+                        }
+                        for g in co.groups
+                    ]
+                ),
+                hide_index=True,
+                width="stretch",
+            )
+        else:
+            st.info("No group: no pair is picked together clearly more often than by chance.")
+
+
+def _transitions(ctx: PageContext) -> None:
+    st.subheader("Transitions to the next MoE layer")
+    L = len(ctx.overview.moe_layers)
+    if L < 2:
+        st.info("The model has one MoE layer: there are no layer-to-layer transitions.")
+        return
+    li = layer_select(ctx, "From layer", "transition_layer", upto=L - 1)
+    tr = cache.transitions(ctx.trace_path, ctx.stamp, li, ctx.phase)
+    k = ctx.overview.top_k
+    cols = st.columns(3)
+    cols[0].metric(
+        f"Recall@{k} of the transition table",
+        "n/a" if tr.recall is None else f"{100 * tr.recall:.1f}%",
+        None if tr.recall is None else f"{100 * (tr.recall - tr.baseline):+.1f} pts vs baseline",
+    )
+    cols[1].metric(
+        f"Recall@{k} of the {k} most used experts",
+        "n/a" if tr.baseline is None else f"{100 * tr.baseline:.1f}%",
+    )
+    cols[2].metric("Held-out tokens scored", f"{tr.test_tokens:,}")
+    st.altair_chart(
+        charts.square_heatmap(
+            100 * tr.conditional,
+            title=f"P(expert at L{tr.dst} | expert at L{tr.src}), same token",
+            x_title=f"Expert id at layer L{tr.dst}",
+            y_title=f"Expert id at layer L{tr.src}",
+            value_title="Probability (%)",
+            fmt=".1f",
+        ),
+        width="stretch",
+    )
+    st.caption(
+        "Predictive power: the table is fitted on 80% of the requests; for held-out tokens the "
+        f"next layer's {k} experts are predicted from the current ones (recall = share of the "
+        "actual next experts predicted), against always predicting the most used experts."
+    )
+
+
+def render(ctx: PageContext) -> None:
+    st.title("Groups")
+    _coactivation(ctx)
+    _transitions(ctx)
+
+
+if __name__ == "__main__":
+    run_page(render)
