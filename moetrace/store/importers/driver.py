@@ -229,13 +229,13 @@ def import_trace(
             if cached + parsed.nbytes <= SCAN_CACHE_BYTES:
                 cache[f.request_id] = parsed
                 cached += parsed.nbytes
-    else:
+    elif existing is None:  # layers and top-k come from the first good file
         for f in todo:
             parsed = bad.parse(importer, f)
             if parsed is not None:
                 first = cache[f.request_id] = parsed
                 break
-    if first is None and todo:
+    if first is None and todo and existing is None:
         raise ImportFormatError(f"{src_path}: no importable files ({len(bad.files)} bad)")
     model, inferred = resolve_model(
         name,
