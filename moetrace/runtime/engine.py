@@ -359,32 +359,45 @@ class OffloadEngine:
         top_k_weights: torch.Tensor,
         streamed: set[int],
     ) -> tuple[torch.Tensor, float]:
-        """Token chunks whose streamed experts fit the ``top_k`` streaming slots."""
-        rows = top_k_index.tolist()
-        chunks: list[tuple[int, int, list[int]]] = []
-        start, cur = 0, []  # type: ignore[var-annotated]
-        limit = self.pool.stream_slots
-        for t, row in enumerate(rows):
-            extra = sorted({e for e in row if e in streamed} - set(cur))
-            if len(cur) + len(extra) > limit and t > start:
-                chunks.append((start, t, cur))
-                start, cur = t, []
-                extra = sorted({e for e in row if e in streamed})
-            cur = sorted(set(cur) | set(extra))
-        chunks.append((start, len(rows), cur))
-        outs, stall = [], 0.0
-        for a, b, stream in chunks:
+        """Expert chunks whose streamed experts fit the streaming slots.
+
+        Each (token, expert) pair is computed as its own row (the model's implementation
+        with top-k 1), every expert's rows in one call so each matmul sees the same rows
+        as without offloading; the k outputs of a token are then summed the way the inner
+        implementation sums them (ascending expert order for ``eager``).
+        """
+        T, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        weights = top_k_weights.reshape(-1, 1)
+        rep = hidden.repeat_interleave(k, dim=0)
+        cached = sorted({int(e) for e in flat.tolist() if e >= 0} - streamed)
+        stream = sorted(streamed)
+        size = self.pool.stream_slots
+        groups = [stream[i : i + size] for i in range(0, len(stream), size)] or [[]]
+        pair_out = torch.zeros_like(rep)
+        stall = 0.0
+        for n, group in enumerate(groups):
             extra_slots = {}
-            for i, e in enumerate(stream):
+            for i, e in enumerate(group):
                 slot = self.pool.stream_slot(i)
                 t0 = time.perf_counter()
                 moved = self.pool.load(slot, ref.index, e)
                 stall += time.perf_counter() - t0
                 self.stats.add("bytes_demand", ref.index, self._phase, moved)
                 extra_slots[e] = slot
-            idx = top_k_index[a:b]
-            need = sorted({e for e in idx.reshape(-1).tolist() if e >= 0})
-            outs.append(
-                self._compute(ref, module, hidden[a:b], idx, top_k_weights[a:b], need, extra_slots)
+            need = sorted(group + (cached if n == 0 else []))
+            mask = torch.isin(flat, torch.tensor(need, dtype=flat.dtype, device=flat.device))
+            if not bool(mask.any()):
+                continue
+            pair_out[mask] = self._compute(
+                ref, module, rep[mask], flat[mask].view(-1, 1), weights[mask], need, extra_slots
             )
-        return torch.cat(outs, dim=0), stall
+        per_token = pair_out.view(T, k, -1)
+        if self.inner == "eager":
+            order = torch.argsort(top_k_index, dim=1, stable=True)
+            per_token = torch.gather(per_token, 1, order.unsqueeze(-1).expand_as(per_token))
+            out = torch.zeros_like(hidden)
+            for j in range(k):
+                out += per_token[:, j]
+            return out, stall
+        return per_token.sum(dim=1).to(hidden.dtype), stall
