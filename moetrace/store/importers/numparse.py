@@ -48,14 +48,16 @@ def parse_int_lists(
     b = data[offsets[0] : offsets[-1]]
     offs = offsets - offsets[0]
 
+    lengths = np.diff(offs)
+    row_id = np.repeat(np.arange(n, dtype=np.int64), lengths)
+
     def row_of(pos: np.ndarray | int) -> np.ndarray:
-        return np.searchsorted(offs, pos, side="right") - 1
+        return row_id[pos]
 
     bad = np.flatnonzero(~_ALLOWED[b])
     if bad.size:
         ch = chr(b[bad[0]]) if b[bad[0]] < 128 else f"byte 0x{b[bad[0]]:02x}"
         return ListParseError(int(row_of(bad[0])), f"non-integer expert id (unexpected {ch!r})")
-    lengths = np.diff(offs)
     short = np.flatnonzero(lengths < 2)
     if short.size:
         return ListParseError(int(short[0]), "expected a list like [1, 2, 3]")
