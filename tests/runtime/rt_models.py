@@ -58,3 +58,13 @@ def tiny_model(arch: str, implementation: str = "grouped_mm", seed: int = 0):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def find_layers_info(model):
+    """The ModelInfo the runtime derives for ``model`` (without attaching to it)."""
+    from moetrace.runtime.checks import model_info
+    from moetrace.runtime.expert_store import model_fingerprint
+    from moetrace.runtime.experts import find_moe_layers
+
+    layers = find_moe_layers(model)
+    return model_info(layers, model.config.num_hidden_layers, model_fingerprint(model), "tiny")

@@ -1,0 +1,192 @@
+"""CLI commands of the offloading runtime: prepare, run, bench, profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _budget(value: str | None) -> int | None:
+    from moetrace.runtime.session import parse_budget
+
+    return None if value is None else parse_budget(value)
+
+
+def _prompts(prompt: str | None, prompts: str | None) -> list[str]:
+    if (prompt is None) == (prompts is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --prompts FILE")
+    if prompt is not None:
+        return [prompt]
+    from moetrace.tracer.prompts import load_prompts
+
+    return [p.text for p in load_prompts(prompts)]  # type: ignore[arg-type]
+
+
+@click.command("prepare")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(), help="Expert store folder.")
+@click.option("--dtype", default=None, help="Store weights in this dtype (e.g. bfloat16).")
+def prepare_cmd(model: str, out: str, dtype: str | None) -> None:
+    """Write an expert store: one memory-mapped safetensors file per expert.
+
+    \b
+    Example:
+      moetrace prepare moetrace/assets/demo-moe --out stores/demo
+      moetrace run --model stores/demo --prompt "def fib(n):" --budget 8MiB
+    """
+    from moetrace.runtime.expert_store import prepare_store
+
+    index = prepare_store(model, out, dtype=dtype)
+    n = len(index.layer_ids) * index.num_experts
+    click.echo(f"wrote {n} experts of {index.bytes_per_expert} bytes to {out}")
+
+
+@click.command("run")
+@click.option("--model", default=None, help="Model folder or expert store (default: demo model).")
+@click.option("--plan", "plan", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Plan file (default: LRU on demand at --budget).")  # fmt: skip
+@click.option("--prompt", default=None, help="One prompt.")
+@click.option("--prompts", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Prompts file (JSONL, text or Parquet).")  # fmt: skip
+@click.option("--budget", default=None, help="Device bytes for experts, e.g. 64MiB.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--stats-json", default=None, type=click.Path(dir_okay=False),
+              help="Write the statistics as JSON here ('-' for stdout).")  # fmt: skip
+@click.option("--trace", "trace_dir", default=None, type=click.Path(file_okay=False),
+              help="Also record this run's routing as a trace.")  # fmt: skip
+def run_cmd(
+    model: str | None,
+    plan: str | None,
+    prompt: str | None,
+    prompts: str | None,
+    budget: str | None,
+    max_new_tokens: int,
+    device: str,
+    stats_json: str | None,
+    trace_dir: str | None,
+) -> None:
+    """Generate text with only a budgeted cache of experts on the device.
+
+    \b
+    Example:
+      moetrace run --plan plans/demo.json --prompt "import os" --budget 16MiB --stats-json -
+    """
+    from moetrace.runtime.session import generate, open_engine
+
+    texts = _prompts(prompt, prompts)
+    engine, tok = open_engine(model, plan, budget_bytes=_budget(budget), device=device)
+    try:
+        if trace_dir is not None:
+            gen = _traced(engine, tok, texts, max_new_tokens, trace_dir)
+        else:
+            gen = generate(engine, tok, texts, max_new_tokens)
+        stats = engine.stats
+    finally:
+        engine.close()
+    for text in gen.texts:
+        click.echo(text)
+    s = stats.summary()
+    click.echo(
+        f"# {gen.new_tokens} tokens in {gen.seconds:.2f}s ({gen.tokens_per_second:.1f} tok/s); "
+        f"hit rate {s['hit_rate']:.3f}, misses {int(s['misses'])}, "
+        f"prefetch precision {s['prefetch_precision']:.3f}, stalled {s['stall_s']:.3f}s",
+        err=True,
+    )
+    if stats_json == "-":
+        click.echo(stats.dumps(), nl=False)
+    elif stats_json:
+        Path(stats_json).write_text(stats.dumps(), encoding="utf-8")
+
+
+def _traced(engine, tok, texts, max_new_tokens, trace_dir):  # type: ignore[no-untyped-def]
+    import time
+
+    from moetrace.runtime.session import Generation
+    from moetrace.tracer.recorder import RoutingRecorder
+
+    out_texts, new, t0 = [], 0, time.perf_counter()
+    with RoutingRecorder(engine.model, trace_dir) as rec:
+        for i, text in enumerate(texts):
+            enc = tok(text, return_tensors="pt").to(engine.device)
+            out = rec.generate([f"run-{i}"], enc["input_ids"], enc.get("attention_mask"),
+                               prompt_texts=[text], max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
+            gen = out[0, enc["input_ids"].shape[1] :]
+            new += int(gen.shape[0])
+            out_texts.append(tok.decode(gen, skip_special_tokens=True))
+    return Generation(tuple(out_texts), new, time.perf_counter() - t0)
+
+
+@click.command("bench")
+@click.option("--model", default=None, help="Model folder or expert store (default: demo model).")
+@click.option("--plan", "plan", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", "prompt_list", multiple=True, help="Prompt (repeatable).")
+@click.option("--budget", default=None, help="Device bytes for experts (default: the plan's).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="JSON file.")
+def bench_cmd(
+    model: str | None,
+    plan: str,
+    prompt_list: tuple[str, ...],
+    budget: str | None,
+    repeats: int,
+    max_new_tokens: int,
+    device: str,
+    out: str | None,
+) -> None:
+    """Tokens/s of a plan vs all experts resident vs LRU on demand (interleaved runs).
+
+    \b
+    Example:
+      moetrace bench --plan plans/demo.json --budget 16MiB --repeats 5 --out bench.json
+    """
+    from moetrace.runtime.bench import BenchConfig, run_bench
+
+    prompts = prompt_list or ("def main():", "The history of the Python language")
+    config = BenchConfig(
+        model, plan, tuple(prompts), repeats, max_new_tokens, _budget(budget), device
+    )
+    data = run_bench(config).to_json()
+    text = json.dumps(data, indent=1, sort_keys=True)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    for variant, med in data["median"].items():
+        lo, hi = data["min_max"][variant]
+        click.echo(f"{variant:>13}: {med:8.2f} tok/s (min {lo:.2f}, max {hi:.2f})")
+
+
+@click.command("profile")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--model", default=None, help="Model folder to time a layer of (default: demo).")
+@click.option("--bytes", "nbytes", default="64MiB", show_default=True, help="Copy size.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--name", default=None, help="Profile name.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="JSON file.")
+def profile_cmd(
+    device: str, model: str | None, nbytes: str, repeats: int, name: str | None, out: str | None
+) -> None:
+    """Measure link bandwidth and per-layer compute; write a hardware profile.
+
+    \b
+    Example:
+      moetrace profile --device cpu --out hw/this-box.json
+      moetrace simulate TRACE --plan plan.json --hardware hw/this-box.json
+    """
+    from moetrace.runtime.profile import profile_hardware
+
+    prof = profile_hardware(
+        device, model=model, nbytes=int(_budget(nbytes) or 0), repeats=repeats, name=name
+    )
+    text = json.dumps(prof.to_json(), indent=1, sort_keys=True)
+    if out:
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    click.echo(text)
+
+
+def register(group: click.Group) -> None:
+    for cmd in (prepare_cmd, run_cmd, bench_cmd, profile_cmd):
+        group.add_command(cmd)

@@ -1,0 +1,115 @@
+"""One-call entry points for the CLI: open a model under a plan, generate, parse budgets."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrace.errors import ConfigError, ModelError
+from moetrace.runtime.engine import OffloadEngine
+from moetrace.runtime.expert_store import is_store
+from moetrace.store.plan import Plan, load_plan
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6}
+_UNITS |= {"mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_budget(text: str) -> int:
+    """Bytes from ``"64MiB"``, ``"1.5GB"``, ``"123456"``."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ConfigError(f"budget {text!r} is not a size like 64MiB, 2GB or 1048576")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ConfigError(f"budget must be > 0 bytes, got {text!r}")
+    return value
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> Path:
+    """The model folder (or expert store) to run; the demo model when ``model`` is None."""
+    if model is None:
+        from moetrace.tracer.demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelError(f"{path}: not a model folder or expert store")
+    return path
+
+
+def open_engine(
+    model: str | os.PathLike[str] | None,
+    plan: str | os.PathLike[str] | Plan | None,
+    *,
+    budget_bytes: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    **kw: Any,
+) -> tuple[OffloadEngine, Any]:
+    """An engine for a model folder (experts in host memory) or an expert store (on disk),
+    plus the tokenizer found beside it (None when there is none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    the_plan = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    if is_store(path):
+        engine = OffloadEngine.from_store(
+            str(path), the_plan, device=device, budget_bytes=budget_bytes, **kw
+        )
+    else:
+        try:
+            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": torch.float32}
+            hf = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: cannot load model ({exc})") from None
+        engine = OffloadEngine.from_model(
+            hf, the_plan, device=device, budget_bytes=budget_bytes, **kw
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return engine, tokenizer
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Texts generated for prompts, with wall time and generated token count."""
+
+    texts: tuple[str, ...]
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(
+    engine: OffloadEngine, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32
+) -> Generation:
+    """Greedy generation of each prompt in turn (batch 1)."""
+    if tokenizer is None:
+        raise ModelError("the model has no tokenizer; cannot run text prompts")
+    texts, new, t0 = [], 0, time.perf_counter()
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(engine.device)
+        with torch.no_grad():
+            out = engine.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+        gen = out[0, enc["input_ids"].shape[1] :]
+        new += int(gen.shape[0])
+        texts.append(tokenizer.decode(gen, skip_special_tokens=True))
+    return Generation(tuple(texts), new, time.perf_counter() - t0)

@@ -1,0 +1,56 @@
+"""The runtime's hits and misses equal the simulator's replay of the run's own trace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from rt_models import find_layers_info, tiny_model
+
+from moetrace.runtime import OffloadEngine
+from moetrace.store.arrays import load_routing
+from moetrace.store.hardware import load_hardware
+from moetrace.store.plan import Budget, CacheLayout, EvictionConfig, Plan, RoutingShape
+from moetrace.store.reader import open_trace
+from moetrace.tracer.recorder import RoutingRecorder
+from moetrace.tuner.policy.events import build_events
+from moetrace.tuner.sim import kernel as K
+from moetrace.tuner.sim import simulate
+
+
+@pytest.mark.parametrize(
+    ("arch", "layout", "policy"),
+    [
+        ("olmoe", CacheLayout("pool", (1, 1, 1), pool_slots=7), "lru"),
+        ("qwen3_moe", CacheLayout("per_layer", (3, 2, 4)), "fifo"),
+        ("mixtral", CacheLayout("pool", (0, 0, 0), pool_slots=5), "lfu"),
+    ],
+)
+def test_runtime_matches_simulator(tmp_path, arch, layout, policy):
+    model = tiny_model(arch)
+    info = find_layers_info(model)
+    plan = Plan(
+        routing=RoutingShape.of(info),
+        budget=Budget(slots=layout.total_slots, bytes_per_expert=info.bytes_per_expert),
+        layout=layout,
+        eviction=EvictionConfig(policy),
+    )
+    prompts = [torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9)]
+    with OffloadEngine.from_model(model, plan, log_accesses=True) as eng:
+        with RoutingRecorder(model, tmp_path / "trace") as rec:
+            for i, ids in enumerate(prompts):
+                rec.generate([f"r{i}"], ids, max_new_tokens=5, do_sample=False)
+        log = eng.stats.accesses_log
+        runtime_acc = eng.stats.counters["accesses"].copy()
+        runtime_hit = eng.stats.counters["hits"].copy()
+    trace = open_trace(tmp_path / "trace")
+    assert trace.manifest.model.config_fingerprint == plan.routing.fingerprint
+    events = build_events(load_routing(trace, order="arrival"), order="arrival")
+    assert log is not None and len(log) == events.num_events
+    for i, (layer, ph, need, _) in enumerate(log):
+        assert (events.layer[i], events.phase[i]) == (layer, ph)
+        assert tuple(events.experts[events.ptr[i] : events.ptr[i + 1]]) == need
+    sim = simulate(events, plan, load_hardware())
+    assert np.array_equal(sim.stats[K.S_ACCESS], runtime_acc)
+    assert np.array_equal(sim.stats[K.S_HIT], runtime_hit)
+    assert 0 < runtime_hit.sum() < runtime_acc.sum()
