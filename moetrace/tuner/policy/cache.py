@@ -87,6 +87,7 @@ class ExpertCache:
         self._ins = np.zeros(n)
         self._freq = np.zeros(self.spec.pinned.shape)
         self._inc = 1.0
+        self._t = 0.0
         self._count = np.zeros(len(self.layout.capacities), dtype=np.int64)
         for layer, row in enumerate(self.spec.pinned):
             for e in np.flatnonzero(row):
@@ -110,8 +111,8 @@ class ExpertCache:
         self.slots[slot] = (layer, expert)
         self.slot_of[(layer, expert)] = slot
         self._count[layer] += 1
-        self._ins[slot] = self.time
-        self._last[slot] = self.time
+        self._ins[slot] = self._t
+        self._last[slot] = self._t
 
     def _victim(self, layer: int, phase: int, protect: set[int]) -> int | None:
         free = self._free_slot(layer)
@@ -150,7 +151,8 @@ class ExpertCache:
         listed with evicted ``(-1, -1)``)."""
         protect = {self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of}
         loads: list[tuple[int, tuple[int, int] | None]] = []
-        for e in experts:
+        for j, e in enumerate(experts):
+            self._t = self.time + j / (self.num_experts + 1)  # use order breaks ties
             self._freq[layer, e] += self._inc
             slot = self.slot_of.get((layer, e))
             if slot is None:
@@ -161,7 +163,7 @@ class ExpertCache:
                 loads.append((e, self.slots[slot]))
                 self._install(slot, layer, e)
                 protect.add(slot)
-            self._last[slot] = self.time
+            self._last[slot] = self._t
         self.time += 1
         self._inc /= self.spec.decay
         return loads

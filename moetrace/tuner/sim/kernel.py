@@ -15,8 +15,10 @@ from moetrace.tuner.policy.cache import NO_NEXT_USE, slot_key_jit
 
 # rows of the stats array (NUM_STATS, L, 2 phases)
 S_ACCESS, S_HIT, S_STREAM, S_PF_ISSUED, S_PF_SERVED, S_PF_WASTED, S_PF_DROPPED = range(7)
-S_STALL, S_BYTES_DEMAND, S_BYTES_PF, S_COMPUTE = range(7, 11)
-NUM_STATS = 11
+S_STALL, S_BYTES_DEMAND, S_BYTES_PF, S_COMPUTE, S_PF_USED = range(7, 12)
+NUM_STATS = 12
+"""S_PF_SERVED counts by the demand's (layer, phase) (for recall); S_PF_USED the same
+events by the prefetch's target layer and issuing phase (for precision vs S_PF_ISSUED)."""
 
 
 @numba.njit(cache=True)
@@ -112,6 +114,7 @@ def replay(
     slot_ins = np.zeros(n_slots)
     slot_ready = np.zeros(n_slots)
     slot_pf = np.zeros(n_slots, np.int8)
+    slot_pf_phase = np.zeros(n_slots, np.int64)
     slot_stamp = np.full(n_slots, -1, np.int64)
     fill = part_lo.copy()
     layer_count = np.zeros(L, np.int64)
@@ -120,6 +123,7 @@ def replay(
     inc = 1.0
     g = 1.0 / decay
     xfer = bpe / bw
+    sub = 1.0 / (E + 1)
     warm = 0.0
     for key in range(L * E):
         if pinned[key]:
@@ -145,6 +149,7 @@ def replay(
         need = now
         for j in range(ev_ptr[i], ev_ptr[i + 1]):
             key = lay * E + ev_exp[j]
+            t = i + (j - ev_ptr[i]) * sub  # order of use within the event breaks ties
             stats[S_ACCESS, lay, ph] += 1
             if use_next:
                 cursor[key] += 1
@@ -154,9 +159,10 @@ def replay(
                 stats[S_HIT, lay, ph] += 1
                 if slot_pf[s] == 1:
                     stats[S_PF_SERVED, lay, ph] += 1
+                    stats[S_PF_USED, lay, slot_pf_phase[s]] += 1
                     slot_pf[s] = 0
                 rdy = slot_ready[s]
-                slot_last[s] = i
+                slot_last[s] = t
             else:
                 start = max(now, link_free)
                 link_free = start + xfer
@@ -198,8 +204,8 @@ def replay(
                     slot_le[s] = key
                     where[key] = s
                     layer_count[lay] += 1
-                    slot_ins[s] = i
-                    slot_last[s] = i
+                    slot_ins[s] = t
+                    slot_last[s] = t
                     slot_ready[s] = rdy
                     slot_pf[s] = 0
                     slot_stamp[s] = i
@@ -258,6 +264,7 @@ def replay(
             slot_last[s] = i
             slot_ready[s] = start + xfer + lat
             slot_pf[s] = 1
+            slot_pf_phase[s] = ph
             slot_stamp[s] = i
             stats[S_PF_ISSUED, tl, ph] += 1
             stats[S_BYTES_PF, tl, ph] += bpe

@@ -35,6 +35,7 @@ class SimResult:
         acc = self._sum(K.S_ACCESS, phase)
         hit = self._sum(K.S_HIT, phase)
         served = self._sum(K.S_PF_SERVED, phase)
+        used = self._sum(K.S_PF_USED, phase)
         issued = self._sum(K.S_PF_ISSUED, phase)
         tokens = float(self.tokens_by_phase.sum() if phase is None else self.tokens_by_phase[phase])
         stall = self._sum(K.S_STALL, phase)
@@ -43,7 +44,7 @@ class SimResult:
             "hit_rate": _ratio(hit, acc),
             "streamed": int(self._sum(K.S_STREAM, phase)),
             "prefetch_issued": int(issued),
-            "prefetch_precision": _ratio(served, issued),
+            "prefetch_precision": _ratio(used, issued),
             "prefetch_recall": _ratio(served, served + acc - hit),
             "bytes_moved": int(self._sum(K.S_BYTES_DEMAND, phase) + self._sum(K.S_BYTES_PF, phase)),
             "tokens": int(tokens),
@@ -72,6 +73,7 @@ class SimResult:
                     continue
                 hit = float(self.stats[K.S_HIT, i, ph])
                 served = float(self.stats[K.S_PF_SERVED, i, ph])
+                used = float(self.stats[K.S_PF_USED, i, ph])
                 issued = float(self.stats[K.S_PF_ISSUED, i, ph])
                 rows.append(
                     {
@@ -79,7 +81,7 @@ class SimResult:
                         "phase": name,
                         "accesses": int(acc),
                         "hit_rate": hit / acc,
-                        "prefetch_precision": _ratio(served, issued),
+                        "prefetch_precision": _ratio(used, issued),
                         "prefetch_recall": _ratio(served, served + acc - hit),
                         "bytes_moved": int(
                             self.stats[K.S_BYTES_DEMAND, i, ph] + self.stats[K.S_BYTES_PF, i, ph]

@@ -1,0 +1,242 @@
+"""CLI commands of the tuner: analyze, simulate, tune."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def register(group: click.Group) -> None:
+    """Add the tuner's commands to the top-level group."""
+    # _add_analyze(group) is added here by the analyze helper.
+    _add_simulate(group)
+    _add_tune(group)
+
+
+# ------------------------------------------------------------------ simulate / tune
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if not pct else f"{100 * v:.1f}%"
+    return str(v)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        ("name", "configuration"),
+        ("hit_rate", "hit rate"),
+        ("stall_per_token_ms", "stall/token ms"),
+        ("tokens_per_s", "tokens/s"),
+        ("prefetch_precision", "pf precision"),
+        ("prefetch_recall", "pf recall"),
+        ("bytes_moved", "GB moved"),
+    ]
+    cells = []
+    for r in rows:
+        line = []
+        for key, _ in cols:
+            v = r.get(key)
+            if key == "bytes_moved" and v is not None:
+                v = f"{v / 1e9:.2f}"
+            elif key == "tokens_per_s" and v is not None:
+                v = f"{v:.1f}"
+            line.append(_fmt(v))
+        cells.append(line)
+    heads = [h for _, h in cols]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    out = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(heads, widths, strict=True))
+        )
+    ]
+    for c in cells:
+        out.append(
+            "  ".join(
+                x.ljust(w) if i == 0 else x.rjust(w)
+                for i, (x, w) in enumerate(zip(c, widths, strict=True))
+            )
+        )
+    return "\n".join(out)
+
+
+def _param(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[tuple[str, float], ...]:
+    out = []
+    for v in values:
+        key, sep, num = v.partition("=")
+        try:
+            out.append((key, float(num)))
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise click.BadParameter(f"expected NAME=NUMBER, got {v!r}")
+    return tuple(out)
+
+
+def _add_simulate(group: click.Group) -> None:
+    @group.command("simulate")
+    @click.argument("trace", type=click.Path(exists=True, file_okay=False))
+    @click.option(
+        "--plan", "plan", type=click.Path(exists=True, dir_okay=False), help="Plan file to replay."
+    )
+    @click.option(
+        "--policy",
+        help="Eviction policy name (lru, lfu, fifo, static, pinned_lru, freq_lru, belady...).",
+    )
+    @click.option(
+        "--param",
+        "params",
+        multiple=True,
+        callback=_param,
+        help="Policy parameter NAME=VALUE (repeatable).",
+    )
+    @click.option(
+        "--prefetch",
+        default="none",
+        show_default=True,
+        help="Prefetcher with --policy (none, transition, learned, activation_matrix, similar_request, speculative, oracle).",
+    )
+    @click.option(
+        "--fetch",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Experts prefetched per predicted layer (0: none; all for oracle/speculative).",
+    )
+    @click.option(
+        "--lookahead", type=int, default=1, show_default=True, help="Prefetch lookahead in layers."
+    )
+    @click.option("--cache", type=int, help="Slots per layer (with --policy).")
+    @click.option("--budget", help="Total budget: N%, bytes (4GiB) or slots (with --policy).")
+    @click.option(
+        "--layout", type=click.Choice(["uniform", "pool"]), default="uniform", show_default=True
+    )
+    @click.option("--hardware", help="Hardware profile name or JSON file (default pcie4-x16).")
+    @click.option(
+        "--order", type=click.Choice(["arrival", "forward"]), default="arrival", show_default=True
+    )
+    @click.option(
+        "--granularity",
+        type=click.Choice(["pass", "token"]),
+        default="pass",
+        show_default=True,
+        help="Replay whole forward passes (union of experts) or token by token.",
+    )
+    @click.option(
+        "--phase", type=click.Choice(["prefill", "decode"]), help="Replay only one phase."
+    )
+    @click.option("--bytes-per-expert", type=int, help="Override the manifest's bytes_per_expert.")
+    @click.option("--per-layer", is_flag=True, help="Also print per-layer, per-phase metrics.")
+    @click.option(
+        "--json", "json_out", type=click.Path(dir_okay=False), help="Write results as JSON here."
+    )
+    def simulate_cmd(trace: str, json_out: str | None, per_layer: bool, **kw: Any) -> None:
+        """Replay TRACE under a plan or a named policy; print hit rate, prefetch precision
+        and recall, bytes moved, stall per token and modeled tokens/s.
+
+        With --policy, policy tables (pins, frequencies, predictors) are fitted on TRACE
+        itself (in-sample); use `moetrace tune` for an honest tune/validation split.
+
+        \b
+        Example:
+          moetrace simulate out/llama4 --policy lru --cache 16
+          moetrace simulate out/llama4 --policy belady --cache 16 --prefetch oracle
+          moetrace simulate out/llama4 --plan plan.json --hardware pcie5-x16 --json sim.json
+        """
+        from moetrace.tuner.sim.trace import SimulateRequest, simulate_trace
+
+        plan, result = simulate_trace(trace, SimulateRequest(**kw))
+        s = result.summary()
+        click.echo(f"{result.label}: layout {plan.layout.kind}, {plan.layout.total_slots} slots")
+        click.echo(_table([{"name": result.label, **s}]))
+        if result.bytes_per_expert_assumed:
+            click.echo(
+                f"note: bytes_per_expert unknown, assumed {result.bytes_per_expert} (see --bytes-per-expert)"
+            )
+        if per_layer:
+            for r in result.per_layer():
+                click.echo(
+                    f"layer {r['layer']:>3} {r['phase']:<7} hit {r['hit_rate']:.4f} "
+                    f"pf-precision {_fmt(r['prefetch_precision'])} pf-recall {_fmt(r['prefetch_recall'])} "
+                    f"stall {r['stall_s']:.4f}s"
+                )
+        if json_out:
+            Path(json_out).write_text(
+                json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8"
+            )
+            click.echo(f"wrote {json_out}")
+
+
+def _add_tune(group: click.Group) -> None:
+    @group.command("tune")
+    @click.argument(
+        "traces", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)
+    )
+    @click.option(
+        "--budget",
+        required=True,
+        help="Device budget: N% of all experts, bytes (4GB, 4GiB) or slots.",
+    )
+    @click.option("--hardware", help="Hardware profile name or JSON file (default pcie4-x16).")
+    @click.option(
+        "--out", "out", required=True, type=click.Path(dir_okay=False), help="Plan file to write."
+    )
+    @click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seed of the request split."
+    )
+    @click.option(
+        "--validation-fraction",
+        type=float,
+        default=0.5,
+        show_default=True,
+        help="Share of requests held out for validation.",
+    )
+    @click.option(
+        "--order", type=click.Choice(["arrival", "forward"]), default="arrival", show_default=True
+    )
+    @click.option(
+        "--granularity", type=click.Choice(["pass", "token"]), default="pass", show_default=True
+    )
+    @click.option("--bytes-per-expert", type=int, help="Override the manifest's bytes_per_expert.")
+    def tune_cmd(traces: tuple[str, ...], out: str, **kw: Any) -> None:
+        """Tune an offloading plan on part of the requests of TRACES and report it against
+        LRU, LFU, MoE-Infinity-style prefetch and the Belady/oracle bounds on the rest.
+
+        \b
+        Example:
+          moetrace tune out/llama4 --budget 12.5% --out plan.json
+          moetrace tune out/ds --budget 24GiB --hardware pcie5-x16 --seed 1 --out plan.json
+        """
+        from moetrace.store.plan import save_plan
+        from moetrace.tuner.tune import TuneConfig, tune
+
+        result = tune(list(traces), TuneConfig(**kw))
+        save_plan(result.plan, out)
+        p = result.plan
+        pf = p.prefetch
+        click.echo(
+            f"chosen: {p.layout.kind} layout, {p.layout.total_slots} slots, eviction "
+            f"{p.eviction.policy} {dict(p.eviction.params)}, prefetch {pf.name}"
+            + (f" (fetch {pf.fetch}, lookahead {pf.lookahead})" if pf.name != "none" else "")
+        )
+        prov = p.provenance
+        click.echo(
+            f"validation on {len(prov.validation_requests)} held-out requests "
+            f"(tuned on {len(prov.tune_requests)}, seed {prov.seed}):"
+        )
+        click.echo(_table(result.validation))
+        gap = result.validation[1].get("gap_closed_vs_lru_belady")
+        if gap is not None:
+            click.echo(f"gap LRU->Belady closed without prefetch: {100 * gap:.1f}%")
+        ratio = result.validation[0].get("stall_vs_lru")
+        if ratio is not None:
+            click.echo(f"stall per token vs LRU on demand: {ratio:.2f}x")
+        click.echo(f"wrote {out} ({result.seconds:.1f}s)")
