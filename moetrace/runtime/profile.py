@@ -48,7 +48,7 @@ def _bandwidth(device: torch.device, nbytes: int, repeats: int) -> tuple[float, 
         for _ in range(repeats):
             _drop_cache(path)
             t0 = time.perf_counter()
-            mm = np.memmap(path, dtype=np.uint8, mode="r")
+            mm = np.memmap(path, dtype=np.uint8, mode="c")
             dst.copy_(torch.from_numpy(np.asarray(mm)))
             rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
             del mm

@@ -35,7 +35,9 @@ def test_runtime_matches_simulator(tmp_path, arch, layout, policy):
         layout=layout,
         eviction=EvictionConfig(policy),
     )
-    prompts = [torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9)]
+    prompts = [
+        torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 9)
+    ]
     with OffloadEngine.from_model(model, plan, log_accesses=True) as eng:
         with RoutingRecorder(model, tmp_path / "trace") as rec:
             for i, ids in enumerate(prompts):
