@@ -10,7 +10,7 @@ import pyarrow as pa
 from moetrace.errors import QueryError
 from moetrace.store.reader import Trace, open_trace
 
-_QUERY_START = re.compile(r"^\s*(select|with|from|values|table)\b", re.IGNORECASE)
+_QUERY_START = re.compile(r"^\s*(select|with|from|values)\b", re.IGNORECASE)
 
 
 def query_trace(
@@ -29,6 +29,9 @@ def query_trace(
         trace = open_trace(trace)
     text = query.strip().rstrip(";").strip()
     if limit is not None and _QUERY_START.match(text) and ";" not in text:
-        return trace.sql(f"SELECT * FROM ({text}) AS _q LIMIT {int(limit)}")
+        try:
+            return trace.sql(f"SELECT * FROM ({text}\n) AS _q LIMIT {int(limit)}")
+        except QueryError:
+            pass  # not wrappable after all: run it as written, for the user's own error
     table = trace.sql(query)
     return table if limit is None else table.slice(0, limit)

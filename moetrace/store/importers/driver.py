@@ -248,7 +248,10 @@ def import_trace(
     manifest = existing or Manifest(
         model=model,
         source=SourceInfo(
-            kind="imported", origin=importer.name, path=str(src_path), tool_version=__version__
+            kind="imported",
+            origin=importer.name,
+            path=str(src_path.resolve()),
+            tool_version=__version__,
         ),
     )
     counts = {"requests": 0, "prefill": 0, "decode": 0, "activations": 0, "forwards": 0}
