@@ -23,7 +23,8 @@ from torch.utils.hooks import RemovableHandle
 Sink = Callable[[torch.Tensor, torch.Tensor | None], None]
 """Receives ``(top_k_index (T, k), top_k_weights (T, k) or None)`` for one MoE layer."""
 
-_EXPERTS_PARAMS = ("top_k_index", "top_k_weights")
+_INDEX_NAMES = ("top_k_index", "router_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights")
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,11 @@ class RoutingAdapter:
 
     def expert_bytes(self, block: nn.Module, num_experts: int) -> int | None:
         """Bytes of one routed expert's weights, measured from the expert tensors."""
-        total = 0
-        for p in block.experts.parameters():
-            if p.dim() >= 1 and p.shape[0] == num_experts:
-                total += p.numel() // num_experts * p.element_size()
-        return total or None
+        params = list(block.experts.parameters())
+        stacked = [p for p in params if p.dim() >= 1 and p.shape[0] == num_experts]
+        # experts stored stacked (E, ...) or, like DBRX, flattened (E * rows, cols)
+        total = sum(p.numel() * p.element_size() for p in (stacked or params))
+        return total // num_experts or None
 
     def predict(self, site: Site, hidden: torch.Tensor) -> torch.Tensor:
         """Top-k expert ids this block's router picks for ``hidden`` (T, H)."""
@@ -102,30 +103,39 @@ class ExpertsInterfaceAdapter(RoutingAdapter):
     name = "experts-interface"
 
     def __init__(self) -> None:
-        self._sig_cache: dict[type, bool] = {}
+        self._sig_cache: dict[type, tuple[str, str] | None] = {}
 
-    def _is_experts(self, module: nn.Module) -> bool:
+    def _names(self, module: nn.Module) -> tuple[str, str] | None:
+        """(index, weights) parameter names when ``module`` has the experts interface."""
         cls = type(module)
-        hit = self._sig_cache.get(cls)
-        if hit is None:
+        if cls not in self._sig_cache:
             try:
                 params = list(inspect.signature(cls.forward).parameters)
             except (TypeError, ValueError):
                 params = []
-            hit = params[2:4] == list(_EXPERTS_PARAMS)
-            self._sig_cache[cls] = hit
-        return hit
+            hit = (
+                len(params) >= 4
+                and params[1] == "hidden_states"
+                and params[2] in _INDEX_NAMES
+                and params[3] in _WEIGHT_NAMES
+            )
+            self._sig_cache[cls] = (params[2], params[3]) if hit else None
+        return self._sig_cache[cls]
 
     def find(self, name: str, module: nn.Module) -> nn.Module | None:
-        for child_name, child in module.named_children():
-            if child_name == "experts" and self._is_experts(child):
-                return module
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.Module) and self._names(experts) is not None:
+            return module
         return None
 
     def attach(self, site: Site, sink: Sink) -> list[RemovableHandle]:
+        names = self._names(site.block.experts)
+        assert names is not None
+        index_name, weight_name = names
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            idx = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            w = args[2] if len(args) > 2 else kwargs.get("top_k_weights")
+            idx = args[1] if len(args) > 1 else kwargs[index_name]
+            w = args[2] if len(args) > 2 else kwargs.get(weight_name)
             sink(idx, w)
 
         return [site.block.experts.register_forward_pre_hook(hook, with_kwargs=True)]

@@ -55,9 +55,9 @@ class ModelLayout:
 
 
 def _layer_of(model: nn.Module, name: str) -> tuple[str, str, int]:
-    """(list path, owner path, index) of the ModuleList entry holding module ``name``."""
+    """(list path, owner path, index) of the outermost ModuleList entry holding ``name``."""
     parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
+    for i in range(1, len(parts)):
         if not parts[i].isdigit():
             continue
         list_path = ".".join(parts[:i])
