@@ -136,7 +136,6 @@ def test_pool_layout_and_per_layer_metrics() -> None:
     rows = b.per_layer()
     assert [r["layer"] for r in rows] == [0, 1, 2]
     assert all(0 <= r["hit_rate"] <= 1 for r in rows)
-    assert b.summary()["hit_rate"] != a.summary()["hit_rate"] or True  # both run
     assert b.summary()["hit_rate"] > 0.3
 
 
