@@ -269,7 +269,7 @@ class OffloadEngine:
         self._prefetched.discard(slot)
 
     def _check_budget(self) -> None:
-        resident = sum(1 for s in self.cache.slots if s is not None) * self.pool.bytes_per_slot
+        resident = len(self.cache.slot_of) * self.pool.bytes_per_slot
         if resident > self.pool.slot_bytes:
             raise RuntimeEngineError(
                 f"resident expert bytes {resident} exceed the slot budget {self.pool.slot_bytes}"
