@@ -129,7 +129,8 @@ def test_recorded_experts_match_router(arch: str, tmp_path) -> None:
         arch, tmp_path, eos, "check", seed
     )
     gen = _generated(new, eos)
-    print(f"{arch}: eos={eos} generated={gen}")
+    if not encdec:  # tiny seq2seq models echo one token for all requests: no early stop
+        assert choice is not None, new0.tolist()
     if choice is not None:  # a request stopped early at its EOS, another went on
         assert gen[choice[1]] < max(gen), gen
     prompt_lens = mask.sum(1).tolist()

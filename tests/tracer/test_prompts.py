@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from moetrace.errors import PromptsError
+from moetrace.tracer.prompts import load_prompts
+
+
+def test_jsonl_with_ids_tags_and_defaults(tmp_path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"id": "a", "prompt": "hello", "tags": {"domain": "math"}})
+        + "\n\n"
+        + json.dumps({"prompt": "bye"})
+        + "\n"
+    )
+    prompts = load_prompts(f)
+    assert [(p.id, p.text, dict(p.tags)) for p in prompts] == [
+        ("a", "hello", {"domain": "math"}),
+        ("p3", "bye", {}),
+    ]
+
+
+def test_plain_text_one_per_line(tmp_path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("first prompt\n\nsecond\n")
+    assert [(p.id, p.text) for p in load_prompts(f)] == [("p1", "first prompt"), ("p3", "second")]
+
+
+def test_parquet(tmp_path) -> None:
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["x", "y"], "prompt": ["one", "two"]}), f)
+    assert [(p.id, p.text) for p in load_prompts(f)] == [("x", "one"), ("y", "two")]
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"text": "no prompt field"}), "'prompt' must be a string"),
+        (json.dumps({"prompt": "x", "tags": [1]}), "'tags' must be an object"),
+        (json.dumps(["a list"]), "expected a JSON object"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path, line: str, needle: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"prompt": "ok"}) + "\n" + line + "\n")
+    with pytest.raises(PromptsError, match=needle) as info:
+        load_prompts(f)
+    assert f"{f}:2" in str(info.value)
+
+
+def test_duplicate_ids_and_missing_file(tmp_path) -> None:
+    f = tmp_path / "dup.jsonl"
+    f.write_text(
+        json.dumps({"id": "a", "prompt": "x"}) + "\n" + json.dumps({"id": "a", "prompt": "y"})
+    )
+    with pytest.raises(PromptsError, match="duplicate prompt id 'a'"):
+        load_prompts(f)
+    with pytest.raises(PromptsError, match="not found"):
+        load_prompts(tmp_path / "missing.jsonl")
