@@ -49,3 +49,7 @@ class AnalysisError(MoetraceError):
 
 class RuntimeEngineError(MoetraceError):
     """The offloading runtime cannot run as asked (budget, device, architecture)."""
+
+
+class DashboardError(MoetraceError):
+    """The dashboard server cannot start (port in use, Streamlit failed, not ready in time)."""

@@ -1,0 +1,37 @@
+"""Dashboard fixtures: a small planted trace, a second trace, two plans, runtime stats,
+an empty trace and broken inputs, written once per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dashkit import write_fixture
+
+from moetrace.store import Manifest, ModelInfo, TraceWriter
+
+
+@pytest.fixture(scope="session")
+def fixture_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("dashboard")
+    paths = write_fixture(out)
+    empty = out / "empty"
+    with TraceWriter(empty, Manifest(ModelInfo("empty-moe", 2, (0, 1), 4, 2)), threads=0):
+        pass
+    paths["empty"] = empty
+    broken = out / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json", encoding="utf-8")
+    paths["broken_trace"] = broken
+    bad_plan = out / "bad-plan.json"
+    bad_plan.write_text(
+        json.dumps({"format": "moetrace-plan", "format_version": 1}), encoding="utf-8"
+    )
+    paths["bad_plan"] = bad_plan
+    other = json.loads(paths["plan"].read_text(encoding="utf-8"))
+    other["routing"]["fingerprint"] = "config:0123456789abcdef"
+    foreign = out / "foreign-plan.json"
+    foreign.write_text(json.dumps(other), encoding="utf-8")
+    paths["foreign_plan"] = foreign
+    return paths
