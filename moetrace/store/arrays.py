@@ -86,8 +86,26 @@ def load_routing(
     con = connect(trace)
     req = con.sql("SELECT request_id FROM requests ORDER BY arrival, request_id").to_arrow_table()
     all_ids = req.column(0).to_pylist()
-    wanted = all_ids if requests is None else [r for r in all_ids if r in set(requests)]
-    con.register("_req_index", pa.table({"request_id": wanted, "rix": list(range(len(wanted)))}))
+    if requests is None:
+        wanted = all_ids
+    else:
+        subset = set(requests)
+        unknown = sorted(subset.difference(all_ids))
+        if unknown:
+            raise AnalysisError(
+                f"{trace.path}: request(s) {unknown[:5]} are not in the trace "
+                f"({len(all_ids)} requests)"
+            )
+        wanted = [r for r in all_ids if r in subset]
+    con.register(
+        "_req_index",
+        pa.table(
+            {
+                "request_id": pa.array(wanted, pa.string()),
+                "rix": pa.array(range(len(wanted)), pa.int32()),
+            }
+        ),
+    )
     con.register(
         "_layer_index",
         pa.table({"layer": list(m.model.moe_layers), "lix": list(range(len(m.model.moe_layers)))}),

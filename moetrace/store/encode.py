@@ -8,7 +8,7 @@ options chosen for format v1 (see docs/trace-format.md, "Physical encoding"):
   list column), weights ``w0..w{k-1}`` with BYTE_STREAM_SPLIT when float32 (floats
   compress better; DuckDB cannot read it for float16);
 * dictionary encoding only on ``request_id`` and ``phase`` (low cardinality); statistics
-  only on the key columns readers filter on;
+  only on the key columns readers filter on and on the expert ids;
 * zstd (level 1) compression.
 """
 
@@ -139,7 +139,8 @@ def activation_write_options(
         "row_group_size": max(part_rows, 1),
         "use_dictionary": ["request_id", "phase"],
         "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in split},
-        "write_statistics": list(KEY_COLUMNS),
+        # min/max of the small expert ids let DuckDB use its perfect-hash aggregate
+        "write_statistics": [*KEY_COLUMNS, *S.expert_columns(top_k)],
     }
 
 

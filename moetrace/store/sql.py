@@ -106,6 +106,59 @@ def connect(
     return con
 
 
+def coactivation_sql(top_k: int, source: str = "activations_raw") -> str:
+    """SQL counting same-token co-activations: ``layer, expert_a < expert_b, n``.
+
+    One row per (MoE layer id, unordered expert pair) chosen together for one token at that
+    layer; dropped slots (-1) are skipped. Each rank pair is aggregated on its own (small
+    integer keys, DuckDB's perfect-hash aggregate) before the pairs are merged.
+    """
+    pairs = [(i, j) for i in range(top_k) for j in range(i + 1, top_k)]
+    if not pairs:
+        return (
+            "SELECT NULL::SMALLINT AS layer, NULL::SMALLINT AS expert_a, "
+            "NULL::SMALLINT AS expert_b, NULL::BIGINT AS n WHERE false"
+        )
+    parts = " UNION ALL ".join(
+        f"SELECT layer, e{i} AS a, e{j} AS b, count(*) AS n FROM {source} "
+        f"WHERE e{i} >= 0 AND e{j} >= 0 GROUP BY ALL"
+        for i, j in pairs
+    )
+    return (
+        "SELECT layer, least(a, b) AS expert_a, greatest(a, b) AS expert_b, "
+        f"sum(n)::BIGINT AS n FROM ({parts}) GROUP BY ALL"
+    )
+
+
+def transitions_sql(top_k: int, source: str = "activations_raw") -> str:
+    """SQL counting layer transitions: ``layer, next_layer, expert, next_expert, n``.
+
+    For every token, each expert chosen at a MoE layer paired with each expert chosen at the
+    next MoE layer (by ``moe_layers.layer_index``), dropped slots skipped.
+    """
+    e_cols = ", ".join(f"e{i}" for i in range(top_k))
+    x_cols = ", ".join(f"x.e{i} AS x{i}" for i in range(top_k))
+    y_cols = ", ".join(f"y.e{i} AS y{i}" for i in range(top_k))
+    parts = " UNION ALL ".join(
+        f"SELECT layer, next_layer, x{i} AS expert, y{j} AS next_expert, count(*) AS n "
+        f"FROM j WHERE x{i} >= 0 AND y{j} >= 0 GROUP BY ALL"
+        for i in range(top_k)
+        for j in range(top_k)
+    )
+    return f"""
+        WITH a AS MATERIALIZED (
+            SELECT request_id, token, m.layer_index AS li, layer, {e_cols}
+            FROM {source} JOIN moe_layers m USING (layer)
+        ), j AS MATERIALIZED (
+            SELECT x.layer, y.layer AS next_layer, {x_cols}, {y_cols}
+            FROM a x JOIN a y
+              ON x.request_id = y.request_id AND x.token = y.token AND y.li = x.li + 1
+        )
+        SELECT layer, next_layer, expert, next_expert, sum(n)::BIGINT AS n
+        FROM ({parts}) GROUP BY ALL
+    """
+
+
 def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table:
     try:
         rel = con.sql(query)
