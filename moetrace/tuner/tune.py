@@ -23,7 +23,7 @@ from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import CacheLayout, PhaseOverride, Plan, PrefetchConfig, Provenance
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sim.engine import make_plan, simulate
-from moetrace.tuner.sim.layouts import pool_layout, skew_layout, uniform_layout
+from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
 from moetrace.tuner.sim.trace import LoadedTraces, events_for, load_traces, parse_budget
 
@@ -174,15 +174,22 @@ def tune(traces: Sequence[str | os.PathLike[str]], config: TuneConfig) -> TuneRe
     search = _Search(loaded, fit_ev, sel_ev, hw, bpe)
     none = PrefetchConfig()
 
-    uniform = uniform_layout(slots, L, E)
-    (policy, params), _ = _best(
-        EVICTION_GRID, lambda c: search.score(f"{c[0]} {c[1]}", uniform, c[0], dict(c[1]), none)
+    layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_ev), pool_layout(slots, L, E)]
+
+    def layout_name(lay: CacheLayout) -> str:
+        return f"{lay.kind} {list(lay.capacities[:4])}..."
+
+    layout, _ = _best(
+        layouts, lambda lay: search.score(f"lru {layout_name(lay)}", lay, "lru", {}, none)
     )
-    layouts = [uniform, skew_layout(slots, fit_ev), pool_layout(slots, L, E)]
+    (policy, params), _ = _best(
+        EVICTION_GRID[1:],
+        lambda c: search.score(f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none),
+    )
     layout, base_stall = _best(
         layouts,
         lambda lay: search.score(
-            f"{policy} {lay.kind} {lay.capacities[:4]}", lay, policy, dict(params), none
+            f"{policy} {params} {layout_name(lay)}", lay, policy, dict(params), none
         ),
     )
     prefetches = [

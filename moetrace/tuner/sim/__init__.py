@@ -7,13 +7,14 @@ from moetrace.tuner.sim.engine import (
     simulate,
     worst_case_bytes,
 )
-from moetrace.tuner.sim.layouts import pool_layout, skew_layout, uniform_layout
+from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, skew_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
 
 __all__ = [
     "DEFAULT_BYTES_PER_EXPERT",
     "SimResult",
     "make_plan",
+    "mrc_layout",
     "next_use_index",
     "pool_layout",
     "simulate",

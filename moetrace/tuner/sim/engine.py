@@ -63,7 +63,11 @@ def make_plan(
     """A plan for ``policy`` and ``prefetch`` with tables fitted on ``fit_events``
     (default ``events``)."""
     fit_on = fit_events if fit_events is not None else events
-    eviction: EvictionConfig = fit_eviction(policy, fit_on, layout.capacities, params)
+    caps = layout.capacities
+    if layout.kind == "pool":  # pins are sized on an even share of the pool
+        share = min(shape.num_experts, int(layout.total_slots) // shape.num_layers)
+        caps = tuple(max(c, share) for c in caps)
+    eviction: EvictionConfig = fit_eviction(policy, fit_on, caps, params)
     pf = prefetch or PrefetchConfig()
     pf = get_prefetcher(pf, shape.num_layers, shape.num_experts).fit(fit_on)
     slots = layout.total_slots

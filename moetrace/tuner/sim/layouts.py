@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from moetrace.errors import ConfigError
@@ -65,3 +66,51 @@ def pool_layout(
         raise ConfigError(f"pool min_fraction must be in [0, 1], got {min_fraction}")
     share = min(num_experts, int(slots * min_fraction) // num_layers)
     return CacheLayout("pool", tuple([share] * num_layers), pool_slots=slots)
+
+
+@numba.njit(cache=True)
+def _lru_hits_by_size(ev_layer, ev_ptr, ev_exp, L, E):
+    """Per layer, hits[l, c] = LRU hits of a cache of c slots (stack distances)."""
+    stack = np.full((L, E), -1, np.int64)
+    depth = np.zeros(L, np.int64)
+    hist = np.zeros((L, E + 1), np.int64)
+    for i in range(ev_layer.shape[0]):
+        lay = ev_layer[i]
+        for j in range(ev_ptr[i], ev_ptr[i + 1]):
+            e = ev_exp[j]
+            pos = -1
+            for d in range(depth[lay]):
+                if stack[lay, d] == e:
+                    pos = d
+                    break
+            if pos < 0:
+                pos = depth[lay]
+                depth[lay] += 1
+            else:
+                hist[lay, pos + 1] += 1  # a hit for any cache of more than pos slots
+            for d in range(pos, 0, -1):
+                stack[lay, d] = stack[lay, d - 1]
+            stack[lay, 0] = e
+    return np.cumsum(hist, axis=1)
+
+
+def mrc_layout(slots: int, events: Events) -> CacheLayout:
+    """Per-layer capacities that maximize total LRU hits on ``events``: greedy on the
+    per-layer hit-rate curves (from LRU stack distances), slot by slot."""
+    L, E = events.num_layers, events.num_experts
+    _check(slots, L, E)
+    hits = _lru_hits_by_size(
+        events.layer.astype(np.int64), events.ptr, events.experts.astype(np.int64), L, E
+    ).astype(np.float64)
+    caps = np.zeros(L, dtype=np.int64)
+    for _ in range(slots):
+        # marginal gain of one more slot; look two ahead so flat steps are not a wall
+        gain = np.full(L, -1.0)
+        for lay in range(L):
+            c = caps[lay]
+            if c < E:
+                gain[lay] = max(
+                    hits[lay, c + 1] - hits[lay, c], (hits[lay, min(E, c + 2)] - hits[lay, c]) / 2
+                )
+        caps[int(np.argmax(gain))] += 1
+    return CacheLayout("per_layer", tuple(int(c) for c in caps))
