@@ -136,3 +136,35 @@ def test_query_errors(trace_and_reqs) -> None:
     with pytest.raises(QueryError, match="SQL error"):
         trace.sql("SELEC 1")
     assert trace.sql("CREATE TEMP TABLE x AS SELECT 1 AS a").num_columns in (0, 1)
+
+
+DOC_TRANSITIONS = """
+WITH a AS (
+  SELECT request_id, token, m.layer_index AS li, layer, expert
+  FROM activations_long JOIN moe_layers m USING (layer)
+  WHERE expert >= 0
+)
+SELECT x.layer, y.layer AS next_layer, x.expert, y.expert AS next_expert, count(*) AS n
+FROM a x JOIN a y
+  ON x.request_id = y.request_id AND x.token = y.token AND y.li = x.li + 1
+GROUP BY ALL
+"""
+
+DOC_TOKENS = """
+SELECT r.request_id, r.prompt_tokens, r.generated_tokens,
+       count(*) / (SELECT num_moe_layers FROM manifest) AS recorded_tokens
+FROM activations a JOIN requests r USING (request_id)
+GROUP BY ALL ORDER BY any_value(r.arrival)
+"""
+
+
+def test_doc_queries_agree(trace_and_reqs) -> None:
+    trace, reqs = trace_and_reqs
+
+    def rows(sql: str) -> set[tuple]:
+        return {tuple(r.values()) for r in trace.sql(sql).to_pylist()}
+
+    assert rows(DOC_TRANSITIONS) == rows(transitions_sql(trace.top_k))
+    tokens = trace.sql(DOC_TOKENS).to_pylist()
+    assert [t["request_id"] for t in tokens] == [r.record.request_id for r in reqs]
+    assert all(t["recorded_tokens"] == 7 for t in tokens)
