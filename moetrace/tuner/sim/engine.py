@@ -36,7 +36,8 @@ def next_use_index(events: Events) -> tuple[np.ndarray, np.ndarray]:
     L, E = events.num_layers, events.num_experts
     ev_of = np.repeat(np.arange(events.num_events, dtype=np.int64), np.diff(events.ptr))
     codes = events.layer[ev_of].astype(np.int64) * E + events.experts
-    order = np.argsort(codes, kind="stable")
+    small = np.int16 if L * E < 2**15 else np.int32  # int16 sorts by radix: O(n)
+    order = np.argsort(codes.astype(small), kind="stable")
     occ_ptr = np.searchsorted(codes[order], np.arange(L * E + 1)).astype(np.int64)
     return occ_ptr, ev_of[order]
 
