@@ -5,6 +5,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moetrace.errors import PromptsError
 from moetrace.tracer.prompts import load_prompts
@@ -63,3 +65,24 @@ def test_duplicate_ids_and_missing_file(tmp_path) -> None:
         load_prompts(f)
     with pytest.raises(PromptsError, match="not found"):
         load_prompts(tmp_path / "missing.jsonl")
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_text.filter(bool), _text, st.dictionaries(_text, _text, max_size=3)),
+        min_size=1,
+        max_size=5,
+        unique_by=lambda t: t[0],
+    )
+)
+def test_jsonl_round_trip(tmp_path_factory, rows) -> None:
+    f = tmp_path_factory.mktemp("h") / "p.jsonl"
+    f.write_text(
+        "".join(json.dumps({"id": i, "prompt": p, "tags": t}) + "\n" for i, p, t in rows),
+        encoding="utf-8",
+    )
+    assert [(p.id, p.text, dict(p.tags)) for p in load_prompts(f)] == rows

@@ -192,3 +192,18 @@ def test_cli_record_resume_and_errors(model_dir, tmp_path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output
     help_text = runner.invoke(main, ["record", "--help"]).output
     assert "Example:" in help_text and "moetrace record --out" in help_text
+
+
+def test_defaults_to_demo_model_and_prompts(model_dir, tmp_path, monkeypatch) -> None:
+    from moetrace.tracer import demo
+
+    prompts = write_prompts(tmp_path / "demo.jsonl", 2)
+    monkeypatch.setattr(demo, "demo_model_path", lambda: model_dir)
+    monkeypatch.setattr(demo, "demo_prompts_path", lambda: prompts)
+    res = CliRunner().invoke(
+        main, ["record", "--out", str(tmp_path / "t"), "--max-new-tokens", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    trace = open_trace(tmp_path / "t")
+    assert sorted(r["request_id"] for r in trace.requests().to_pylist()) == ["q0", "q1"]
+    assert trace.manifest.model.architecture == "olmoe"

@@ -1,0 +1,174 @@
+"""Tracer overhead: generate() tokens/s with tracing off vs on (and speculative), interleaved.
+
+Runs off, on, on+speculative, off, on, ... (``--reps`` rounds) for batch sizes 1 and 8, on
+the demo model (when shipped) and on a mid-size random config (qwen3_moe, hidden 1024,
+8 layers, 32 experts, top-4). Greedy decoding with a fixed number of new tokens, so every
+run does the same work. Prints a summary and writes JSON (config, versions, medians,
+spread, raw samples).
+
+    python benchmarks/tracer_overhead.py --out benchmarks/results/tracer_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+import moetrace
+from moetrace.store.writer import TraceWriter
+from moetrace.tracer.recorder import RoutingRecorder, manifest_for
+
+MODES = ("off", "on", "speculative")
+
+
+def mid_size_model() -> Any:
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=8192,
+        hidden_size=1024,
+        intermediate_size=2048,
+        moe_intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        num_experts=32,
+        num_experts_per_tok=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+def demo_model() -> Any | None:
+    try:
+        from moetrace.tracer import demo
+
+        model, _ = demo.load_demo_model()
+        return model.eval()
+    except Exception as exc:  # the demo model may not be shipped yet
+        print(f"demo model skipped: {type(exc).__name__}: {exc}")
+        return None
+
+
+def one_run(
+    model: Any, ids: torch.Tensor, new_tokens: int, rec: RoutingRecorder | None, tag: str
+) -> float:
+    kwargs = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    mask = torch.ones_like(ids)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if rec is None:
+            model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            rec.generate([f"{tag}-{i}" for i in range(ids.shape[0])], ids, mask, **kwargs)
+    seconds = time.perf_counter() - t0
+    return ids.shape[0] * new_tokens / seconds
+
+
+def bench_model(name: str, model: Any, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    vocab = model.config.vocab_size
+    for batch in args.batch_sizes:
+        gen = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, vocab, (batch, args.prompt_len), generator=gen)
+        writers = {
+            m: TraceWriter(
+                tmp / f"{name}-b{batch}-{m}", manifest_for(model, speculative=m == "speculative")
+            )
+            for m in MODES[1:]
+        }
+        one_run(model, ids, 2, None, "warm")  # warm-up
+        samples: dict[str, list[float]] = {m: [] for m in MODES}
+        for rep in range(args.reps):
+            for mode in MODES:
+                if mode == "off":
+                    samples[mode].append(one_run(model, ids, args.new_tokens, None, ""))
+                    continue
+                with RoutingRecorder(
+                    model, writers[mode], speculative=mode == "speculative"
+                ) as rec:
+                    samples[mode].append(one_run(model, ids, args.new_tokens, rec, f"r{rep}"))
+        for w in writers.values():
+            w.close()
+        med = {m: statistics.median(v) for m, v in samples.items()}
+        # per-round paired overhead (on vs the off run of the same round)
+        paired = {
+            m: [1 - on / off for on, off in zip(samples[m], samples["off"], strict=True)]
+            for m in MODES[1:]
+        }
+        out[f"batch{batch}"] = {
+            "tokens_per_s_median": med,
+            "tokens_per_s_raw": samples,
+            "overhead_median": {m: 1 - med[m] / med["off"] for m in MODES[1:]},
+            "overhead_paired_median": {m: statistics.median(v) for m, v in paired.items()},
+            "overhead_paired_iqr": {
+                m: [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
+                for m, v in paired.items()
+            },
+        }
+        r = out[f"batch{batch}"]
+        print(
+            f"{name:10s} batch {batch}: off {med['off']:.1f} tok/s, "
+            f"on {med['on']:.1f} ({100 * r['overhead_paired_median']['on']:+.2f}% "
+            f"IQR {100 * r['overhead_paired_iqr']['on'][0]:+.2f}..{100 * r['overhead_paired_iqr']['on'][1]:+.2f}), "
+            f"speculative {med['speculative']:.1f} "
+            f"({100 * r['overhead_paired_median']['speculative']:+.2f}%)"
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/tracer_overhead.json")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=["demo", "mid"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "config": vars(args),
+        "versions": {
+            "moetrace": moetrace.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = demo_model() if name == "demo" else mid_size_model()
+            if model is None:
+                results["models"][name] = {"skipped": "demo model not available"}
+                continue
+            results["models"][name] = bench_model(name, model, args, Path(tmp))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
