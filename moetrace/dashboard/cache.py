@@ -1,22 +1,28 @@
 """Streamlit caches over the data layer, keyed on trace path + mtime stamp (and options).
 
-Cached values are small (layers x experts matrices, curves, tables); raw activation rows
-never leave DuckDB/numpy and never reach the browser.
+Data modules are imported inside each function: a page whose mining functions are
+missing or broken shows "not available" (see :func:`context.run_page`) while the other
+pages keep working. Cached values are small (layers x experts matrices, curves, tables):
+raw activation rows never leave DuckDB/numpy and never reach the browser.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import streamlit as st
 
-from moetrace.dashboard.data import experts as X
-from moetrace.dashboard.data import groups as G
-from moetrace.dashboard.data import overview as O
-from moetrace.dashboard.data import plans as P
-from moetrace.dashboard.data import requests as Q
-from moetrace.dashboard.data import reuse as R
 from moetrace.dashboard.data.common import reopen
 from moetrace.store.reader import Trace, open_trace
+
+if TYPE_CHECKING:
+    from moetrace.dashboard.data import experts as X
+    from moetrace.dashboard.data import groups as G
+    from moetrace.dashboard.data import overview as O
+    from moetrace.dashboard.data import plans as P
+    from moetrace.dashboard.data import requests as Q
+    from moetrace.dashboard.data import reuse as R
 
 Stamp = tuple[float, ...]
 
@@ -29,16 +35,22 @@ def trace(path: str, stamp: Stamp) -> Trace:
 
 @st.cache_data(show_spinner="Summarizing the trace...", max_entries=32)
 def overview(path: str, stamp: Stamp) -> O.Overview:
+    from moetrace.dashboard.data import overview as O
+
     return O.overview(reopen(path))
 
 
 @st.cache_data(show_spinner="Running moetrace analyze for the verdict...", max_entries=16)
 def verdict(path: str, stamp: Stamp, phase: str) -> O.VerdictView:
+    from moetrace.dashboard.data import overview as O
+
     return O.verdict(reopen(path), phase)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def tag_values(path: str, stamp: Stamp) -> dict[str, tuple[str, ...]]:
+    from moetrace.dashboard.data import experts as X
+
     return X.tag_values(reopen(path))
 
 
@@ -46,36 +58,50 @@ def tag_values(path: str, stamp: Stamp) -> dict[str, tuple[str, ...]]:
 def expert_counts(
     path: str, stamp: Stamp, phase: str, tag: tuple[str, str] | None = None
 ) -> X.ExpertCounts:
+    from moetrace.dashboard.data import experts as X
+
     return X.expert_counts(reopen(path), phase, tag)
 
 
 @st.cache_data(show_spinner="Replaying the layer's accesses (LRU, LFU, Belady)...", max_entries=64)
 def layer_reuse(path: str, stamp: Stamp, layer_index: int, phase: str) -> R.LayerReuse:
+    from moetrace.dashboard.data import reuse as R
+
     return R.layer_reuse(reopen(path), layer_index, phase)
 
 
 @st.cache_data(show_spinner="Counting co-activated pairs...", max_entries=16)
 def pair_counts(path: str, stamp: Stamp, phase: str) -> np.ndarray:
+    from moetrace.dashboard.data import groups as G
+
     return G.all_pair_counts(reopen(path), phase)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def coactivation(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.CoActivation:
+    from moetrace.dashboard.data import groups as G
+
     return G.coactivation(reopen(path), layer_index, phase, pair_counts(path, stamp, phase))
 
 
 @st.cache_data(show_spinner="Fitting the layer transition table...", max_entries=64)
 def transitions(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.Transitions:
+    from moetrace.dashboard.data import groups as G
+
     return G.transitions(reopen(path), layer_index, phase)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def request_table(path: str, stamp: Stamp) -> list[dict[str, object]]:
+    from moetrace.dashboard.data import requests as Q
+
     return Q.request_table(reopen(path))
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def request_matrix(path: str, stamp: Stamp, request_id: str) -> np.ndarray:
+    from moetrace.dashboard.data import requests as Q
+
     return Q.request_matrix(reopen(path), request_id)
 
 
@@ -83,11 +109,15 @@ def request_matrix(path: str, stamp: Stamp, request_id: str) -> np.ndarray:
 def token_routing(
     path: str, stamp: Stamp, request_id: str, layer_index: int
 ) -> list[dict[str, object]]:
+    from moetrace.dashboard.data import requests as Q
+
     return Q.token_routing(reopen(path), request_id, layer_index)
 
 
 @st.cache_data(show_spinner="Projecting requests (PCA) and clustering them...", max_entries=16)
 def projection(path: str, stamp: Stamp) -> Q.Projection:
+    from moetrace.dashboard.data import requests as Q
+
     return Q.projection(reopen(path))
 
 
@@ -95,9 +125,13 @@ def projection(path: str, stamp: Stamp) -> Q.Projection:
 def plans(
     paths: tuple[str, ...], mtimes: tuple[float, ...], trace_path: str, stamp: Stamp
 ) -> tuple[P.LoadedPlan, ...]:
+    from moetrace.dashboard.data import plans as P
+
     return P.load_plans(paths, trace(trace_path, stamp).manifest)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def runtime_stats(paths: tuple[str, ...], mtimes: tuple[float, ...]) -> tuple[P.LoadedStats, ...]:
+    from moetrace.dashboard.data import plans as P
+
     return P.load_stats(paths)

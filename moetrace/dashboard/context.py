@@ -85,12 +85,15 @@ def page_context(*, need_rows: bool = True) -> PageContext:
 
 
 def run_page(render: Callable[[PageContext], None], *, need_rows: bool = True) -> None:
-    """Build the context and render a page; a MoetraceError becomes an st.error."""
+    """Build the context and render a page; a MoetraceError becomes an st.error, a
+    missing tuner function a "not available" warning."""
     ctx = page_context(need_rows=need_rows)
     try:
         render(ctx)
     except MoetraceError as exc:
         st.error(str(exc))
+    except ImportError as exc:  # a tuner piece this page uses is missing or changed
+        st.warning(f"Not available in this installation: {exc}")
 
 
 def layer_select(ctx: PageContext, label: str, key: str, *, upto: int | None = None) -> int:

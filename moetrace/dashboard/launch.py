@@ -43,6 +43,7 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
         try:
             s.bind((host, port))
         except OSError:

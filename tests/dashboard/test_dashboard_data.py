@@ -20,8 +20,7 @@ from moetrace.dashboard.data.common import stamp
 from moetrace.dashboard.inputs import ENV_VAR, DashboardInputs, current_inputs, parse_argv
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store import RequestRecord, TraceWriter, open_trace
-from moetrace.tuner.mining.mrc import brute_force_lru_hits
-from moetrace.tuner.mining.replacement import belady_hits
+from moetrace.tuner.mining.replacement import belady_hits, lfu_hits
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +63,35 @@ def test_expert_counts_by_phase_and_tag(trace) -> None:  # type: ignore[no-untyp
         X.expert_counts(trace, "all", ("topic", "nope"))
 
 
-def test_layer_reuse_matches_brute_force(trace) -> None:  # type: ignore[no-untyped-def]
-    experts, _ = R.layer_stream(trace, 1)
+def _token_set_lru(experts: np.ndarray, row: np.ndarray, capacity: int) -> int:
+    """Reference LRU under token-set accesses: a token's experts are looked up together,
+    then all move to the front (rank 0 first); evict from the back, never the token's own."""
+    cache: list[int] = []
+    hits = 0
+    for t in np.unique(row):
+        tok = [int(e) for e in experts[row == t]]
+        hits += sum(e in cache for e in tok)
+        cache = tok + [e for e in cache if e not in tok]
+        del cache[max(capacity, len(tok)) :]
+    return hits
+
+
+def test_layer_reuse_matches_reference(trace) -> None:  # type: ignore[no-untyped-def]
+    experts, row = R.layer_stream(trace, 1)
     lr = R.layer_reuse(trace, 1)
-    assert lr.layer == MOE_LAYERS[1] and lr.accesses == experts.size
-    for c in (1, 3, NUM_EXPERTS):
-        assert lr.lru[c - 1] == pytest.approx(brute_force_lru_hits(experts, c) / experts.size)
+    n = experts.size
+    assert lr.layer == MOE_LAYERS[1] and lr.accesses == n
+    assert n == sum(6 + r % 4 + 5 + r % 3 for r in range(12)) * TOP_K  # no dropped slots
+    for c in (TOP_K, 3, NUM_EXPERTS):
+        assert lr.lru[c - 1] == pytest.approx(_token_set_lru(experts, row, c) / n)
+    assert lr.sizes[0] == TOP_K and lr.sizes[-1] == NUM_EXPERTS
     for i, c in enumerate(lr.sizes):
-        assert lr.belady[i] == pytest.approx(belady_hits(experts, NUM_EXPERTS, c) / experts.size)
-        assert lr.belady[i] >= lr.lru[c - 1] - 1e-12
+        assert lr.belady[i] == pytest.approx(belady_hits(experts, row, NUM_EXPERTS, c) / n)
+        assert lr.lfu[i] == pytest.approx(lfu_hits(experts, row, NUM_EXPERTS, c) / n)
+        assert lr.belady[i] >= max(lr.lru[c - 1], lr.lfu[i]) - 1e-12
     assert lr.cold == NUM_EXPERTS  # every expert is used at this layer
     assert lr.stack_hist.sum() + lr.cold == lr.accesses
+    assert lr.lru[-1] == pytest.approx(1 - NUM_EXPERTS / n)
 
 
 def test_lorenz_and_gini() -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from moetrace.errors import AnalysisError
 from moetrace.store import schema as S
+from moetrace.store.arrays import Routing
 from moetrace.store.reader import Trace, open_trace
 from moetrace.store.sql import connect, run_query
 
@@ -73,4 +76,48 @@ def unpivot_sql(top_k: int, where: str = "TRUE", extra: str = "") -> str:
     return " UNION ALL ".join(
         f"SELECT {extra}layer, e{i} AS e FROM activations_raw WHERE e{i} >= 0 AND ({where})"
         for i in range(top_k)
+    )
+
+
+def routing_for_layers(trace: Trace, layer_indices: Sequence[int], phase: str = "all") -> Routing:
+    """A :class:`Routing` of some MoE layers only (renumbered 0..n-1), in arrival order.
+
+    The same row order as :func:`moetrace.store.arrays.load_routing`, without loading the
+    other layers, so the mining functions can run on one layer or a pair of layers.
+    """
+    m = trace.manifest
+    k = m.top_k
+    ids = [layer_id(trace, i) for i in layer_indices]
+    case = " ".join(f"WHEN {lid} THEN {n}" for n, lid in enumerate(ids))
+    cols = ", ".join(f"x.e{i}" for i in range(k))
+    tbl = query(
+        trace,
+        f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
+                       AS rix FROM requests)
+            SELECT r.rix::INTEGER AS rix, x.token, x.step, (x.phase = 'decode')::TINYINT AS ph,
+                   x.forward, (CASE x.layer {case} END)::SMALLINT AS lix, {cols}
+            FROM activations_raw x JOIN r USING (request_id)
+            WHERE x.layer IN ({", ".join(map(str, ids))}){phase_where(phase, "x.")}
+            ORDER BY r.rix, x.step, x.token, lix""",
+    )
+    req = query(trace, "SELECT request_id FROM requests ORDER BY arrival, request_id")
+    experts = np.empty((tbl.num_rows, k), np.int16)
+    for i in range(k):
+        experts[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)
+
+    def col(name: str, dtype: type) -> np.ndarray:
+        return tbl.column(name).to_numpy().astype(dtype)
+
+    return Routing(
+        request_ids=tuple(req.column(0).to_pylist()),
+        moe_layers=tuple(ids),
+        num_experts=m.model.num_experts,
+        top_k=k,
+        request=col("rix", np.int32),
+        token=col("token", np.int32),
+        step=col("step", np.int32),
+        phase=col("ph", np.int8),
+        forward=col("forward", np.int64),
+        layer=col("lix", np.int16),
+        experts=experts,
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.dashboard.data.common import layer_id, phase_arg, phase_where, query, reopen
+from moetrace.dashboard.data.common import layer_id, phase_arg, reopen, routing_for_layers
 from moetrace.dashboard.data.experts import expert_counts
 from moetrace.errors import AnalysisError
 from moetrace.store.arrays import Routing
@@ -77,47 +77,14 @@ def coactivation(
 
 def pair_routing(trace: Trace, layer_index: int, phase: str = "all") -> Routing:
     """A two-layer :class:`Routing` (MoE-layer indices l and l+1) in arrival order."""
-    m = trace.manifest
-    L, k = len(m.model.moe_layers), m.top_k
+    L = len(trace.manifest.model.moe_layers)
     if not 0 <= layer_index < L - 1:
         raise AnalysisError(
             f"a transition starts at MoE-layer index 0..{L - 2}, got {layer_index}"
             if L > 1
             else f"{trace.path}: one MoE layer only, there are no transitions"
         )
-    a, b = layer_id(trace, layer_index), layer_id(trace, layer_index + 1)
-    cols = ", ".join(f"x.e{i}" for i in range(k))
-    tbl = query(
-        trace,
-        f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
-                       AS rix FROM requests)
-            SELECT r.rix::INTEGER AS rix, x.token, x.step, (x.phase = 'decode')::TINYINT AS ph,
-                   x.forward, (x.layer = {b})::SMALLINT AS lix, {cols}
-            FROM activations_raw x JOIN r USING (request_id)
-            WHERE x.layer IN ({a}, {b}){phase_where(phase, "x.")}
-            ORDER BY r.rix, x.step, x.token, lix""",
-    )
-    ids = query(trace, "SELECT request_id FROM requests ORDER BY arrival, request_id")
-    experts = np.empty((tbl.num_rows, k), np.int16)
-    for i in range(k):
-        experts[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)
-
-    def col(name: str, dtype: type) -> np.ndarray:
-        return tbl.column(name).to_numpy().astype(dtype)
-
-    return Routing(
-        request_ids=tuple(ids.column(0).to_pylist()),
-        moe_layers=(a, b),
-        num_experts=m.model.num_experts,
-        top_k=k,
-        request=col("rix", np.int32),
-        token=col("token", np.int32),
-        step=col("step", np.int32),
-        phase=col("ph", np.int8),
-        forward=col("forward", np.int64),
-        layer=col("lix", np.int16),
-        experts=experts,
-    )
+    return routing_for_layers(trace, (layer_index, layer_index + 1), phase)
 
 
 @dataclass(frozen=True)

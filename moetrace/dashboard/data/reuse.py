@@ -1,9 +1,8 @@
 """Skew (Lorenz curves, Gini) and reuse of one MoE layer: reuse distances and miss-ratio
 curves for LRU (exact, every size), LFU and Belady-MIN (at a grid of sizes).
 
-The access stream follows ``moetrace analyze`` (:mod:`moetrace.tuner.mining.streams`):
-the layer's rows in arrival order, a token's k experts as k accesses in rank order.
-Only that layer's expert columns are read, sorted by DuckDB.
+The access stream is ``moetrace analyze``'s (:mod:`moetrace.tuner.mining.streams`, token-set
+accesses), built from that layer's rows only, sorted by DuckDB.
 """
 
 from __future__ import annotations
@@ -12,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.dashboard.data.common import layer_id, phase_where, query
+from moetrace.dashboard.data.common import layer_id, routing_for_layers
 from moetrace.errors import AnalysisError
 from moetrace.store.reader import Trace
 from moetrace.tuner.mining.frequency import gini
 from moetrace.tuner.mining.mrc import lru_hit_curve
-from moetrace.tuner.mining.replacement import BeladyStream, lfu_hits
+from moetrace.tuner.mining.replacement import TokenStream
 from moetrace.tuner.mining.reuse import TOKEN_BINS, stack_distances, summarize
+from moetrace.tuner.mining.streams import layer_stream as mining_layer_stream
 
 POLICY_POINTS = 12
 """Cache sizes at which LFU and Belady are simulated (LRU is exact at every size)."""
@@ -42,28 +42,18 @@ def gini_per_layer(counts: np.ndarray) -> np.ndarray:
 def layer_stream(
     trace: Trace, layer_index: int, phase: str = "all"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(experts int16, token ordinal int64) of one MoE layer's accesses, in replay order."""
-    k = trace.top_k
-    lid = layer_id(trace, layer_index)
-    cols = ", ".join(f"a.e{i}" for i in range(k))
-    tbl = query(
-        trace,
-        f"""SELECT {cols} FROM activations_raw a JOIN requests r USING (request_id)
-            WHERE a.layer = {lid}{phase_where(phase, "a.")}
-            ORDER BY r.arrival, r.request_id, a.step, a.token""",
+    """(experts int16, token ordinal int64) of one MoE layer's accesses, in replay order
+    (built by :func:`moetrace.tuner.mining.streams.layer_stream`, as analyze does)."""
+    st = mining_layer_stream(routing_for_layers(trace, (layer_index,), phase), 0)
+    return st.experts, st.row
+
+
+def policy_sizes(num_experts: int, top_k: int, points: int = POLICY_POINTS) -> tuple[int, ...]:
+    """About ``points`` cache sizes spread over k..E (token-set simulations need >= k)."""
+    lo = min(top_k, num_experts)
+    grid = np.unique(
+        np.round(np.linspace(lo, num_experts, min(points, num_experts - lo + 1))).astype(int)
     )
-    ex = np.empty((tbl.num_rows, k), np.int16)
-    for i in range(k):
-        ex[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)
-    flat = ex.reshape(-1)
-    pos = np.repeat(np.arange(ex.shape[0], dtype=np.int64), k)
-    keep = flat >= 0
-    return np.ascontiguousarray(flat[keep]), np.ascontiguousarray(pos[keep])
-
-
-def policy_sizes(num_experts: int, points: int = POLICY_POINTS) -> tuple[int, ...]:
-    """About ``points`` cache sizes spread over 1..E (always including 1 and E)."""
-    grid = np.unique(np.round(np.linspace(1, num_experts, min(points, num_experts))).astype(int))
     return tuple(int(x) for x in grid)
 
 
@@ -97,13 +87,13 @@ class LayerReuse:
 
 
 def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReuse:
-    E = trace.manifest.model.num_experts
+    E, k = trace.manifest.model.num_experts, trace.top_k
     experts, row = layer_stream(trace, layer_index, phase)
     n = int(experts.shape[0])
     tokens = int(row[-1] + 1) if n else 0
     if n == 0:
         zeros = np.zeros(E, np.int64)
-        sizes = policy_sizes(E)
+        sizes = policy_sizes(E, k)
         return LayerReuse(
             layer=layer_id(trace, layer_index),
             accesses=0,
@@ -118,8 +108,8 @@ def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReus
         )
     sd, td = stack_distances(experts, row, E)
     summ = summarize(sd, td, E)
-    sizes = policy_sizes(E)
-    bs = BeladyStream(experts, E)
+    sizes = policy_sizes(E, k)
+    ts = TokenStream(experts, row, E)
     return LayerReuse(
         layer=layer_id(trace, layer_index),
         accesses=n,
@@ -129,6 +119,6 @@ def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReus
         token_hist=summ.token_hist,
         lru=lru_hit_curve(summ.stack_hist, n),
         sizes=sizes,
-        lfu=np.array([lfu_hits(experts, E, c) / n for c in sizes]),
-        belady=np.array([bs.hits(c) / n for c in sizes]),
+        lfu=np.array([ts.lfu_hits(c) / n for c in sizes]),
+        belady=np.array([ts.belady_hits(c) / n for c in sizes]),
     )

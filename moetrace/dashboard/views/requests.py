@@ -8,7 +8,6 @@ import streamlit as st
 
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
-from moetrace.dashboard.data.requests import MAX_TOKENS_SHOWN
 from moetrace.errors import MoetraceError
 
 
@@ -46,6 +45,8 @@ def _one_request(ctx: PageContext, table: list[dict[str, object]]) -> None:
         ),
         width="stretch",
     )
+    from moetrace.dashboard.data.requests import MAX_TOKENS_SHOWN
+
     st.caption(f"First {MAX_TOKENS_SHOWN} tokens at most.")
 
 

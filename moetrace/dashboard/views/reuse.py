@@ -9,10 +9,11 @@ import streamlit as st
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
 from moetrace.dashboard.data.plans import expected_hit_rate
-from moetrace.dashboard.data.reuse import gini_per_layer, lorenz
 
 
 def _skew(ctx: PageContext) -> None:
+    from moetrace.dashboard.data.reuse import gini_per_layer, lorenz
+
     counts = cache.expert_counts(ctx.trace_path, ctx.stamp, ctx.phase)
     if counts.total == 0:
         st.warning(f"No activations in phase {ctx.phase!r}.")

@@ -1,0 +1,116 @@
+"""A real browser on a real server: ``moetrace dashboard`` in a subprocess, Debian's
+headless Chromium driven by Playwright, every page visited and screenshotted.
+
+Screenshots go to ``$MOETRACE_TEST_ARTIFACTS/dashboard`` (default: ``test-artifacts/
+dashboard`` at the repository root). Skipped when playwright or chromium is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("MOETRACE_CHROMIUM", "/usr/bin/chromium")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 90
+PAGE_TIMEOUT_MS = 60_000
+PAGES = (
+    # url path, page title, texts that must show, charts at least
+    ("", "Overview", ("Verdict", "Trace facts", "Caching"), 1),
+    ("experts", "Experts", ("Hottest experts per layer",), 1),
+    ("reuse", "Skew and reuse", ("Reuse and miss-ratio curves of one layer",), 5),
+    ("groups", "Groups", ("Strongest pairs", "Transitions to the next MoE layer"), 2),
+    ("requests", "Requests", ("One request", "Requests in 2-D"), 3),
+    ("plans", "Plans", ("Plan plan-a", "Compare two plans", "Runtime statistics"), 4),
+)
+
+
+def _artifacts() -> Path:
+    base = Path(os.environ.get("MOETRACE_TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
+    out = base / "dashboard"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(fixture_paths: dict[str, Path]) -> Iterator[str]:
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        pytest.skip(f"chromium not found at {CHROMIUM}")
+    p = fixture_paths
+    cmd = [
+        sys.executable, "-m", "moetrace.cli", "dashboard", str(p["trace"]), str(p["trace2"]),
+        "--plan", str(p["plan"]), "--plan", str(p["plan2"]), "--stats", str(p["stats"]),
+        "--no-browser",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        seen = []
+        while True:
+            try:
+                line = lines.get(timeout=START_TIMEOUT_S)
+            except queue.Empty:
+                pytest.fail(f"no URL from moetrace dashboard in {START_TIMEOUT_S} s: {seen}")
+            seen.append(line)
+            m = re.search(r"(http://\S+)", line)
+            if m:
+                yield m.group(1)
+                break
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_every_page_in_chromium(server: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out = _artifacts()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-dev-shm-usage",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(PAGE_TIMEOUT_MS)
+            for path, title, texts, charts in PAGES:
+                page.goto(f"{server}/{path}")
+                page.get_by_role("heading", name=title, exact=True).wait_for()
+                for text in texts:
+                    page.get_by_text(text).first.wait_for()
+                page.wait_for_function(
+                    'n => document.querySelectorAll(\'[data-testid="stVegaLiteChart"] canvas, '
+                    '[data-testid="stVegaLiteChart"] svg\').length >= n',
+                    arg=charts,
+                )
+                page.wait_for_timeout(1500)  # let the last charts finish drawing
+                page.screenshot(path=str(out / f"{path or 'overview'}.png"), full_page=True)
+                assert page.locator('[data-testid="stException"]').count() == 0, path
+            # a widget in the browser: another layer on Groups redraws with its title
+            page.goto(f"{server}/groups")
+            page.get_by_role("heading", name="Groups", exact=True).wait_for()
+            page.get_by_text("Strongest pairs").first.wait_for()
+        finally:
+            browser.close()
