@@ -133,3 +133,28 @@ def test_pool_min_share_is_respected() -> None:
     c.access(1, [1])  # pool full: 3 slots
     loads = c.access(1, [2])  # layer 0 holds only its minimum share: layer 1 evicts its own
     assert loads == [(2, (1, 0))]
+
+
+@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "pinned_lru", "freq_lru"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
+    """The runtime's ExpertCache and the simulator's kernel make the same decisions."""
+    from moetrace.tuner.policy import build_events
+    from tests.tuner.simhelpers import random_tokens, routing
+
+    rng = np.random.default_rng(11)
+    tokens = random_tokens(rng, 150, 3, 10, 2)
+    ev = build_events(routing(tokens, 10))
+    plan = plan_for(ev, policy, 3)
+    if pool:
+        from dataclasses import replace
+
+        plan = replace(plan, layout=CacheLayout("pool", (1, 1, 1), pool_slots=9))
+    sim = simulate(ev, plan, HW).summary()
+    c = ExpertCache(plan.layout, eviction_spec(plan.eviction, 3, 10), 10)
+    hits = 0
+    for t in tokens:
+        for layer, experts in enumerate(t):
+            need = sorted(set(int(e) for e in experts))
+            hits += len(need) - len(c.access(layer, need))
+    assert hits == round(sim["accesses"] * sim["hit_rate"])
