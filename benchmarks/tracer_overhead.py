@@ -31,6 +31,38 @@ from moetrace.tracer.recorder import RoutingRecorder, manifest_for
 MODES = ("off", "on", "speculative")
 
 
+class TimedRecorder(RoutingRecorder):
+    """A RoutingRecorder that sums the wall time spent inside its own hooks."""
+
+    hook_seconds = 0.0
+
+    def _timed(self, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.hook_seconds += time.perf_counter() - t0
+
+        return wrapper
+
+    def _stack_pre(self, si: int, stack: Any) -> Any:
+        return self._timed(super()._stack_pre(si, stack))
+
+    def _sink(self, local: int) -> Any:
+        return self._timed(super()._sink(local))
+
+    def _spec_hook(self, local: int, nxt: Any, next_layer: Any) -> Any:
+        return self._timed(super()._spec_hook(local, nxt, next_layer))
+
+    def _stack_post(self, mod: Any, args: Any, out: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            super()._stack_post(mod, args, out)
+        finally:
+            self.hook_seconds += time.perf_counter() - t0
+
+
 def mid_size_model() -> Any:
     config = transformers.Qwen3MoeConfig(
         vocab_size=8192,
@@ -79,7 +111,8 @@ def one_run(
         else:
             rec.generate([f"{tag}-{i}" for i in range(ids.shape[0])], ids, mask, **kwargs)
     seconds = time.perf_counter() - t0
-    return ids.shape[0] * new_tokens / seconds
+    hooks = rec.hook_seconds if rec is not None else 0.0
+    return ids.shape[0] * new_tokens / seconds, hooks / seconds
 
 
 def bench_model(name: str, model: Any, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -96,15 +129,17 @@ def bench_model(name: str, model: Any, args: argparse.Namespace, tmp: Path) -> d
         }
         one_run(model, ids, 2, None, "warm")  # warm-up
         samples: dict[str, list[float]] = {m: [] for m in MODES}
+        hook_share: dict[str, list[float]] = {m: [] for m in MODES[1:]}
         for rep in range(args.reps):
             for mode in MODES:
                 if mode == "off":
-                    samples[mode].append(one_run(model, ids, args.new_tokens, None, ""))
+                    samples[mode].append(one_run(model, ids, args.new_tokens, None, "")[0])
                     continue
-                with RoutingRecorder(
-                    model, writers[mode], speculative=mode == "speculative"
-                ) as rec:
-                    samples[mode].append(one_run(model, ids, args.new_tokens, rec, f"r{rep}"))
+                spec = mode == "speculative"
+                with TimedRecorder(model, writers[mode], speculative=spec) as rec:
+                    tps, share = one_run(model, ids, args.new_tokens, rec, f"r{rep}")
+                samples[mode].append(tps)
+                hook_share[mode].append(share)
         for w in writers.values():
             w.close()
         med = {m: statistics.median(v) for m, v in samples.items()}
@@ -118,6 +153,8 @@ def bench_model(name: str, model: Any, args: argparse.Namespace, tmp: Path) -> d
             "tokens_per_s_raw": samples,
             "overhead_median": {m: 1 - med[m] / med["off"] for m in MODES[1:]},
             "overhead_paired_median": {m: statistics.median(v) for m, v in paired.items()},
+            "hook_time_share_median": {m: statistics.median(v) for m, v in hook_share.items()},
+            "hook_time_share_raw": hook_share,
             "overhead_paired_iqr": {
                 m: [float(np.percentile(v, 25)), float(np.percentile(v, 75))]
                 for m, v in paired.items()
@@ -129,7 +166,9 @@ def bench_model(name: str, model: Any, args: argparse.Namespace, tmp: Path) -> d
             f"on {med['on']:.1f} ({100 * r['overhead_paired_median']['on']:+.2f}% "
             f"IQR {100 * r['overhead_paired_iqr']['on'][0]:+.2f}..{100 * r['overhead_paired_iqr']['on'][1]:+.2f}), "
             f"speculative {med['speculative']:.1f} "
-            f"({100 * r['overhead_paired_median']['speculative']:+.2f}%)"
+            f"({100 * r['overhead_paired_median']['speculative']:+.2f}%); time inside hooks: "
+            f"on {100 * r['hook_time_share_median']['on']:.2f}%, "
+            f"speculative {100 * r['hook_time_share_median']['speculative']:.2f}%"
         )
     return out
 
