@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("lru", {}),
     ("lfu", {}),
-    ("lfu_decay", {"decay": 0.999}),
-    ("pinned_lru", {"pin_fraction": 0.25}),
+    ("lfu_decay", {"decay": 0.9995}),
     ("pinned_lru", {"pin_fraction": 0.5}),
-    ("pinned_lfu", {"pin_fraction": 0.5, "decay": 0.999}),
-    ("freq_lru", {"beta": 0.5}),
-    ("freq_lru", {"beta": 2.0}),
-    ("freq_lru", {"beta": 8.0}),
+    ("pinned_lfu", {"pin_fraction": 0.5, "decay": 0.9995}),
+    ("freq_lru", {"beta": 0.25}),
+    ("freq_lru", {"beta": 1.0}),
+    ("freq_lru", {"beta": 0.5, "pin_fraction": 0.25}),
+    ("freq_lru", {"beta": 0.25, "pin_fraction": 0.5}),
+    ("freq_lru", {"beta": 1.0, "pin_fraction": 0.5}),
 )
 PREFETCH_GRID: tuple[tuple[str, float], ...] = (
     ("transition", 1.0),
