@@ -130,6 +130,9 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*.parquet") if f.name.startswith("part-"))
 
 
+CPU_SECONDS: list[float] = []  # process CPU time of each write_once call
+
+
 def write_once(work: Workload, path: Path, **writer_kwargs: object) -> tuple[float, int]:
     """Seconds to write the workload through TraceWriter (incl. close), and bytes on disk."""
     shutil.rmtree(path, ignore_errors=True)
@@ -137,6 +140,7 @@ def write_once(work: Workload, path: Path, **writer_kwargs: object) -> tuple[flo
     step = np.minimum(work.token, 1)  # token 0 is the prefill step; one token per step
     phase = step.astype(np.int8)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     with TraceWriter(path, work.manifest, **writer_kwargs) as w:  # type: ignore[arg-type]
         for r, start in enumerate(range(0, n, work.per_request)):
             sl = slice(start, start + work.per_request)
@@ -151,6 +155,7 @@ def write_once(work: Workload, path: Path, **writer_kwargs: object) -> tuple[flo
                 weights=None if work.weights is None else work.weights[sl],
             )
     seconds = time.perf_counter() - t0
+    CPU_SECONDS.append(time.process_time() - c0)
     return seconds, dir_bytes(path)
 
 
@@ -178,11 +183,13 @@ def bench_write(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     ):
         cases.append((f"{SHAPES[1].name} weights=float32 variant {label}", k6, kw))
     samples: dict[str, list[float]] = {c[0]: [] for c in cases}
+    cpu: dict[str, list[float]] = {c[0]: [] for c in cases}
     sizes: dict[str, int] = {}
     for rep in range(args.reps):
         for label, work, kw in cases:  # interleaved: every case once per repetition
             seconds, size = write_once(work, tmp / "w", **kw)
             samples[label].append(work.experts.shape[0] / seconds)
+            cpu[label].append(CPU_SECONDS[-1])
             sizes[label] = size
         print(f"  write repetition {rep + 1}/{args.reps} done", flush=True)
     results = {}
@@ -194,11 +201,13 @@ def bench_write(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
             "activations_per_s": summarize(samples[label]),
             "bytes_per_activation": sizes[label] / rows,
             "raw_activations_per_s": samples[label],
+            "process_cpu_seconds": summarize(cpu[label]),
+            "raw_process_cpu_seconds": cpu[label],
         }
         print(
             f"  {label:70s} {statistics.median(samples[label]) / 1e6:6.2f} M act/s "
             f"(min {min(samples[label]) / 1e6:.2f}, max {max(samples[label]) / 1e6:.2f})  "
-            f"{sizes[label] / rows:5.1f} B/act"
+            f"{sizes[label] / rows:5.1f} B/act  CPU {statistics.median(cpu[label]):.2f} s"
         )
     return results
 
@@ -258,12 +267,14 @@ def bench_duckdb(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     if args.duck_threads:
         con.execute(f"SET threads = {args.duck_threads}")
     samples: dict[str, list[float]] = {q: [] for q in queries}
+    cpu: dict[str, list[float]] = {q: [] for q in queries}
     result_rows: dict[str, int] = {}
     for rep in range(args.duck_reps):
         for name, sql in queries.items():  # interleaved
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = con.sql(sql).to_arrow_table()
             samples[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             result_rows[name] = out.num_rows
             if name == "coactivation":
                 pairs = pa.compute.sum(out.column("n")).as_py()
@@ -278,11 +289,14 @@ def bench_duckdb(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         results[name] = {
             "seconds": summarize(samples[name]),
             "raw_seconds": samples[name],
+            "cpu_seconds": summarize(cpu[name]),
+            "raw_cpu_seconds": cpu[name],
             "result_rows": result_rows[name],
         }
         print(
-            f"  {name:14s} over {rows / 1e6:.1f}M rows: {statistics.median(samples[name]):6.2f} s "
-            f"(min {min(samples[name]):.2f}, max {max(samples[name]):.2f})"
+            f"  {name:22s} over {rows / 1e6:.1f}M rows: {statistics.median(samples[name]):6.2f} s "
+            f"(min {min(samples[name]):.2f}, max {max(samples[name]):.2f}; "
+            f"process CPU {statistics.median(cpu[name]):.2f} s)"
         )
     return results
 
