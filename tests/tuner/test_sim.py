@@ -186,3 +186,15 @@ def test_hardware_profiles_load() -> None:
     assert hw.transfer_seconds(25_000_000) == pytest.approx(1e-3)
     for name in ("pcie5-x16", "h100-pcie"):
         assert load_hardware(name).link_bandwidth_gbps > hw.link_bandwidth_gbps
+
+
+def test_prefetcher_fit_accepts_routing() -> None:
+    from moetrace.store.plan import PrefetchConfig
+    from moetrace.tuner.policy import get_prefetcher
+
+    tokens = [[[e], [(e + 1) % 8]] for e in range(8)] * 5
+    pf = get_prefetcher(PrefetchConfig("transition", fetch=1), 2, 8)
+    fitted = pf.fit(routing(tokens, 8))
+    online = get_prefetcher(fitted, 2, 8)
+    assert list(online.predict(0, np.asarray([3]))) == [4]
+    assert list(online.predict(1, np.asarray([3]))) == []  # no layer after the last

@@ -16,7 +16,7 @@ import numpy as np
 
 from moetrace.errors import ConfigError, PlanError
 from moetrace.store.plan import PrefetchConfig
-from moetrace.tuner.policy.events import Events
+from moetrace.tuner.policy.events import Events, build_events
 
 Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
 """CSR over events: ``ptr`` (n+1,), target ``layer`` and ``expert`` per candidate."""
@@ -90,7 +90,13 @@ class Prefetcher:
     def lookahead(self) -> int:
         return self.config.lookahead
 
-    def fit(self, events: Events) -> PrefetchConfig:
+    def fit(self, data: Any) -> PrefetchConfig:
+        """Fit tables on the tune split (Events, or a Routing turned into pass events);
+        returns the config with its tables, ready for a plan."""
+        events = data if isinstance(data, Events) else build_events(data)
+        return self._fit(events)
+
+    def _fit(self, events: Events) -> PrefetchConfig:
         return self.config
 
     def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
@@ -174,7 +180,7 @@ class LinearPrefetch(Prefetcher):
     def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def fit(self, events: Events) -> PrefetchConfig:
+    def _fit(self, events: Events) -> PrefetchConfig:
         W, b = self._fit_dense(events)
         keep = int(self.config.params.get("keep", 16))
         succ = np.argsort(-W, axis=2, kind="stable")[:, :, :keep]

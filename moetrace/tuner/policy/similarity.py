@@ -132,7 +132,7 @@ class _MatchPrefetch(Prefetcher):
     freeze: ClassVar[bool] = False
     default_neighbors: ClassVar[int] = 4
 
-    def fit(self, events: Events) -> PrefetchConfig:
+    def _fit(self, events: Events) -> PrefetchConfig:
         max_refs = int(self.config.params.get("max_refs", 64))
         M = request_matrices(events, max_refs)
         q = np.round(M / np.maximum(M.max(axis=(1, 2), keepdims=True), 1e-12) * REF_SCALE)
