@@ -6,7 +6,8 @@ loading) and evicts a cached expert that the current token does not use, so size
 be at least top-k. Belady-MIN evicts the one whose next use is farthest in the future,
 the offline optimum under these rules, so its hit rate is never below LRU's or LFU's.
 LFU counts every access since the start of the stream (perfect LFU; counts survive
-eviction) and evicts the least counted, ties to the least recently used.
+eviction) and evicts the least counted, ties to the least recently used (within a
+token, rank 0 counts as the most recent, as in the LRU stack).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _simulate(
     slots = np.empty(capacity, np.int32)
     used = 0
     hits = 0
+    stamp = 0
     n = experts.shape[0]
     i = 0
     while i < n:
@@ -88,10 +90,11 @@ def _simulate(
                 cached[slots[best]] = False
                 slots[best] = e
             cached[e] = True
-        for a in range(i, j):
+        for a in range(j - 1, i - 1, -1):  # recency stamps: rank 0 most recent
             e = experts[a]
             current[e] = False
-            last[e] = row[a]
+            stamp += 1
+            last[e] = stamp
         i = j
     return hits
 
