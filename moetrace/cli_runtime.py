@@ -79,10 +79,7 @@ def run_cmd(
     texts = _prompts(prompt, prompts)
     engine, tok = open_engine(model, plan, budget_bytes=_budget(budget), device=device)
     try:
-        if trace_dir is not None:
-            gen = _traced(engine, tok, texts, max_new_tokens, trace_dir)
-        else:
-            gen = generate(engine, tok, texts, max_new_tokens)
+        gen = generate(engine, tok, texts, max_new_tokens, trace_dir=trace_dir)
         stats = engine.stats
     finally:
         engine.close()
@@ -99,24 +96,6 @@ def run_cmd(
         click.echo(stats.dumps(), nl=False)
     elif stats_json:
         Path(stats_json).write_text(stats.dumps(), encoding="utf-8")
-
-
-def _traced(engine, tok, texts, max_new_tokens, trace_dir):  # type: ignore[no-untyped-def]
-    import time
-
-    from moetrace.runtime.session import Generation
-    from moetrace.tracer.recorder import RoutingRecorder
-
-    out_texts, new, t0 = [], 0, time.perf_counter()
-    with RoutingRecorder(engine.model, trace_dir) as rec:
-        for i, text in enumerate(texts):
-            enc = tok(text, return_tensors="pt").to(engine.device)
-            out = rec.generate([f"run-{i}"], enc["input_ids"], enc.get("attention_mask"),
-                               prompt_texts=[text], max_new_tokens=max_new_tokens, do_sample=False)  # fmt: skip
-            gen = out[0, enc["input_ids"].shape[1] :]
-            new += int(gen.shape[0])
-            out_texts.append(tok.decode(gen, skip_special_tokens=True))
-    return Generation(tuple(out_texts), new, time.perf_counter() - t0)
 
 
 @click.command("bench")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -94,22 +95,47 @@ class Generation:
 
 
 def generate(
-    engine: OffloadEngine, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32
+    engine: OffloadEngine,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    *,
+    trace_dir: str | os.PathLike[str] | None = None,
 ) -> Generation:
-    """Greedy generation of each prompt in turn (batch 1)."""
+    """Greedy generation of each prompt in turn (batch 1).
+
+    With ``trace_dir`` the run's own routing is recorded there with the tracer (request
+    ids ``run-0``, ``run-1``...), so it can be replayed through the simulator.
+    """
     if tokenizer is None:
         raise ModelError("the model has no tokenizer; cannot run text prompts")
-    texts, new, t0 = [], 0, time.perf_counter()
-    for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt").to(engine.device)
-        with torch.no_grad():
-            out = engine.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or 0,
-            )
-        gen = out[0, enc["input_ids"].shape[1] :]
-        new += int(gen.shape[0])
-        texts.append(tokenizer.decode(gen, skip_special_tokens=True))
+    with contextlib.ExitStack() as stack:
+        recorder = None
+        if trace_dir is not None:
+            from moetrace.tracer.recorder import RoutingRecorder
+
+            recorder = stack.enter_context(RoutingRecorder(engine.model, trace_dir))
+        texts, new, t0 = [], 0, time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            enc = tokenizer(prompt, return_tensors="pt").to(engine.device)
+            with torch.no_grad():
+                if recorder is not None:
+                    out = recorder.generate(
+                        [f"run-{i}"],
+                        enc["input_ids"],
+                        enc.get("attention_mask"),
+                        prompt_texts=[prompt],
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                    )
+                else:
+                    out = engine.model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id or 0,
+                    )
+            gen = out[0, enc["input_ids"].shape[1] :]
+            new += int(gen.shape[0])
+            texts.append(tokenizer.decode(gen, skip_special_tokens=True))
     return Generation(tuple(texts), new, time.perf_counter() - t0)
