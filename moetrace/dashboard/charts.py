@@ -12,6 +12,12 @@ import numpy as np
 import pandas as pd
 
 HEATMAP_SCHEME = "viridis"
+CATEGORY_SCHEME = "tableau10"
+
+
+def _axis(n_labels: int) -> alt.Axis:
+    """Upright labels when there are few, slanted (and thinned) when there are many."""
+    return alt.Axis(labelAngle=0 if n_labels <= 16 else -45, labelOverlap=True)
 
 
 def _layer_labels(moe_layers: Sequence[int]) -> list[str]:
@@ -39,7 +45,7 @@ def layer_expert_heatmap(
     )
     fmt = ".2f" if percent else ",.0f"
     base = alt.Chart(df).encode(
-        x=alt.X("expert:O", title="Expert id", axis=alt.Axis(labelOverlap=True)),
+        x=alt.X("expert:O", title="Expert id", axis=_axis(E)),
         y=alt.Y("layer:O", title="MoE layer (model layer id)", sort=layers),
     )
     chart = base.mark_rect().encode(
@@ -68,8 +74,7 @@ def layer_expert_heatmap(
                 )
             )
             chart = alt.layer(chart, overlay).resolve_scale(color="independent")
-    height = min(max(18 * L, 160), 700)
-    return chart.properties(title=title, height=height)
+    return chart.properties(title=title, height=min(max(26 * L + 150, 330), 1000))
 
 
 def square_heatmap(
@@ -94,7 +99,7 @@ def square_heatmap(
         alt.Chart(df)
         .mark_rect()
         .encode(
-            x=alt.X("x:O", title=x_title, axis=alt.Axis(labelOverlap=True)),
+            x=alt.X("x:O", title=x_title, axis=_axis(n_x)),
             y=alt.Y("y:O", title=y_title, axis=alt.Axis(labelOverlap=True)),
             color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme=HEATMAP_SCHEME)),
             tooltip=[
@@ -103,7 +108,7 @@ def square_heatmap(
                 alt.Tooltip("value:Q", title=value_title, format=fmt),
             ],
         )
-        .properties(title=title, height=min(max(14 * n_y, 220), 600))
+        .properties(title=title, height=min(max(20 * n_y + 150, 380), 900))
     )
 
 
@@ -122,7 +127,7 @@ def lorenz_chart(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str
         .encode(
             x=alt.X("experts:Q", title="Experts, least used first (% of experts)"),
             y=alt.Y("acts:Q", title="Cumulative activations (% of the layer's)"),
-            color=alt.Color("series:N", title="Layer"),
+            color=alt.Color("series:N", title="Layer", scale=alt.Scale(scheme=CATEGORY_SCHEME)),
             strokeDash=alt.condition(
                 alt.datum.series == "uniform (equality)", alt.value([4, 4]), alt.value([1, 0])
             ),
@@ -132,7 +137,7 @@ def lorenz_chart(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str
                 alt.Tooltip("acts:Q", format=".1f"),
             ],
         )
-        .properties(title=title, height=320)
+        .properties(title=title, height=380)
     )
 
 
@@ -151,14 +156,14 @@ def bar_chart(
         alt.Chart(df)
         .mark_bar()
         .encode(
-            x=alt.X("label:O", title=x_title, sort=None if not sort else "-y"),
+            x=alt.X("label:O", title=x_title, sort=None if not sort else "-y", axis=_axis(len(df))),
             y=alt.Y("value:Q", title=y_title),
             tooltip=[
                 alt.Tooltip("label:O", title=x_title),
                 alt.Tooltip("value:Q", title=y_title, format=fmt),
             ],
         )
-        .properties(title=title, height=260)
+        .properties(title=title, height=300)
     )
 
 
@@ -178,7 +183,10 @@ def mrc_chart(
         ]
     df = pd.DataFrame(rows)
     x = alt.X(
-        "size:Q", title="Cache size (experts per layer)", scale=alt.Scale(domain=[0, num_experts])
+        "size:Q",
+        title="Cache size (experts per layer)",
+        scale=alt.Scale(domain=[0, num_experts]),
+        axis=alt.Axis(tickMinStep=1, format="d"),
     )
     y = alt.Y("hit:Q", title="Hit rate (% of expert accesses)", scale=alt.Scale(domain=[0, 100]))
     lines = (
@@ -187,7 +195,7 @@ def mrc_chart(
         .encode(
             x=x,
             y=y,
-            color=alt.Color("policy:N", title="Policy"),
+            color=alt.Color("policy:N", title="Policy", scale=alt.Scale(scheme=CATEGORY_SCHEME)),
             tooltip=[
                 "policy:N",
                 alt.Tooltip("size:Q", title="experts"),
@@ -229,7 +237,7 @@ def histogram(
         alt.Chart(df)
         .mark_bar()
         .encode(
-            x=alt.X("bin:O", title=x_title, sort=list(labels)),
+            x=alt.X("bin:O", title=x_title, sort=list(labels), axis=_axis(len(df))),
             y=alt.Y("pct:Q", title="Accesses (% of reuses)"),
             tooltip=[
                 alt.Tooltip("bin:O", title=x_title),
@@ -237,7 +245,7 @@ def histogram(
                 alt.Tooltip("n:Q", title="accesses", format=","),
             ],
         )
-        .properties(title=title, height=260)
+        .properties(title=title, height=300)
     )
 
 
@@ -247,11 +255,17 @@ def token_routing_chart(
     df = pd.DataFrame(rows)
     return (
         alt.Chart(df)
-        .mark_square(size=60)
+        .mark_point(size=70, filled=True, opacity=0.9)
         .encode(
-            x=alt.X("pos:Q", title="Token position in the request (prompt first, tokens)"),
+            x=alt.X(
+                "pos:Q",
+                title="Token position in the request (prompt first, tokens)",
+                axis=alt.Axis(tickMinStep=1, format="d"),
+            ),
             y=alt.Y("expert:O", title="Expert id", sort=list(range(num_experts))),
-            color=alt.Color("rank:O", title="Router rank (0 = top)"),
+            color=alt.Color(
+                "rank:N", title="Router rank (0 = top)", scale=alt.Scale(scheme=CATEGORY_SCHEME)
+            ),
             shape=alt.Shape("phase:N", title="Phase"),
             tooltip=[
                 "pos:Q",
@@ -261,7 +275,7 @@ def token_routing_chart(
                 alt.Tooltip("weight:Q", format=".3f"),
             ],
         )
-        .properties(title=title, height=min(max(12 * num_experts, 220), 600))
+        .properties(title=title, height=min(max(14 * num_experts + 150, 330), 900))
     )
 
 
@@ -274,7 +288,7 @@ def projection_chart(
         .encode(
             x=alt.X("x:Q", title=x_title),
             y=alt.Y("y:Q", title=y_title),
-            color=alt.Color(f"{color}:N", title=color),
+            color=alt.Color(f"{color}:N", title=color, scale=alt.Scale(scheme=CATEGORY_SCHEME)),
             tooltip=["request_id:N", f"{color}:N"],
         )
         .properties(title=title, height=380)

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,18 @@ def server(fixture_paths: dict[str, Path]) -> Iterator[str]:
             proc.wait(10)
 
 
+def _screenshot(page: Any, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main block, so grow the viewport."""
+    height = page.evaluate(
+        "() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+        " return m ? m.scrollHeight : document.body.scrollHeight; }"
+    )
+    page.set_viewport_size({"width": 1400, "height": min(max(int(height), 1000), 6000)})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
 def test_every_page_in_chromium(server: str) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -105,8 +118,11 @@ def test_every_page_in_chromium(server: str) -> None:
                     '[data-testid="stVegaLiteChart"] svg\').length >= n',
                     arg=charts,
                 )
-                page.wait_for_timeout(1500)  # let the last charts finish drawing
-                page.screenshot(path=str(out / f"{path or 'overview'}.png"), full_page=True)
+                page.wait_for_function(  # the script run has finished
+                    "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')"
+                )
+                page.wait_for_timeout(1000)  # let the last charts finish drawing
+                _screenshot(page, out / f"{path or 'overview'}.png")
                 assert page.locator('[data-testid="stException"]').count() == 0, path
             # a widget in the browser: another layer on Groups redraws with its title
             page.goto(f"{server}/groups")

@@ -160,7 +160,9 @@ def _runtime_stats(ctx: PageContext) -> None:
                 alt.Chart(df)
                 .mark_bar()
                 .encode(
-                    x=alt.X("layer:O", title="MoE layer (model layer id)"),
+                    x=alt.X(
+                        "layer:O", title="MoE layer (model layer id)", axis=alt.Axis(labelAngle=0)
+                    ),
                     xOffset="phase:N",
                     y=alt.Y(
                         "hit_rate:Q",

@@ -11,6 +11,12 @@ from moetrace.dashboard.context import PageContext, layer_select, run_page
 from moetrace.dashboard.data.plans import expected_hit_rate
 
 
+def _token_bin(i: int, bins: int) -> str:
+    if i == bins - 1:
+        return f">={2**i}"
+    return "1" if i == 0 else f"{2**i}-{2 ** (i + 1) - 1}"
+
+
 def _skew(ctx: PageContext) -> None:
     from moetrace.dashboard.data.reuse import gini_per_layer, lorenz
 
@@ -98,10 +104,7 @@ def _reuse(ctx: PageContext) -> None:
     with left:
         st.altair_chart(
             charts.histogram(
-                [
-                    f"{2**i}-{2 ** (i + 1) - 1}" if i < len(lr.token_hist) - 1 else f">={2**i}"
-                    for i in range(last)
-                ],
+                [_token_bin(i, len(lr.token_hist)) for i in range(last)],
                 lr.token_hist[:last],
                 title="Reuse distance in tokens",
                 x_title="Tokens since the expert's last use (log2 bins)",
