@@ -127,8 +127,8 @@ def greedy_groups(
 
     A pair (lift >= ``min_lift``, count >= ``min_support``) starts a group when both
     experts are free; a free expert joins a group (up to ``max_size``) when its mean lift
-    to every member is >= ``min_lift`` and it co-occurred with each of them. Groups are
-    returned strongest first.
+    to the members is >= ``min_lift`` and it co-occurred with each of them. Groups are
+    returned strongest first. Two groups merge the same way when both fit in ``max_size``.
     """
     c, lf = pairs[layer], np.nan_to_num(lifts[layer], nan=0.0)
     a, b = np.nonzero(np.triu(c, 1) >= max(min_support, 1))
@@ -143,17 +143,28 @@ def greedy_groups(
             member[x] = member[y] = len(groups)
             groups.append([x, y])
             continue
-        if (x in member) == (y in member):
+        gid_x, gid_y = member.get(x), member.get(y)
+        if gid_x is not None and gid_x == gid_y:
             continue
-        g, new = (member[x], y) if x in member else (member[y], x)
-        grp = groups[g]
-        if len(grp) >= max_size:
+        gx = groups[gid_x] if gid_x is not None else [x]
+        gy = groups[gid_y] if gid_y is not None else [y]
+        if len(gx) + len(gy) > max_size:
             continue
-        if all(c[new, m] > 0 for m in grp) and np.mean([lf[new, m] for m in grp]) >= min_lift:
-            grp.append(new)
-            member[new] = g
+        cross = [(u, v) for u in gx for v in gy]
+        if any(c[u, v] == 0 for u, v in cross) or np.mean([lf[u, v] for u, v in cross]) < min_lift:
+            continue
+        target = gid_x if gid_x is not None else gid_y
+        assert target is not None
+        source = gid_y if target == gid_x else gid_x
+        groups[target] = gx + gy
+        for u in groups[target]:
+            member[u] = target
+        if source is not None:
+            groups[source] = []
     out = []
     for grp in groups:
+        if len(grp) < 2:
+            continue
         ii, jj = np.triu_indices(len(grp), 1)
         ga = np.array(grp)
         out.append(
