@@ -206,7 +206,7 @@ def tune(traces: Sequence[str | os.PathLike[str]], config: TuneConfig) -> TuneRe
         ),
     )
     overrides: dict[str, PhaseOverride] = {}
-    if pf_stall >= base_stall:
+    if pf_stall >= 0.99 * base_stall:  # a prefetcher must earn its link time and tables
         pf = none
     elif fit_ev.tokens_by_phase[0] > 0 and sel_ev.tokens_by_phase[0] > 0:
         more = {"prefill": PhaseOverride(prefetch_fetch=min(E, 4 * max(pf.fetch, 1)))}
