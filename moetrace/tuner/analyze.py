@@ -40,7 +40,7 @@ from moetrace.tuner.mining.report import (
     TransitionStats,
 )
 from moetrace.tuner.mining.reuse import QUANTILES, TOKEN_BINS, stack_distances, summarize
-from moetrace.tuner.mining.streams import layer_rows, layer_stream
+from moetrace.tuner.mining.streams import first_tokens, layer_rows, layer_stream
 from moetrace.tuner.mining.verdict import MIN_LIFT, make_verdict
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class AnalyzeConfig:
     prefix_tokens: int = 16
     max_clusters: int = 8
     min_lift: float = MIN_LIFT
+    max_tokens: int | None = None
+    """Analyze only the first this many tokens in replay order (None: all)."""
     max_request_cells: int = 50_000_000
     """Cap on requests x layers x experts for request matrices (subsample beyond)."""
     sections: tuple[str, ...] = field(default=("groups", "transitions", "requests", "phases"))
@@ -84,6 +86,8 @@ class AnalyzeConfig:
             v = getattr(self, name)
             if not 0.0 < v < 1.0:
                 raise AnalysisError(f"{name} must be in (0, 1), got {v}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise AnalysisError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
         for name in ("top_pairs", "prefix_tokens", "max_clusters", "max_request_cells"):
             if getattr(self, name) < 1:
                 raise AnalysisError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -230,6 +234,7 @@ def _reuse_and_mrc(
 
 def _groups(
     trace: Trace,
+    routing: Routing,
     phase: str | None,
     freq: np.ndarray,
     tokens: np.ndarray,
@@ -238,7 +243,10 @@ def _groups(
 ) -> GroupStats | None:
     if top_k < 2:
         return None
-    pairs = G.pair_counts(trace, phase)
+    if cfg.max_tokens is None:
+        pairs = G.pair_counts(trace, phase)
+    else:
+        pairs = G.pair_counts_from_routing(routing.layer, routing.experts, *freq.shape)
     lifts = G.lift(pairs, freq, tokens)
     top, grps, max_lift, supports = [], [], [], []
     for layer in range(freq.shape[0]):
@@ -312,7 +320,7 @@ def _requests(
         clustering_max=cfg.max_clusters,
     )
     return RequestStats(
-        num_requests=len(routing.request_ids),
+        num_requests=int(np.unique(routing.request).size),
         request_ids=tuple(routing.request_ids),
         cluster_labels=tuple(int(x) for x in clus.labels) if clus else (),
         n_clusters=clus.n_clusters if clus else None,
@@ -342,7 +350,11 @@ def _phases(
     distinct: dict[str, tuple[float, ...]] = {}
     lru_by_phase: dict[str, tuple[tuple[float, ...], ...]] = {}
     if compute_extra:
-        distinct = {p: v for p, v in P.distinct_per_forward(trace).items() if p in present}
+        if cfg.max_tokens is None:
+            per_pass = P.distinct_per_forward(trace)
+        else:
+            per_pass = P.distinct_per_forward_from_routing(routing)
+        distinct = {p: v for p, v in per_pass.items() if p in present}
         if len(present) > 1:
             for p in present:
                 curves = []
@@ -389,6 +401,8 @@ def analyze(
         raise AnalysisError(
             f"{trace.path}: no activations in phase {cfg.phase!r} (rows per phase: {have})"
         )
+    if cfg.max_tokens is not None:
+        routing = first_tokens(routing, cfg.max_tokens)
     timings["load"] = time.perf_counter() - t0
 
     def lap(name: str, start: float) -> float:
@@ -398,7 +412,16 @@ def analyze(
         return now
 
     t = time.perf_counter()
-    freqs = F.frequency_matrices(trace)
+    if cfg.max_tokens is None:
+        freqs = F.frequency_matrices(trace)
+    else:
+        freqs = {
+            p: F.frequency_from_routing(
+                routing.layer[sel], routing.experts[sel], routing.num_layers, E
+            )
+            for p in S.PHASES
+            for sel in [routing.phase == S.PHASE_CODE[p]]
+        }
     freq = sum(freqs.values()) if phase is None else freqs[phase]
     rows = layer_rows(routing)
     tokens = np.array([r.size for r in rows], dtype=np.int64)
@@ -406,7 +429,9 @@ def analyze(
     t = lap("skew", t)
     reuse, mrc = _reuse_and_mrc(routing, rows, sizes, cfg.seed)
     t = lap("reuse_mrc", t)
-    groups = _groups(trace, phase, freq, tokens, cfg, k) if "groups" in cfg.sections else None
+    groups = (
+        _groups(trace, routing, phase, freq, tokens, cfg, k) if "groups" in cfg.sections else None
+    )
     t = lap("groups", t)
     transitions = _transitions(routing, cfg) if "transitions" in cfg.sections else None
     t = lap("transitions", t)
@@ -428,7 +453,7 @@ def analyze(
         seed=cfg.seed,
         num_rows=routing.num_rows,
         num_accesses=int(sum(skew.accesses)),
-        num_requests=len(routing.request_ids),
+        num_requests=int(np.unique(routing.request).size),
         verdict=verdict,
         skew=skew,
         reuse=reuse,

@@ -173,3 +173,15 @@ def test_cache_size_resolution() -> None:
         resolve_cache_sizes([4], 64, 6)
     with pytest.raises(AnalysisError, match="must be in"):
         resolve_cache_sizes(["200%"], 64)
+
+
+def test_max_tokens_numpy_path_equals_sql_path(trace_dir: Path, report: AnalysisReport) -> None:
+    # with max_tokens the tables come from numpy over the subset; with all tokens they
+    # must equal the DuckDB-based report exactly
+    subset = analyze(trace_dir, AnalyzeConfig(seed=3, max_tokens=10**9))
+    a, b = report.to_dict(), subset.to_dict()
+    a.pop("timings"), b.pop("timings")
+    assert a == b
+    first = analyze(trace_dir, AnalyzeConfig(seed=3, max_tokens=50, sections=("phases",)))
+    assert sum(first.skew.tokens) == 50 * 3
+    assert first.num_requests == 2  # 30 + 35 tokens: the first two requests have rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moetrace.store import schema as S
+from moetrace.store.arrays import Routing
 from moetrace.store.reader import Trace
 
 
@@ -57,3 +58,25 @@ def distinct_per_forward(trace: Trace) -> dict[str, tuple[float, ...]]:
     ):
         out.setdefault(phase, [float("nan")] * num_layers)[li] = float(mean_n)
     return {p: tuple(out[p]) for p in S.PHASES if p in out}
+
+
+def distinct_per_forward_from_routing(routing: Routing) -> dict[str, tuple[float, ...]]:
+    """Same as :func:`distinct_per_forward` from routing arrays (numpy; for subsets)."""
+    out: dict[str, tuple[float, ...]] = {}
+    E = routing.num_experts
+    for p in S.PHASES:
+        means = []
+        in_phase = routing.phase == S.PHASE_CODE[p]
+        if not in_phase.any():
+            continue
+        for layer in range(routing.num_layers):
+            rows = np.flatnonzero(in_phase & (routing.layer == layer))
+            ex = routing.experts[rows]
+            fwd = np.repeat(routing.forward[rows], ex.shape[1])
+            flat = ex.reshape(-1).astype(np.int64)
+            keep = flat >= 0
+            pairs = np.unique(fwd[keep] * E + flat[keep])
+            passes = np.unique(pairs // E).size
+            means.append(pairs.size / passes if passes else float("nan"))
+        out[p] = tuple(means)
+    return out

@@ -70,3 +70,23 @@ def layer_streams(routing: Routing) -> Iterator[LayerStream]:
     """One stream per MoE layer index, built lazily (memory: one layer at a time)."""
     for layer, rows in enumerate(layer_rows(routing)):
         yield layer_stream(routing, layer, rows)
+
+
+def token_starts(routing: Routing) -> np.ndarray:
+    """Boolean per row: the row starts a new token (request, step, token) in replay order."""
+    new = np.ones(routing.num_rows, bool)
+    if routing.num_rows > 1:
+        new[1:] = (
+            (routing.request[1:] != routing.request[:-1])
+            | (routing.step[1:] != routing.step[:-1])
+            | (routing.token[1:] != routing.token[:-1])
+        )
+    return new
+
+
+def first_tokens(routing: Routing, max_tokens: int) -> Routing:
+    """The rows of the first ``max_tokens`` tokens in replay order (all layers of each)."""
+    index = np.cumsum(token_starts(routing)) - 1
+    if index.size == 0 or index[-1] < max_tokens:
+        return routing
+    return routing.select(index < max_tokens)
