@@ -40,7 +40,12 @@ from moetrace.tuner.mining.report import (
     TransitionStats,
 )
 from moetrace.tuner.mining.reuse import QUANTILES, TOKEN_BINS, stack_distances, summarize
-from moetrace.tuner.mining.streams import first_tokens, layer_rows, layer_stream
+from moetrace.tuner.mining.streams import (
+    compact_requests,
+    first_tokens,
+    layer_rows,
+    layer_stream,
+)
 from moetrace.tuner.mining.verdict import MIN_LIFT, make_verdict
 
 log = logging.getLogger(__name__)
@@ -300,14 +305,7 @@ def _requests(
         rng = np.random.default_rng(cfg.seed)
         chosen = np.sort(rng.choice(R, keep, replace=False))
         log.info("request analysis: subsampling %d of %d requests", keep, R)
-        ids = [routing.request_ids[i] for i in chosen]
-        mask = np.isin(routing.request, chosen)
-        sub = routing.select(mask)
-        remap = np.full(R, -1, np.int32)
-        remap[chosen] = np.arange(keep, dtype=np.int32)
-        routing = Routing(
-            **{**sub.__dict__, "request_ids": tuple(ids), "request": remap[sub.request]}
-        )
+        routing = compact_requests(routing.select(np.isin(routing.request, chosen)))
     mats = RQ.normalize(RQ.activation_matrices(routing))
     clus = RQ.cluster_requests(mats, cfg.seed, cfg.max_clusters)
     preds = RQ.score_predictors(
@@ -320,7 +318,7 @@ def _requests(
         clustering_max=cfg.max_clusters,
     )
     return RequestStats(
-        num_requests=int(np.unique(routing.request).size),
+        num_requests=len(routing.request_ids),
         request_ids=tuple(routing.request_ids),
         cluster_labels=tuple(int(x) for x in clus.labels) if clus else (),
         n_clusters=clus.n_clusters if clus else None,
@@ -403,6 +401,7 @@ def analyze(
         )
     if cfg.max_tokens is not None:
         routing = first_tokens(routing, cfg.max_tokens)
+    routing = compact_requests(routing)  # requests with rows in the analyzed phase only
     timings["load"] = time.perf_counter() - t0
 
     def lap(name: str, start: float) -> float:
@@ -453,7 +452,7 @@ def analyze(
         seed=cfg.seed,
         num_rows=routing.num_rows,
         num_accesses=int(sum(skew.accesses)),
-        num_requests=int(np.unique(routing.request).size),
+        num_requests=len(routing.request_ids),
         verdict=verdict,
         skew=skew,
         reuse=reuse,

@@ -13,6 +13,7 @@ For C < k (LRU curve only) the cache keeps the C top-ranked experts of the last 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -89,4 +90,18 @@ def first_tokens(routing: Routing, max_tokens: int) -> Routing:
     index = np.cumsum(token_starts(routing)) - 1
     if index.size == 0 or index[-1] < max_tokens:
         return routing
-    return routing.select(index < max_tokens)
+    return compact_requests(routing.select(index < max_tokens))
+
+
+def compact_requests(routing: Routing) -> Routing:
+    """Renumber requests so that only those with rows remain (arrival order kept)."""
+    present = np.unique(routing.request)
+    if present.size == len(routing.request_ids):
+        return routing
+    remap = np.full(len(routing.request_ids), -1, np.int32)
+    remap[present] = np.arange(present.size, dtype=np.int32)
+    return dataclasses.replace(
+        routing,
+        request_ids=tuple(routing.request_ids[i] for i in present),
+        request=remap[routing.request],
+    )
