@@ -16,14 +16,18 @@ PREFILL, DECODE = 0, 1
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows of one forward pass, grouped by batch row (each group contiguous)."""
+    """Rows of one forward pass, compactly: per batch row a run of consecutive tokens.
 
-    counts: np.ndarray  # (B,) rows per batch row (tokens * layers)
-    token: np.ndarray
-    step: np.ndarray
-    phase: np.ndarray
-    layer: np.ndarray
-    experts: np.ndarray  # (n, k)
+    Batch row ``b`` contributes ``counts[b]`` tokens numbered ``start[b], start[b] + 1,
+    ...``, all with ``step[b]`` and ``phase[b]``; its rows (token-major, then MoE layer)
+    are the next ``counts[b] * L`` rows of ``experts`` / ``weights`` / ``speculative``.
+    """
+
+    counts: np.ndarray  # (B,) tokens recorded per batch row
+    start: np.ndarray  # (B,) token index of the first one
+    step: np.ndarray  # (B,)
+    phase: np.ndarray  # (B,)
+    experts: np.ndarray  # (n * L, k)
     weights: np.ndarray | None
     speculative: np.ndarray | None
 
@@ -62,7 +66,6 @@ class Attributor:
         valid: np.ndarray,
         ids: np.ndarray | None,
         eos: np.ndarray,
-        layer_ids: np.ndarray,
         experts: np.ndarray,
         weights: np.ndarray | None,
         speculative: np.ndarray | None,
@@ -78,43 +81,32 @@ class Attributor:
         steps = self.steps[stack, slots]
         finished = self.finished[stack, slots]
         b, s = valid.shape
-        done = np.broadcast_to(finished[:, None], (b, s))
+        done = finished[:, None]
         if ids is not None and eos.size and role != "encoder":
-            is_eos = np.isin(ids, eos) & (steps[:, None] > 0)
-            done = done | (np.cumsum(is_eos, axis=1) > 0)
+            is_eos = (ids[:, :, None] == eos).any(-1) & (steps > 0)[:, None]
+            done = done | (is_eos if s == 1 else np.cumsum(is_eos, axis=1) > 0)
         keep = valid & ~done
-        per_row = keep.sum(axis=1)
-        rank = np.cumsum(keep, axis=1) - 1
+        counts = keep.sum(axis=1)
         bi, si = np.nonzero(keep)
-        tok = tokens[bi] + rank[bi, si]
-        if role == "decoder" and self._encoder is not None:
-            tok = tok + self.tokens[self._encoder, slots][bi]
-            step = steps[bi] + 1
-            phase = np.full(bi.shape, DECODE, np.int8)
-        elif role == "encoder":
-            step = np.zeros_like(bi)
-            phase = np.full(bi.shape, PREFILL, np.int8)
-        else:
-            step = steps[bi]
-            phase = np.where(step == 0, PREFILL, DECODE).astype(np.int8)
-        num_layers = len(layer_ids)
         flat = bi * s + si
+        if role == "decoder" and self._encoder is not None:
+            start = tokens + self.tokens[self._encoder, slots]
+            step = steps + 1
+            phase = np.full(b, DECODE, np.int8)
+        elif role == "encoder":
+            start, step, phase = tokens, np.zeros(b, np.int64), np.full(b, PREFILL, np.int8)
+        else:
+            start, step, phase = tokens, steps, (steps > 0).astype(np.int8)
+        self.tokens[stack, slots] = tokens + counts
+        self.steps[stack, slots] = steps + (counts > 0)
+        if s:
+            self.finished[stack, slots] = done[:, -1]
 
         def rows_of(a: np.ndarray | None) -> np.ndarray | None:
             if a is None:
                 return None
-            return a[:, flat, :].transpose(1, 0, 2).reshape(len(flat) * num_layers, -1)
+            return a[:, flat, :].transpose(1, 0, 2).reshape(len(flat) * a.shape[0], a.shape[2])
 
-        self.tokens[stack, slots] = tokens + per_row
-        self.steps[stack, slots] = steps + (per_row > 0)
-        self.finished[stack, slots] = done[:, -1] if s else finished
         return Rows(
-            counts=per_row * num_layers,
-            token=np.repeat(tok, num_layers),
-            step=np.repeat(step, num_layers),
-            phase=np.repeat(phase, num_layers),
-            layer=np.tile(layer_ids, len(flat)),
-            experts=rows_of(experts),
-            weights=rows_of(weights),
-            speculative=rows_of(speculative),
+            counts, start, step, phase, rows_of(experts), rows_of(weights), rows_of(speculative)
         )

@@ -122,7 +122,7 @@ class RoutingRecorder:
         self._attr = Attributor([s.role for s in self.layout.stacks])
         self._slots: dict[str, int] = {}
         self._free: list[int] = []
-        self._pending: dict[int, list[dict[str, np.ndarray]]] = {}
+        self._pending: dict[int, list[tuple]] = {}
         self._batch: np.ndarray | None = None
         self._batch_ids: tuple[str, ...] = ()
         self._cur: _Capture | None = None
@@ -271,15 +271,15 @@ class RoutingRecorder:
         has_w = all(r[1] is not None for r in cur.routes)
         if has_w:
             w = torch.stack([r[1].reshape(tokens, k) for r in cur.routes])
-            parts.append(w.to(torch.float64).reshape(-1))
+            parts.append(w.reshape(-1))  # torch.cat promotes to float64
         if self.speculative:
             last = torch.full((tokens, k), -1, dtype=idx.dtype, device=idx.device)
             spec = torch.stack([s.reshape(tokens, k) if s is not None else last for s in cur.spec])
-            parts.append(spec.to(torch.float64).reshape(-1))
+            parts.append(spec.reshape(-1))
         if cur.mask is not None:
-            parts.append(cur.mask.to(device=idx.device, dtype=torch.float64).reshape(-1))
+            parts.append(cur.mask.to(idx.device).reshape(-1))
         if cur.ids is not None:
-            parts.append(cur.ids.to(device=idx.device, dtype=torch.float64).reshape(-1))
+            parts.append(cur.ids.to(idx.device).reshape(-1))
         host = torch.cat(parts).cpu().numpy()  # the one device -> host transfer
         n_route = idx.numel()
         shape = (len(cur.routes), tokens, k)
@@ -302,32 +302,61 @@ class RoutingRecorder:
             valid,
             ids,
             self.eos,
-            self._layer_ids[cur.stack],
             experts,
             weights,
             spec_np,
         )
+        self._store(rows, cur.stack)
+
+    def _store(self, rows: Any, stack: int) -> None:
         forward = self.forwards
         self.forwards += 1
-        ends = np.cumsum(rows.counts)
-        start = 0
-        for slot, end in zip(self._batch.tolist(), ends.tolist(), strict=True):
-            if end > start:
-                sl = slice(start, end)
-                chunk = {
-                    "token": rows.token[sl],
-                    "step": rows.step[sl],
-                    "phase": rows.phase[sl],
-                    "forward": np.full(end - start, forward, np.int64),
-                    "layer": rows.layer[sl],
-                    "experts": rows.experts[sl],
-                }
-                if rows.weights is not None:
-                    chunk["weights"] = rows.weights[sl]
-                if rows.speculative is not None:
-                    chunk["speculative"] = rows.speculative[sl]
-                self._pending[slot].append(chunk)
-            start = end
+        per_row = rows.counts * len(self._layer_ids[stack])
+        ends = np.cumsum(per_row).tolist()
+        begin = 0
+        for b, slot in enumerate(self._batch.tolist()):
+            end = ends[b]
+            if end > begin:
+                sl = slice(begin, end)
+                self._pending[slot].append(
+                    (
+                        int(rows.start[b]),
+                        int(rows.counts[b]),
+                        int(rows.step[b]),
+                        int(rows.phase[b]),
+                        forward,
+                        stack,
+                        rows.experts[sl],
+                        None if rows.weights is None else rows.weights[sl],
+                        None if rows.speculative is None else rows.speculative[sl],
+                    )
+                )
+            begin = end
+
+    def _columns(self, chunks: list[tuple]) -> dict[str, np.ndarray]:
+        """Expand a request's compact chunks into writer columns."""
+        token, step, phase, forward, layer = [], [], [], [], []
+        for start, n, st, ph, fw, stack, *_ in chunks:
+            ids = self._layer_ids[stack]
+            token.append(np.repeat(np.arange(start, start + n), len(ids)))
+            layer.append(np.tile(ids, n))
+            rows = n * len(ids)
+            step.append(np.full(rows, st, np.int32))
+            phase.append(np.full(rows, ph, np.int8))
+            forward.append(np.full(rows, fw, np.int64))
+        cols = {
+            "token": np.concatenate(token),
+            "step": np.concatenate(step),
+            "phase": np.concatenate(phase),
+            "forward": np.concatenate(forward),
+            "layer": np.concatenate(layer),
+            "experts": np.concatenate([c[6] for c in chunks]),
+        }
+        if chunks[0][7] is not None:
+            cols["weights"] = np.concatenate([c[7] for c in chunks])
+        if chunks[0][8] is not None:
+            cols["speculative"] = np.concatenate([c[8] for c in chunks])
+        return cols
 
     # ------------------------------------------------------------------ requests
     def set_batch(self, request_ids: Sequence[str]) -> None:
@@ -364,8 +393,7 @@ class RoutingRecorder:
         chunks = self._pending.pop(slot)
         self._free.append(slot)
         if chunks:
-            cols = {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
-            self.writer.add_activations(record.request_id, **cols)
+            self.writer.add_activations(record.request_id, **self._columns(chunks))
         self.writer.end_request(record)
 
     def abandon(self, request_ids: Sequence[str]) -> None:
