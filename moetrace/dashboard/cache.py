@@ -60,7 +60,16 @@ def expert_counts(
 ) -> X.ExpertCounts:
     from moetrace.dashboard.data import experts as X
 
+    if tag is None:  # derived from the all-phase pass, cached once per trace
+        return phase_counts(path, stamp).select(phase)
     return X.expert_counts(reopen(path), phase, tag)
+
+
+@st.cache_data(show_spinner="Counting expert activations...", max_entries=16)
+def phase_counts(path: str, stamp: Stamp) -> X.PhaseCounts:
+    from moetrace.dashboard.data import experts as X
+
+    return X.phase_counts(reopen(path))
 
 
 @st.cache_data(show_spinner="Replaying the layer's accesses (LRU, LFU, Belady)...", max_entries=64)
@@ -70,18 +79,12 @@ def layer_reuse(path: str, stamp: Stamp, layer_index: int, phase: str) -> R.Laye
     return R.layer_reuse(reopen(path), layer_index, phase)
 
 
-@st.cache_data(show_spinner="Counting co-activated pairs...", max_entries=16)
-def pair_counts(path: str, stamp: Stamp, phase: str) -> np.ndarray:
-    from moetrace.dashboard.data import groups as G
-
-    return G.all_pair_counts(reopen(path), phase)
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_data(show_spinner="Counting co-activated pairs...", max_entries=64)
 def coactivation(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.CoActivation:
     from moetrace.dashboard.data import groups as G
 
-    return G.coactivation(reopen(path), layer_index, phase, pair_counts(path, stamp, phase))
+    counts = expert_counts(path, stamp, phase)
+    return G.coactivation(reopen(path), layer_index, phase, counts)
 
 
 @st.cache_data(show_spinner="Fitting the layer transition table...", max_entries=64)

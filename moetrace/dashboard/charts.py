@@ -32,8 +32,10 @@ def layer_expert_heatmap(
     value_title: str,
     pinned: np.ndarray | None = None,
     percent: bool = True,
+    diverging: bool = False,
 ) -> alt.Chart:
-    """(L, E) values as a layer x expert heatmap; ``pinned`` (L, E) bool marks cells."""
+    """(L, E) values as a layer x expert heatmap; ``pinned`` (L, E) bool marks cells;
+    ``diverging`` colours signed values red/blue around zero."""
     L, E = values.shape
     layers = _layer_labels(moe_layers)
     df = pd.DataFrame(
@@ -49,7 +51,13 @@ def layer_expert_heatmap(
         y=alt.Y("layer:O", title="MoE layer (model layer id)", sort=layers),
     )
     chart = base.mark_rect().encode(
-        color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme=HEATMAP_SCHEME)),
+        color=alt.Color(
+            "value:Q",
+            title=value_title,
+            scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)
+            if diverging
+            else alt.Scale(scheme=HEATMAP_SCHEME),
+        ),
         tooltip=[
             alt.Tooltip("layer:O", title="layer"),
             alt.Tooltip("expert:O", title="expert"),

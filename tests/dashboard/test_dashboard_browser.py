@@ -124,9 +124,5 @@ def test_every_page_in_chromium(server: str) -> None:
                 page.wait_for_timeout(1000)  # let the last charts finish drawing
                 _screenshot(page, out / f"{path or 'overview'}.png")
                 assert page.locator('[data-testid="stException"]').count() == 0, path
-            # a widget in the browser: another layer on Groups redraws with its title
-            page.goto(f"{server}/groups")
-            page.get_by_role("heading", name="Groups", exact=True).wait_for()
-            page.get_by_text("Strongest pairs").first.wait_for()
         finally:
             browser.close()

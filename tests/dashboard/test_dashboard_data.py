@@ -20,6 +20,7 @@ from moetrace.dashboard.data.common import stamp
 from moetrace.dashboard.inputs import ENV_VAR, DashboardInputs, current_inputs, parse_argv
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store import RequestRecord, TraceWriter, open_trace
+from moetrace.tuner.mining.groups import pair_counts
 from moetrace.tuner.mining.replacement import belady_hits, lfu_hits
 
 
@@ -108,6 +109,14 @@ def test_coactivation_finds_planted_pair(trace) -> None:  # type: ignore[no-unty
     assert co.groups[0].experts == (0, 1)
     assert co.pairs[0, 1] == co.pairs[1, 0] == co.top[0].count
     assert np.all(np.diag(co.pairs) == 0)
+
+
+def test_layer_pair_counts_match_mining(trace) -> None:  # type: ignore[no-untyped-def]
+    for phase in ("all", "decode"):
+        every = pair_counts(trace, None if phase == "all" else phase)
+        for li in range(len(MOE_LAYERS)):
+            np.testing.assert_array_equal(G.layer_pair_counts(trace, li, phase), every[li])
+    assert every.sum() > 0
 
 
 def test_transitions_predict_better_than_baseline(trace) -> None:  # type: ignore[no-untyped-def]

@@ -59,43 +59,71 @@ def _tagged_requests(trace: Trace, key: str, value: str) -> list[str]:
     return [rid for rid, tag in zip(ids, tags, strict=True) if dict(tag or []).get(key) == value]
 
 
+@dataclass(frozen=True)
+class PhaseCounts:
+    """Per phase, (L, E) activation counts and (L,) tokens: one pass serves every phase."""
+
+    moe_layers: tuple[int, ...]
+    counts: dict[str, np.ndarray]
+    tokens: dict[str, np.ndarray]
+
+    def select(self, phase: str = "all") -> ExpertCounts:
+        ph = phase_arg(phase)
+        if ph is None:
+            return ExpertCounts(
+                self.moe_layers, sum(self.counts.values()), sum(self.tokens.values())
+            )
+        return ExpertCounts(self.moe_layers, self.counts[ph], self.tokens[ph])
+
+
+def phase_counts(trace: Trace) -> PhaseCounts:
+    """Counts of every phase (:func:`moetrace.tuner.mining.frequency_matrices`) and tokens."""
+    m = trace.manifest
+    L = len(m.model.moe_layers)
+    layer_index = {lid: i for i, lid in enumerate(m.model.moe_layers)}
+    freqs = frequency_matrices(reopen(trace.path))
+    tokens = {p: np.zeros(L, np.int64) for p in freqs}
+    rows = query(
+        trace,
+        "SELECT phase::VARCHAR AS phase, layer, count(*) AS n FROM activations_raw GROUP BY ALL",
+    ).to_pylist()
+    for r in rows:
+        tokens[r["phase"]][layer_index[int(r["layer"])]] = int(r["n"])
+    return PhaseCounts(tuple(m.model.moe_layers), freqs, tokens)
+
+
 def expert_counts(
     trace: Trace, phase: str = "all", tag: tuple[str, str] | None = None
 ) -> ExpertCounts:
     """Counts for one phase (``'all'`` = both) and optionally one request tag ``(key, value)``."""
     m = trace.manifest
     L, E = len(m.model.moe_layers), m.model.num_experts
-    ph = phase_arg(phase)
     layer_index = {lid: i for i, lid in enumerate(m.model.moe_layers)}
     if tag is None:
-        freqs = frequency_matrices(reopen(trace.path))
-        counts = sum(freqs.values()) if ph is None else freqs[ph]
-        tok_sql = f"SELECT layer, count(*) AS n FROM activations_raw WHERE TRUE{phase_where(phase)} GROUP BY 1"
-        tok_rows = query(trace, tok_sql).to_pylist()
-    else:
-        ids = _tagged_requests(trace, *tag)
-        if not ids:
-            raise AnalysisError(f"no request of {trace.path} has tag {tag[0]}={tag[1]!r}")
-        con = connect(trace)
-        try:
-            con.register("_tagged", pa.table({"request_id": ids}))
-            where = f"request_id IN (SELECT request_id FROM _tagged){phase_where(phase)}"
-            rows = run_query(
-                con,
-                f"SELECT layer, e, count(*) AS n FROM ({unpivot_sql(m.top_k, where)}) GROUP BY ALL",
-            )
-            tok_rows = run_query(
-                con, f"SELECT layer, count(*) AS n FROM activations_raw WHERE {where} GROUP BY 1"
-            ).to_pylist()
-        finally:
-            con.close()
-        counts = np.zeros((L, E), np.int64)
-        li = np.array([layer_index[x] for x in rows.column("layer").to_pylist()], np.int64)
-        np.add.at(
-            counts,
-            (li, rows.column("e").to_numpy().astype(np.int64)),
-            rows.column("n").to_numpy().astype(np.int64),
+        return phase_counts(trace).select(phase)
+    ids = _tagged_requests(trace, *tag)
+    if not ids:
+        raise AnalysisError(f"no request of {trace.path} has tag {tag[0]}={tag[1]!r}")
+    con = connect(trace)
+    try:
+        con.register("_tagged", pa.table({"request_id": ids}))
+        where = f"request_id IN (SELECT request_id FROM _tagged){phase_where(phase)}"
+        rows = run_query(
+            con,
+            f"SELECT layer, e, count(*) AS n FROM ({unpivot_sql(m.top_k, where)}) GROUP BY ALL",
         )
+        tok_rows = run_query(
+            con, f"SELECT layer, count(*) AS n FROM activations_raw WHERE {where} GROUP BY 1"
+        ).to_pylist()
+    finally:
+        con.close()
+    counts = np.zeros((L, E), np.int64)
+    li = np.array([layer_index[x] for x in rows.column("layer").to_pylist()], np.int64)
+    np.add.at(
+        counts,
+        (li, rows.column("e").to_numpy().astype(np.int64)),
+        rows.column("n").to_numpy().astype(np.int64),
+    )
     tokens = np.zeros(L, np.int64)
     for r in tok_rows:
         tokens[layer_index[int(r["layer"])]] = int(r["n"])

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.dashboard.data.common import layer_id, phase_arg, reopen, routing_for_layers
-from moetrace.dashboard.data.experts import expert_counts
+from moetrace.dashboard.data.common import layer_id, phase_where, query, routing_for_layers
+from moetrace.dashboard.data.experts import ExpertCounts, expert_counts
 from moetrace.errors import AnalysisError
 from moetrace.store.arrays import Routing
 from moetrace.store.reader import Trace
@@ -39,34 +39,55 @@ class CoActivation:
             )
 
 
-def all_pair_counts(trace: Trace, phase: str = "all") -> np.ndarray:
-    """(L, E, E) pair counts of every layer (one DuckDB pass; cache the result)."""
-    return G.pair_counts(reopen(trace.path), phase_arg(phase))
+def layer_pair_counts(trace: Trace, layer_index: int, phase: str = "all") -> np.ndarray:
+    """(E, E) symmetric pair counts of one layer, diagonal zero.
+
+    The same counts as :func:`moetrace.tuner.mining.groups.pair_counts` (which does every
+    layer at once), with the layer filter applied before the k*(k-1)/2-way unpivot, so a
+    page showing one layer of a large trace scans once and unpivots 1/L of the rows.
+    """
+    k, E = trace.top_k, trace.manifest.model.num_experts
+    out = np.zeros((E, E), np.int64)
+    if k < 2:
+        return out
+    lid = layer_id(trace, layer_index)
+    cols = ", ".join(f"e{i}" for i in range(k))
+    pairs = " UNION ALL ".join(
+        f"SELECT least(e{i}, e{j}) AS a, greatest(e{i}, e{j}) AS b FROM t"
+        for i in range(k)
+        for j in range(i + 1, k)
+    )
+    rows = query(
+        trace,
+        f"""WITH t AS (SELECT {cols} FROM activations_raw WHERE layer = {lid}{phase_where(phase)})
+            SELECT a, b, count(*) AS n FROM ({pairs}) WHERE a >= 0 AND a <> b GROUP BY ALL""",
+    )
+    a = rows.column("a").to_numpy().astype(np.int64)
+    b = rows.column("b").to_numpy().astype(np.int64)
+    n = rows.column("n").to_numpy().astype(np.int64)
+    np.add.at(out, (a, b), n)
+    np.add.at(out, (b, a), n)
+    return out
 
 
 def coactivation(
-    trace: Trace, layer_index: int, phase: str = "all", pairs: np.ndarray | None = None
+    trace: Trace, layer_index: int, phase: str = "all", counts: ExpertCounts | None = None
 ) -> CoActivation:
-    """One layer's co-activation; ``pairs`` is :func:`all_pair_counts` when precomputed."""
+    """One layer's co-activation: pair counts, lift, strongest pairs and greedy groups
+    (``counts``: the phase's :func:`expert_counts`, when already at hand)."""
     k = trace.top_k
-    if pairs is None:
-        pairs = all_pair_counts(trace, phase)
-    counts = expert_counts(trace, phase)
-    lifts = G.lift(
-        pairs[layer_index : layer_index + 1],
-        counts.counts[layer_index : layer_index + 1],
-        counts.tokens[layer_index : layer_index + 1],
-    )
+    pairs = layer_pair_counts(trace, layer_index, phase)[None]
+    counts = counts if counts is not None else expert_counts(trace, phase)
+    sl = slice(layer_index, layer_index + 1)
+    lifts = G.lift(pairs, counts.counts[sl], counts.tokens[sl])
     tokens = int(counts.tokens[layer_index])
     support = max(5, int(0.001 * tokens))
-    top = G.top_pairs(pairs[layer_index : layer_index + 1], lifts, 0, TOP_PAIRS, support)
-    groups = G.greedy_groups(
-        pairs[layer_index : layer_index + 1], lifts, 0, max_size=max(k, 2), min_support=support
-    )
+    top = G.top_pairs(pairs, lifts, 0, TOP_PAIRS, support)
+    groups = G.greedy_groups(pairs, lifts, 0, max_size=max(k, 2), min_support=support)
     lid = layer_id(trace, layer_index)
     return CoActivation(
         layer=lid,
-        pairs=pairs[layer_index],
+        pairs=pairs[0],
         lift=lifts[0],
         tokens=tokens,
         top=tuple(G.PairStat(lid, p.a, p.b, p.count, p.lift) for p in top),

@@ -134,6 +134,7 @@ def _compare_traces(ctx: PageContext) -> None:
             ca.moe_layers,
             title=f"Activation share difference, A minus B (phase {ctx.phase})",
             value_title="Share A - share B (% points)",
+            diverging=True,
         ),
         width="stretch",
     )
@@ -156,6 +157,7 @@ def _runtime_stats(ctx: PageContext) -> None:
         rows = stats_per_layer(data)
         if rows:
             df = pd.DataFrame(rows)
+            df["layer"] = [f"L{x}" for x in df["layer"]]
             chart = (
                 alt.Chart(df)
                 .mark_bar()
@@ -177,7 +179,7 @@ def _runtime_stats(ctx: PageContext) -> None:
                         "accesses:Q",
                     ],
                 )
-                .properties(title=f"Measured hit rate per layer ({ls.name})", height=260)
+                .properties(title=f"Measured hit rate per layer ({ls.name})", height=340)
             )
             st.altair_chart(chart, width="stretch")
 
