@@ -13,6 +13,8 @@ import pandas as pd
 
 HEATMAP_SCHEME = "viridis"
 CATEGORY_SCHEME = "tableau10"
+PADDING = {"top": 14, "left": 5, "right": 5, "bottom": 5}
+"""Room above the title (Streamlit otherwise lets the element above overlap it)."""
 
 
 def _axis(n_labels: int) -> alt.Axis:
@@ -33,9 +35,11 @@ def layer_expert_heatmap(
     pinned: np.ndarray | None = None,
     percent: bool = True,
     diverging: bool = False,
+    log_scale: bool = False,
 ) -> alt.Chart:
     """(L, E) values as a layer x expert heatmap; ``pinned`` (L, E) bool marks cells;
-    ``diverging`` colours signed values red/blue around zero."""
+    ``diverging`` colours signed values red/blue around zero; ``log_scale`` uses a
+    symmetric log colour scale so one dominant expert does not wash out the rest."""
     L, E = values.shape
     layers = _layer_labels(moe_layers)
     df = pd.DataFrame(
@@ -56,7 +60,7 @@ def layer_expert_heatmap(
             title=value_title,
             scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)
             if diverging
-            else alt.Scale(scheme=HEATMAP_SCHEME),
+            else alt.Scale(scheme=HEATMAP_SCHEME, type="symlog" if log_scale else "linear"),
         ),
         tooltip=[
             alt.Tooltip("layer:O", title="layer"),
@@ -82,7 +86,7 @@ def layer_expert_heatmap(
                 )
             )
             chart = alt.layer(chart, overlay).resolve_scale(color="independent")
-    return chart.properties(title=title, height=min(max(26 * L + 150, 330), 1000))
+    return chart.properties(padding=PADDING, title=title, height=min(max(26 * L + 150, 330), 1000))
 
 
 def square_heatmap(
@@ -116,7 +120,7 @@ def square_heatmap(
                 alt.Tooltip("value:Q", title=value_title, format=fmt),
             ],
         )
-        .properties(title=title, height=min(max(20 * n_y + 150, 380), 900))
+        .properties(padding=PADDING, title=title, height=min(max(20 * n_y + 150, 380), 900))
     )
 
 
@@ -145,7 +149,7 @@ def lorenz_chart(curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str
                 alt.Tooltip("acts:Q", format=".1f"),
             ],
         )
-        .properties(title=title, height=380)
+        .properties(padding=PADDING, title=title, height=380)
     )
 
 
@@ -171,7 +175,7 @@ def bar_chart(
                 alt.Tooltip("value:Q", title=y_title, format=fmt),
             ],
         )
-        .properties(title=title, height=300)
+        .properties(padding=PADDING, title=title, height=300)
     )
 
 
@@ -226,7 +230,7 @@ def mrc_chart(
         )
         text = alt.Chart(pdf).mark_text(align="left", dx=9, dy=-9).encode(x=x, y=y, text="plan:N")
         chart = alt.layer(lines, marks, text)
-    return chart.properties(title=title, height=360)
+    return chart.properties(padding=PADDING, title=title, height=360)
 
 
 def histogram(
@@ -253,7 +257,7 @@ def histogram(
                 alt.Tooltip("n:Q", title="accesses", format=","),
             ],
         )
-        .properties(title=title, height=300)
+        .properties(padding=PADDING, title=title, height=300)
     )
 
 
@@ -283,7 +287,7 @@ def token_routing_chart(
                 alt.Tooltip("weight:Q", format=".3f"),
             ],
         )
-        .properties(title=title, height=min(max(14 * num_experts + 150, 330), 900))
+        .properties(padding=PADDING, title=title, height=min(max(14 * num_experts + 150, 330), 900))
     )
 
 
@@ -299,5 +303,5 @@ def projection_chart(
             color=alt.Color(f"{color}:N", title=color, scale=alt.Scale(scheme=CATEGORY_SCHEME)),
             tooltip=["request_id:N", f"{color}:N"],
         )
-        .properties(title=title, height=380)
+        .properties(padding=PADDING, title=title, height=380)
     )

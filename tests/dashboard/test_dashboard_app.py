@@ -99,6 +99,9 @@ def test_experts_heatmap_and_tag_filter(full: AppTest) -> None:
     (spec,) = _specs(at)
     assert "topic=code" in _title(spec)
     assert at.metric[0].value != total
+    at.radio(key="experts_scale").set_value("log").run()
+    (spec,) = _specs(at)
+    assert spec["encoding"]["color"]["scale"]["type"] == "symlog"
 
 
 def test_reuse_page_curves_and_plan_points(full: AppTest) -> None:

@@ -23,6 +23,13 @@ def render(ctx: PageContext) -> None:
     choice = st.selectbox(
         "Request tag", options, key="experts_tag", help="Only requests carrying this tag"
     )
+    scale = st.radio(
+        "Colour scale",
+        ("linear", "log"),
+        horizontal=True,
+        key="experts_scale",
+        help="Log keeps the other experts visible when one expert takes most of a layer",
+    )
     tag = None if choice == ALL else tuple(choice.split("=", 1))
     counts = cache.expert_counts(ctx.trace_path, ctx.stamp, ctx.phase, tag)  # type: ignore[arg-type]
     who = "all requests" if tag is None else f"requests with {choice}"
@@ -36,6 +43,7 @@ def render(ctx: PageContext) -> None:
             counts.moe_layers,
             title=f"Activation share per layer: phase {ctx.phase}, {who}",
             value_title="Share of layer's activations (%)",
+            log_scale=scale == "log",
         ),
         width="stretch",
     )

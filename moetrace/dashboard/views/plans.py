@@ -179,7 +179,11 @@ def _runtime_stats(ctx: PageContext) -> None:
                         "accesses:Q",
                     ],
                 )
-                .properties(title=f"Measured hit rate per layer ({ls.name})", height=340)
+                .properties(
+                    title=f"Measured hit rate per layer ({ls.name})",
+                    height=340,
+                    padding=charts.PADDING,
+                )
             )
             st.altair_chart(chart, width="stretch")
 
