@@ -56,7 +56,11 @@ def open_engine(
     **kw: Any,
 ) -> tuple[OffloadEngine, Any]:
     """An engine for a model folder (experts in host memory) or an expert store (on disk),
-    plus the tokenizer found beside it (None when there is none)."""
+    plus the tokenizer found beside it (None when there is none).
+
+    ``dtype`` (``"float32"``, ``"bfloat16"``...) defaults to the checkpoint's own dtype,
+    as ``moetrace record`` does, so a plan tuned on a recorded trace fits its experts.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(model)
@@ -67,7 +71,7 @@ def open_engine(
         )
     else:
         try:
-            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": torch.float32}
+            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
             hf = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: cannot load model ({exc})") from None
