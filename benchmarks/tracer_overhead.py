@@ -32,7 +32,7 @@ MODES = ("off", "on", "speculative")
 
 
 class TimedRecorder(RoutingRecorder):
-    """A RoutingRecorder that sums the wall time spent inside its own hooks."""
+    """A RoutingRecorder summing the wall time of its hooks and its host-side drain."""
 
     hook_seconds = 0.0
 
@@ -59,6 +59,13 @@ class TimedRecorder(RoutingRecorder):
         t0 = time.perf_counter()
         try:
             super()._stack_post(mod, args, out)
+        finally:
+            self.hook_seconds += time.perf_counter() - t0
+
+    def _drain(self) -> None:  # the deferred host-side work counts too
+        t0 = time.perf_counter()
+        try:
+            super()._drain()
         finally:
             self.hook_seconds += time.perf_counter() - t0
 
