@@ -10,6 +10,8 @@ from pathlib import Path
 
 import streamlit as st
 
+from moetrace.dashboard.context import sidebar
+
 VIEWS = Path(__file__).resolve().parent / "views"
 PAGES = (
     ("overview.py", "Overview", "overview", ":material/dashboard:"),
@@ -29,7 +31,9 @@ def main() -> None:
         st.Page(str(VIEWS / file), title=title, url_path=url, icon=icon, default=(i == 0))
         for i, (file, title, url, icon) in enumerate(PAGES)
     ]
-    st.navigation(pages).run()
+    page = st.navigation(pages)
+    sidebar()
+    page.run()
 
 
 main()

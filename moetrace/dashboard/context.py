@@ -48,29 +48,41 @@ def _inputs() -> DashboardInputs:
     return current_inputs(sys.argv[1:])
 
 
-def page_context(*, need_rows: bool = True) -> PageContext:
-    """Sidebar choices and the selected trace; stops the page with st.error on bad input."""
+def sidebar() -> None:
+    """The trace and phase choosers, rendered by the app's entry script before the page,
+    so the choice holds across pages (session keys ``trace`` and ``phase``)."""
     try:
         inputs = _inputs()
-    except MoetraceError as exc:
-        st.error(f"Cannot start the dashboard: {exc}")
-        st.stop()
-    traces = list(inputs.traces)
+    except MoetraceError:
+        return  # page_context reports it on the page
     with st.sidebar:
-        path = st.selectbox(
+        st.selectbox(
             "Trace",
-            traces,
+            list(inputs.traces),
             format_func=trace_label,
             key="trace",
             help="Traces given on the command line",
         )
-        phase = st.radio(
+        st.radio(
             "Phase",
             PHASE_CHOICES,
             horizontal=True,
             key="phase",
             help="Which tokens the figures count: prompt (prefill), generated (decode) or both",
         )
+
+
+def page_context(*, need_rows: bool = True) -> PageContext:
+    """The selected trace and phase; stops the page with st.error on bad input."""
+    try:
+        inputs = _inputs()
+    except MoetraceError as exc:
+        st.error(f"Cannot start the dashboard: {exc}")
+        st.stop()
+    path = st.session_state.get("trace")
+    if path not in inputs.traces:
+        path = inputs.traces[0]
+    phase = st.session_state.get("phase", "all")
     st_stamp = stamp(path)
     try:
         cache.trace(path, st_stamp)

@@ -79,6 +79,8 @@ def streamlit_command(inputs: DashboardInputs, host: str, port: int) -> list[str
         "none",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",
         "--",
         *inputs.to_argv(),
     ]

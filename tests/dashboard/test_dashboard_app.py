@@ -230,3 +230,34 @@ def test_malformed_trace(monkeypatch: pytest.MonkeyPatch, fixture_paths: dict[st
 def test_bad_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     at = _open(_app(monkeypatch, traces=[]), "overview")
     assert "at least one trace" in at.error[0].value
+
+
+def test_phase_without_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A prefill-only trace viewed in the decode phase: messages, no exception."""
+    import numpy as np
+
+    from moetrace.store import Manifest, ModelInfo, RequestRecord, TraceWriter
+
+    path = tmp_path / "prefill-only"
+    with TraceWriter(path, Manifest(ModelInfo("p-moe", 3, (1, 2), 4, 2)), threads=0) as w:
+        for r in range(4):
+            n = 5
+            w.write_request(
+                RequestRecord(f"q{r}", prompt_tokens=n),
+                token=np.repeat(np.arange(n), 2),
+                step=0,
+                phase=0,
+                forward=r,
+                layer=np.tile([1, 2], n),
+                experts=np.array([[(t + r) % 4, (t + r + 1) % 4] for t in range(2 * n)]),
+            )
+    at = _app(monkeypatch, traces=[path])
+    at = _open(at, "overview")
+    at.sidebar.radio(key="phase").set_value("decode").run()
+    assert not at.exception
+    assert "no activations in phase 'decode'" in " ".join(w.value for w in at.warning)
+    for page in ("experts", "reuse", "groups", "requests"):
+        at = _open(at, page)
+        assert at.session_state["phase"] == "decode"
+    at = _open(at, "experts")
+    assert "No activations in phase 'decode'" in at.warning[0].value
