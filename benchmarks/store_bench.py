@@ -177,7 +177,7 @@ def bench_write(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     k6 = make_workload(SHAPES[1], "float32", args.rows, seed=99)
     for label, kw in (
         ("threads=0 (encode in caller)", {"threads": 0}),
-        ("compression=lz4", {"compression": "lz4"}),
+        ("compression=zstd", {"compression": "zstd"}),
         ("compression=snappy", {"compression": "snappy"}),
         ("part_rows=262144", {"part_rows": 1 << 18}),
     ):

@@ -9,7 +9,7 @@ options chosen for format v1 (see docs/trace-format.md, "Physical encoding"):
   compress better; DuckDB cannot read it for float16);
 * dictionary encoding only on ``request_id`` and ``phase`` (low cardinality); statistics
   only on the key columns readers filter on and on the expert ids;
-* zstd (level 1) compression.
+* lz4 compression by default (``compression="zstd"``: ~15% smaller, ~1.7x the CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from moetrace.store import schema as S
 
-COMPRESSION = "zstd"
+COMPRESSION = "lz4"
+"""Default part compression: lz4 encodes ~1.7x faster than zstd-1 for ~15% more bytes."""
 COMPRESSION_LEVELS = {"zstd": 1}
 KEY_COLUMNS = ("request_id", "token", "step", "forward", "layer")
 
