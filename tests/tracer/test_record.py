@@ -207,3 +207,25 @@ def test_defaults_to_demo_model_and_prompts(model_dir, tmp_path, monkeypatch) ->
     trace = open_trace(tmp_path / "t")
     assert sorted(r["request_id"] for r in trace.requests().to_pylist()) == ["q0", "q1"]
     assert trace.manifest.model.architecture == "olmoe"
+
+
+def test_draining_early_gives_the_same_rows(tmp_path, monkeypatch) -> None:
+    import moetrace.tracer.recorder as recorder_mod
+
+    model = tiny_model("qwen3_moe")
+    ids = torch.tensor([[PAD, 5, 6, 7], [8, 9, 10, 11]])
+    tables = []
+    for name, limit in (("deferred", recorder_mod.MAX_DEFERRED), ("eager", 1)):
+        monkeypatch.setattr(recorder_mod, "MAX_DEFERRED", limit)
+        with RoutingRecorder(model, tmp_path / name, speculative=True) as rec:
+            rec.generate(["a", "b"], ids, (ids != PAD).long(), max_new_tokens=4, do_sample=False)
+        cols = ["request_id", "token", "step", "phase", "forward", "layer", "e0", "e1", "s0"]
+        tables.append(
+            open_trace(tmp_path / name)
+            .read_activations()
+            .to_pandas()[cols]
+            .sort_values(["request_id", "token", "layer"])
+            .reset_index(drop=True)
+        )
+    assert len(tables[0]) == (3 + 4 - 1 + 4 + 4 - 1) * 2
+    assert tables[0].equals(tables[1])
