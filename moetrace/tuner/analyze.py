@@ -26,20 +26,18 @@ from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import phases as P
 from moetrace.tuner.mining import requests as RQ
 from moetrace.tuner.mining import transitions as T
-from moetrace.tuner.mining.mrc import lru_hit_curve, smallest_size
-from moetrace.tuner.mining.replacement import TokenStream, smallest_size_reaching
+from moetrace.tuner.mining.curves import reuse_and_mrc
+from moetrace.tuner.mining.mrc import lru_hit_curve
 from moetrace.tuner.mining.report import (
     REPORT_VERSION,
     AnalysisReport,
     GroupStats,
-    MRCStats,
     PhaseStats,
     RequestStats,
-    ReuseStats,
     SkewStats,
     TransitionStats,
 )
-from moetrace.tuner.mining.reuse import QUANTILES, TOKEN_BINS, stack_distances, summarize
+from moetrace.tuner.mining.reuse import stack_distances
 from moetrace.tuner.mining.streams import (
     compact_requests,
     first_tokens,
@@ -52,14 +50,6 @@ log = logging.getLogger(__name__)
 
 PHASE_CHOICES = ("all", *S.PHASES)
 DEFAULT_SIZE_FRACTIONS = (0.125, 0.25, 0.5)
-TARGETS = (0.8, 0.9)
-MRC_DEFINITION = (
-    "independent cache per MoE layer, same size for every layer; requests replayed one "
-    "after another in arrival order; a token's k experts are needed together: each is a "
-    "hit if cached before the token, misses are loaded on demand and evict only experts "
-    "the token does not use (dropped slots skipped)"
-)
-MODEL_QUANTILE_SAMPLE = 100_000
 
 
 @dataclass(frozen=True)
@@ -161,86 +151,8 @@ def _skew(freq: np.ndarray, tokens: np.ndarray) -> SkewStats:
     )
 
 
-def _reuse_and_mrc(
-    routing: Routing, rows: list[np.ndarray], sizes: tuple[int, ...], seed: int
-) -> tuple[ReuseStats, MRCStats]:
-    E = routing.num_experts
-    rng = np.random.default_rng(seed)
-    stack_hists, cold, token_hists, tq, dq, samples = [], [], [], [], [], []
-    lru, lfu, belady, accesses, streams = [], [], [], [], []
-    for layer, r in enumerate(rows):
-        st = layer_stream(routing, layer, r)
-        sd, td = stack_distances(st.experts, st.row, E)
-        summ = summarize(sd, td, E)
-        del sd
-        reused = td[td > 0]
-        if reused.size > MODEL_QUANTILE_SAMPLE:
-            reused = rng.choice(reused, MODEL_QUANTILE_SAMPLE, replace=False)
-        samples.append(reused)
-        stack_hists.append(summ.stack_hist)
-        cold.append(summ.cold)
-        token_hists.append(summ.token_hist)
-        tq.append(summ.token_quantiles)
-        dq.append(summ.distinct_quantiles)
-        n = st.num_accesses
-        accesses.append(n)
-        lru.append(lru_hit_curve(summ.stack_hist, n))
-        ts = TokenStream(st.experts, st.row, E)
-        streams.append(ts)
-        belady.append([ts.belady_hits(c) / n if n else 0.0 for c in sizes])
-        lfu.append([ts.lfu_hits(c) / n if n else 0.0 for c in sizes])
-    total = max(sum(accesses), 1)
-    acc = np.asarray(accesses, dtype=np.float64)
-    hist_sum = np.sum(stack_hists, axis=0)
-    model_lru = np.cumsum(hist_sum) / total
-    memo: dict[int, float] = {}
-
-    def opt_rate(c: int) -> float:
-        if c not in memo:
-            memo[c] = sum(s.belady_hits(c) for s in streams) / total
-        return memo[c]
-
-    for c, rates in zip(sizes, np.asarray(belady).T, strict=True):
-        memo[c] = float((rates * acc).sum() / total)
-    from moetrace.tuner.mining.reuse import hist_quantiles
-
-    allsamp = np.concatenate(samples) if samples else np.zeros(0)
-    reuse = ReuseStats(
-        quantiles=QUANTILES,
-        token_quantiles=tuple(tq),
-        distinct_quantiles=tuple(dq),
-        token_hist_edges=tuple(2**i for i in range(TOKEN_BINS)),
-        token_hist=_irows(np.asarray(token_hists)),
-        distinct_hist=_irows(np.asarray(stack_hists)),
-        cold=tuple(cold),
-        model_token_quantiles=tuple(float(x) for x in np.quantile(allsamp, QUANTILES))
-        if allsamp.size
-        else tuple(float("nan") for _ in QUANTILES),
-        model_distinct_quantiles=hist_quantiles(hist_sum),
-    )
-    mrc = MRCStats(
-        definition=MRC_DEFINITION,
-        lru=_rows(np.asarray(lru)),
-        model_lru=tuple(float(x) for x in model_lru),
-        policy_sizes=sizes,
-        lfu=_rows(np.asarray(lfu)),
-        belady=_rows(np.asarray(belady)),
-        model_lru_at=tuple(float(model_lru[c - 1]) for c in sizes),
-        model_lfu=tuple(float(x) for x in (np.asarray(lfu).T @ acc) / total),
-        model_belady=tuple(memo[c] for c in sizes),
-        lru_size_for={str(t): smallest_size(model_lru, t) for t in TARGETS},
-        belady_size_for={
-            str(t): smallest_size_reaching(opt_rate, routing.top_k, E, t, dict(memo))
-            for t in TARGETS
-        },
-    )
-    return reuse, mrc
-
-
 def _groups(
-    trace: Trace,
     routing: Routing,
-    phase: str | None,
     freq: np.ndarray,
     tokens: np.ndarray,
     cfg: AnalyzeConfig,
@@ -248,10 +160,9 @@ def _groups(
 ) -> GroupStats | None:
     if top_k < 2:
         return None
-    if cfg.max_tokens is None:
-        pairs = G.pair_counts(trace, phase)
-    else:
-        pairs = G.pair_counts_from_routing(routing.layer, routing.experts, *freq.shape)
+    # routing is in memory already: one numba pass beats re-reading the Parquet parts
+    # (G.pair_counts is the DuckDB equivalent; tests check they agree)
+    pairs = G.pair_counts_from_routing(routing.layer, routing.experts, *freq.shape)
     lifts = G.lift(pairs, freq, tokens)
     top, grps, max_lift, supports = [], [], [], []
     for layer in range(freq.shape[0]):
@@ -426,11 +337,9 @@ def analyze(
     tokens = np.array([r.size for r in rows], dtype=np.int64)
     skew = _skew(freq, tokens)
     t = lap("skew", t)
-    reuse, mrc = _reuse_and_mrc(routing, rows, sizes, cfg.seed)
+    reuse, mrc = reuse_and_mrc(routing, rows, sizes, cfg.seed)
     t = lap("reuse_mrc", t)
-    groups = (
-        _groups(trace, routing, phase, freq, tokens, cfg, k) if "groups" in cfg.sections else None
-    )
+    groups = _groups(routing, freq, tokens, cfg, k) if "groups" in cfg.sections else None
     t = lap("groups", t)
     transitions = _transitions(routing, cfg) if "transitions" in cfg.sections else None
     t = lap("transitions", t)

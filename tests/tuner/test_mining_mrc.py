@@ -212,3 +212,17 @@ def test_reuse_distances_in_tokens_and_distinct_experts() -> None:
     assert summ.cold == 3
     assert summ.stack_hist.tolist() == [1, 0, 1, 0]
     assert summ.token_hist[:3].tolist() == [1, 1, 0]  # bins [1,2) and [2,4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=40),
+    st.floats(0, 1),
+    st.dictionaries(st.integers(1, 40), st.booleans(), max_size=4),
+)
+def test_size_search_equals_a_linear_scan(steps: list[float], target: float, hints: dict) -> None:
+    curve = np.cumsum(steps) / max(sum(steps), 1e-9)  # monotone, sizes 1..n
+    n = len(curve)
+    known = {c: float(curve[c - 1]) for c in hints if c <= n}
+    expected = next((c for c in range(1, n + 1) if curve[c - 1] >= target - 1e-12), None)
+    assert smallest_size_reaching(lambda c: float(curve[c - 1]), 1, n, target, known) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from moetrace.errors import AnalysisError
@@ -56,22 +57,33 @@ def pair_counts(trace: Trace, phase: str | None = None) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _count_pairs(layer: np.ndarray, experts: np.ndarray, out: np.ndarray) -> None:
+    k = experts.shape[1]
+    for i in range(experts.shape[0]):
+        lay = layer[i]
+        for r1 in range(k):
+            a = experts[i, r1]
+            if a < 0:
+                continue
+            for r2 in range(r1 + 1, k):
+                b = experts[i, r2]
+                if b >= 0 and b != a:
+                    out[lay, a, b] += 1
+                    out[lay, b, a] += 1
+
+
 def pair_counts_from_routing(
     layer: np.ndarray, experts: np.ndarray, num_layers: int, num_experts: int
 ) -> np.ndarray:
-    """Same as :func:`pair_counts` from routing arrays (numpy; for tests and subsets)."""
-    k = experts.shape[1]
-    out = np.zeros(num_layers * num_experts * num_experts, np.int64)
-    lay = layer.astype(np.int64)
-    for i in range(k):
-        for j in range(i + 1, k):
-            a = np.minimum(experts[:, i], experts[:, j]).astype(np.int64)
-            b = np.maximum(experts[:, i], experts[:, j]).astype(np.int64)
-            ok = (a >= 0) & (a != b)
-            idx = (lay[ok] * num_experts + a[ok]) * num_experts + b[ok]
-            out += np.bincount(idx, minlength=out.size)
-    out = out.reshape(num_layers, num_experts, num_experts)
-    return out + out.transpose(0, 2, 1)
+    """Same as :func:`pair_counts` from routing arrays (numba; one pass, no Parquet read)."""
+    out = np.zeros((num_layers, num_experts, num_experts), np.int64)
+    _count_pairs(
+        np.ascontiguousarray(layer, dtype=np.int16),
+        np.ascontiguousarray(experts, dtype=np.int16),
+        out,
+    )
+    return out
 
 
 def lift(pairs: np.ndarray, freq: np.ndarray, tokens: np.ndarray) -> np.ndarray:

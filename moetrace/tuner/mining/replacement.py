@@ -20,7 +20,7 @@ import numpy as np
 from moetrace.errors import AnalysisError
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _next_use(experts: np.ndarray, num_experts: int) -> np.ndarray:
     n = experts.shape[0]
     nxt = np.empty(n, np.int64)
@@ -32,7 +32,7 @@ def _next_use(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return nxt
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _simulate(
     experts: np.ndarray,
     row: np.ndarray,
@@ -172,20 +172,40 @@ def smallest_size_reaching(
 ) -> int | None:
     """Smallest size in [low, high] with ``hit_rate(size) >= target`` (monotone policy).
 
-    ``known`` rates (size -> rate) narrow the bisection before any new evaluation.
+    ``known`` rates (size -> rate) bracket the answer before any new evaluation; the
+    search interpolates linearly on the curve and probes the guess's neighbour (every
+    third step bisects), so smooth curves need few evaluations.
     """
-    for size, rate in sorted((known or {}).items()):
-        if low <= size <= high:
-            if rate >= target - 1e-12:
-                high = size
-                break
-            low = size + 1
-    if low > high or hit_rate(high) < target - 1e-12:
+    rates = dict(known or {})
+
+    def rate(c: int) -> float:
+        if c not in rates:
+            rates[c] = hit_rate(c)
+        return rates[c]
+
+    eps = 1e-12
+    if rate(high) < target - eps:
         return None
-    while low < high:
-        mid = (low + high) // 2
-        if hit_rate(mid) >= target - 1e-12:
-            high = mid
+    below = max(
+        (c for c, r in rates.items() if c < high and c >= low and r < target - eps), default=low - 1
+    )
+    above = min(
+        (c for c, r in rates.items() if low <= c <= high and r >= target - eps), default=high
+    )
+    step = 0
+    while above - below > 1:
+        mid = (below + above) // 2
+        r_lo, r_hi = rates.get(below, 0.0), rates[above]
+        if step % 3 != 2 and r_hi > r_lo:  # interpolate, then probe the neighbour
+            guess = below + round((target - r_lo) / (r_hi - r_lo) * (above - below))
+            mid = min(max(guess, below + 1), above - 1)
+        step += 1
+        if rate(mid) >= target - eps:
+            above = mid
+            if mid - 1 > below and rate(mid - 1) < target - eps:
+                below = mid - 1
         else:
-            low = mid + 1
-    return low
+            below = mid
+            if mid + 1 < above and rate(mid + 1) >= target - eps:
+                above = mid + 1
+    return above

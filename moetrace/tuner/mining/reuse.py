@@ -21,7 +21,7 @@ TOKEN_BINS = 24
 """Token distance histogram bins: [1,2), [2,4), ... [2^22, 2^23), >= 2^23."""
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _stack_distances(
     experts: np.ndarray, row: np.ndarray, num_experts: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ def next_layer_index(routing: Routing) -> np.ndarray:
     return np.flatnonzero(same).astype(np.int64)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _count_pairs(
     starts: np.ndarray, layer: np.ndarray, experts: np.ndarray, out: np.ndarray
 ) -> None:
