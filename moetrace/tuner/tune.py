@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("lru", {}),
     ("lfu", {}),
+    ("lfu_decay", {"decay": 0.998}),
     ("lfu_decay", {"decay": 0.9995}),
     ("pinned_lru", {"pin_fraction": 0.5}),
     ("pinned_lfu", {"pin_fraction": 0.5, "decay": 0.9995}),

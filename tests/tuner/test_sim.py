@@ -198,3 +198,13 @@ def test_prefetcher_fit_accepts_routing() -> None:
     online = get_prefetcher(fitted, 2, 8)
     assert list(online.predict(0, np.asarray([3]))) == [4]
     assert list(online.predict(1, np.asarray([3]))) == []  # no layer after the last
+
+
+def test_mrc_layout_gives_slots_where_they_pay() -> None:
+    from moetrace.tuner.sim import mrc_layout, uniform_layout
+
+    # layer 0 always needs expert 0; layer 1 cycles through 4 experts, two per token
+    tokens = [[[0], [2 * (t % 2), 2 * (t % 2) + 1]] for t in range(40)]
+    ev = build_events(routing(tokens, 8))
+    assert mrc_layout(5, ev).capacities == (1, 4)
+    assert uniform_layout(5, 2, 8).capacities == (3, 2)

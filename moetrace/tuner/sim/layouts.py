@@ -103,14 +103,12 @@ def mrc_layout(slots: int, events: Events) -> CacheLayout:
         events.layer.astype(np.int64), events.ptr, events.experts.astype(np.int64), L, E
     ).astype(np.float64)
     caps = np.zeros(L, dtype=np.int64)
+    sizes = np.arange(E + 1)
     for _ in range(slots):
-        # marginal gain of one more slot; look two ahead so flat steps are not a wall
-        gain = np.full(L, -1.0)
-        for lay in range(L):
-            c = caps[lay]
-            if c < E:
-                gain[lay] = max(
-                    hits[lay, c + 1] - hits[lay, c], (hits[lay, min(E, c + 2)] - hits[lay, c]) / 2
-                )
-        caps[int(np.argmax(gain))] += 1
+        # best average gain per slot over any number of further slots, so a layer whose
+        # curve is flat for its first slots (top-k > 1) is not starved
+        base = hits[np.arange(L), caps][:, None]
+        d = sizes[None, :] - caps[:, None]
+        avg = np.where(d > 0, (hits - base) / np.maximum(d, 1), -1.0)
+        caps[int(np.argmax(avg.max(axis=1)))] += 1
     return CacheLayout("per_layer", tuple(int(c) for c in caps))
