@@ -72,10 +72,15 @@ def layer_id(trace: Trace, layer_index: int) -> int:
 
 
 def unpivot_sql(top_k: int, where: str = "TRUE", extra: str = "") -> str:
-    """One row per (activation row, rank) with column ``e``; dropped slots excluded."""
-    return " UNION ALL ".join(
-        f"SELECT {extra}layer, e{i} AS e FROM activations_raw WHERE e{i} >= 0 AND ({where})"
-        for i in range(top_k)
+    """One row per (activation row, rank) with column ``e``; dropped slots excluded.
+
+    One scan with ``unnest`` of the k rank columns (a UNION ALL of k scans is about 1.5x
+    slower on a 6M-row trace). ``extra`` prefixes more columns, e.g. ``"request_id, "``.
+    """
+    cols = ", ".join(f"e{i}" for i in range(top_k))
+    return (
+        f"SELECT {extra}layer, e FROM (SELECT {extra}layer, unnest([{cols}]) AS e "
+        f"FROM activations_raw WHERE ({where})) WHERE e >= 0"
     )
 
 
