@@ -275,14 +275,17 @@ class RoutingRecorder:
             raise ModelError(f"MoE layers {names} did not route in a forward pass")
         tokens = cur.batch * cur.seq
         k = self.manifest.top_k
-        idx = torch.stack([r[0].reshape(tokens, k) for r in cur.routes])
-        parts = [idx.to(torch.float64).reshape(-1)]  # torch.cat promotes the rest
+        # every adapter hands (tokens, k) tensors: stack as they are, flatten once
+        idx = torch.stack([r[0] for r in cur.routes])
+        if idx.numel() != len(cur.routes) * tokens * k:
+            raise ModelError(f"routing of {idx.shape} does not match {tokens} tokens x top-{k}")
+        parts = [idx.reshape(-1).to(torch.float64)]  # torch.cat promotes the rest
         has_w = all(r[1] is not None for r in cur.routes)
         if has_w:
-            parts.append(torch.stack([r[1].reshape(tokens, k) for r in cur.routes]).reshape(-1))
+            parts.append(torch.stack([r[1] for r in cur.routes]).reshape(-1))
         if self.speculative:
-            last = torch.full((tokens, k), -1, dtype=idx.dtype, device=idx.device)
-            spec = [s.reshape(tokens, k) if s is not None else last for s in cur.spec]
+            last = torch.full_like(cur.routes[-1][0], -1)
+            spec = [s if s is not None else last for s in cur.spec]
             parts.append(torch.stack(spec).reshape(-1))
         if cur.mask is not None:
             parts.append(cur.mask.to(idx.device).reshape(-1))
