@@ -49,29 +49,36 @@ def empty_candidates(n_events: int) -> Candidates:
 
 def top_by_score(scores: np.ndarray, fetch: np.ndarray) -> list[np.ndarray]:
     """Per row, the ``fetch[row]`` highest-scoring columns with a positive score."""
-    order = np.argsort(-scores, axis=1, kind="stable")
-    out = []
-    for r in range(scores.shape[0]):
-        top = order[r, : fetch[r]]
-        out.append(top[scores[r, top] > 0])
-    return out
+    keep, cols = _top_mask(scores, fetch)
+    return [cols[r][keep[r]] for r in range(scores.shape[0])]
 
 
-def _csr(
-    n_events: int, rows: np.ndarray, layers: np.ndarray, lists: list[np.ndarray]
+def _top_mask(scores: np.ndarray, fetch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, columns): ``columns`` (n, f) by descending score, ``mask`` the kept ones."""
+    f = int(min(scores.shape[1], fetch.max(initial=0)))
+    cols = np.argsort(-scores, axis=1, kind="stable")[:, :f]
+    top = np.take_along_axis(scores, cols, axis=1)
+    keep = (np.arange(f)[None, :] < fetch[:, None]) & (top > 0)
+    return keep, cols
+
+
+def _from_triplets(
+    n_events: int, rows: np.ndarray, layers: np.ndarray, experts: np.ndarray
 ) -> Candidates:
-    sizes = np.zeros(n_events, np.int64)
-    for r, lst in zip(rows, lists, strict=True):
-        sizes[r] = len(lst)
-    ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    """CSR over events from (event row, target layer, expert) triplets."""
     order = np.argsort(rows, kind="stable")
-    exp = (
-        np.concatenate([lists[o] for o in order]).astype(np.int64)
-        if lists
-        else np.zeros(0, np.int64)
-    )
-    lay = np.repeat(layers[order], sizes[rows[order]]).astype(np.int64)
-    return ptr, lay, exp
+    counts = np.bincount(rows, minlength=n_events)
+    ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return ptr, layers[order].astype(np.int64), experts[order].astype(np.int64)
+
+
+def _gather(ptr: np.ndarray, values: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each i in ``idx``, the values in ``values[ptr[i]:ptr[i+1]]``, flattened, with
+    the position in ``idx`` each came from."""
+    lens = (ptr[idx + 1] - ptr[idx]).astype(np.int64)
+    owner = np.repeat(np.arange(len(idx)), lens)
+    starts = np.repeat(ptr[idx] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return owner, values[np.arange(int(lens.sum())) + starts]
 
 
 class Prefetcher:
@@ -146,8 +153,9 @@ class OraclePrefetch(Prefetcher):
     def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
         tgt = self._targets(events, cross_pass=True)
         rows = np.flatnonzero((tgt >= 0) & (fetch > 0))
-        lists = [events.experts[events.ptr[t] : events.ptr[t + 1]] for t in tgt[rows]]
-        return _csr(events.num_events, rows, events.layer[tgt[rows]].astype(np.int64), lists)
+        owner, exp = _gather(events.ptr, events.experts, tgt[rows])
+        layers = events.layer[tgt[rows]].astype(np.int64)
+        return _from_triplets(events.num_events, rows[owner], layers[owner], exp)
 
 
 @register_prefetcher
@@ -164,8 +172,8 @@ class SpeculativePrefetch(Prefetcher):
             raise ConfigError(f"prefetcher 'speculative' has lookahead 1, got {self.lookahead}")
         tl = events.layer.astype(np.int64) + 1
         rows = np.flatnonzero((tl < events.num_layers) & (fetch > 0))
-        lists = [events.spec_experts[events.spec_ptr[r] : events.spec_ptr[r + 1]] for r in rows]
-        return _csr(events.num_events, rows, tl[rows], lists)
+        owner, exp = _gather(events.spec_ptr, events.spec_experts, rows)
+        return _from_triplets(events.num_events, rows[owner], tl[rows][owner], exp)
 
     def predict(
         self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
@@ -227,26 +235,32 @@ class LinearPrefetch(Prefetcher):
 
     def candidates(self, events: Events, fetch: np.ndarray) -> Candidates:
         W, b = self._dense_cached()
-        tl_all = events.layer.astype(np.int64) + self.lookahead
-        rows_all, lists_all, layers_all = [], [], []
-        E = events.num_experts
-        for layer in range(events.num_layers - self.lookahead):
+        E, d = events.num_experts, self.lookahead
+        ev_of = np.repeat(np.arange(events.num_events), np.diff(events.ptr))
+        out_rows, out_layers, out_exp = [], [], []
+        for layer in range(events.num_layers - d):
             rows = np.flatnonzero((events.layer == layer) & (fetch > 0))
             if len(rows) == 0:
                 continue
+            local = np.full(events.num_events, -1, np.int64)
+            local[rows] = np.arange(len(rows))
+            pos = local[ev_of]
+            sel = pos >= 0
             C = np.zeros((len(rows), E))
-            for n, r in enumerate(rows):
-                C[n, events.experts[events.ptr[r] : events.ptr[r + 1]]] = events.counts[
-                    events.ptr[r] : events.ptr[r + 1]
-                ]
+            C[pos[sel], events.experts[sel]] = events.counts[sel]
             S = C @ W[layer] + events.tokens[rows, None] * b[layer][None, :]
-            lists_all += top_by_score(S, fetch[rows])
-            rows_all.append(rows)
-            layers_all.append(tl_all[rows])
-        if not rows_all:
+            keep, cols = _top_mask(S, fetch[rows])
+            r_idx, c_idx = np.nonzero(keep)
+            out_rows.append(rows[r_idx])
+            out_layers.append(np.full(len(r_idx), layer + d, np.int64))
+            out_exp.append(cols[r_idx, c_idx])
+        if not out_rows:
             return empty_candidates(events.num_events)
-        return _csr(
-            events.num_events, np.concatenate(rows_all), np.concatenate(layers_all), lists_all
+        return _from_triplets(
+            events.num_events,
+            np.concatenate(out_rows),
+            np.concatenate(out_layers),
+            np.concatenate(out_exp),
         )
 
     def predict(
