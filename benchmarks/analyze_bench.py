@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -35,15 +36,20 @@ def child(trace: str, seed: int) -> None:
     """Run one analyze and print its measurements as JSON (peak RSS of this process)."""
     from moetrace.tuner.analyze import AnalyzeConfig, analyze
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     report = analyze(trace, AnalyzeConfig(seed=seed))
     wall = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    rss_mb = usage.ru_maxrss / 1024
     m = report.mrc
     print(
         json.dumps(
             {
                 "wall_s": wall,
+                "cpu_s": cpu,
+                "load_avg_1m": os.getloadavg()[0],
                 "peak_rss_mb": rss_mb,
                 "timings": report.timings,
                 "num_rows": report.num_rows,
@@ -134,12 +140,14 @@ def main() -> None:
     }
     for name, runs in samples.items():
         walls = [r["wall_s"] for r in runs]
+        cpus = [r["cpu_s"] for r in runs]
         rss = [r["peak_rss_mb"] for r in runs]
         last = runs[-1]
         summary = {
             "median_wall_s": statistics.median(walls),
             "min_wall_s": min(walls),
             "max_wall_s": max(walls),
+            "median_cpu_s": statistics.median(cpus),
             "median_peak_rss_mb": statistics.median(rss),
             "num_rows": last["num_rows"],
             "num_accesses": last["num_accesses"],
@@ -155,7 +163,8 @@ def main() -> None:
         result["traces"][name] = summary
         print(
             f"{name}: {last['num_accesses']} expert slots; analyze median {summary['median_wall_s']:.1f}s "
-            f"(min {min(walls):.1f}, max {max(walls):.1f}), peak RSS {summary['median_peak_rss_mb']:.0f} MB"
+            f"(min {min(walls):.1f}, max {max(walls):.1f}; CPU {summary['median_cpu_s']:.1f}s), "
+            f"peak RSS {summary['median_peak_rss_mb']:.0f} MB"
         )
         for line in last["verdict"]:
             print(f"  - {line}")
