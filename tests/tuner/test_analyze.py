@@ -185,3 +185,17 @@ def test_max_tokens_numpy_path_equals_sql_path(trace_dir: Path, report: Analysis
     first = analyze(trace_dir, AnalyzeConfig(seed=3, max_tokens=50, sections=("phases",)))
     assert sum(first.skew.tokens) == 50 * 3
     assert first.num_requests == 2  # 30 + 35 tokens: the first two requests have rows
+
+
+def test_minimal_trace_one_request_one_layer(tmp_path: Path) -> None:
+    routing = [np.array([[[0]], [[1]], [[0]], [[2]], [[0]]], dtype=np.int16)]
+    path = write_trace(tmp_path / "t", routing, num_experts=4, moe_layers=(3,))
+    rep = analyze(path)
+    assert rep.num_requests == 1 and rep.moe_layers == (3,)
+    assert rep.groups is None  # top-1: no co-activation
+    assert rep.transitions is None and rep.requests is None  # one layer, one request
+    assert rep.mrc.lru[0] == pytest.approx((0.0, 0.4, 0.4, 0.4))  # size 2: hits at tokens 2, 4
+    assert rep.mrc.policy_sizes == (1, 2)
+    assert rep.mrc.belady[0] == pytest.approx((0.0, 0.4))
+    assert rep.verdict.lines
+    AnalysisReport.from_dict(json.loads(json.dumps(rep.to_dict())))
