@@ -43,6 +43,7 @@ from moetrace.tuner.mining.streams import (
     first_tokens,
     layer_rows,
     layer_stream,
+    token_starts,
 )
 from moetrace.tuner.mining.verdict import MIN_LIFT, make_verdict
 
@@ -248,9 +249,9 @@ def _phases(
 ) -> PhaseStats:
     present = [p for p in S.PHASES if (routing.phase == S.PHASE_CODE[p]).any()]
     tokens = {}
+    starts = token_starts(routing)
     for p in present:
-        mask = routing.phase == S.PHASE_CODE[p]
-        tokens[p] = int(np.count_nonzero(mask & (routing.layer == 0)))
+        tokens[p] = int(np.count_nonzero(starts & (routing.phase == S.PHASE_CODE[p])))
     both = all(freqs[p].sum() > 0 for p in S.PHASES)
     js = P.js_per_layer(freqs["prefill"], freqs["decode"]) if both else None
     model_js = (
