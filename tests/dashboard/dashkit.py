@@ -123,8 +123,13 @@ def write_fixture_plan(
         prefetch=PrefetchConfig("transition", lookahead=1, fetch=2),
         worst_case_bytes=slots * L * (1 << 20),
         expected={
-            "plan": {"hit_rate": 0.6 + 0.05 * pinned_first},
-            "baselines": {"lru": {"hit_rate": 0.5}},
+            "split": "validation",
+            "hardware": "pcie4-x16",
+            "rows": [
+                {"name": "plan", "hit_rate": 0.6 + 0.05 * pinned_first, "stall_per_token_ms": 2.0},
+                {"name": "lru", "hit_rate": 0.5, "stall_per_token_ms": 3.0},
+                {"name": "belady (oracle bound)", "hit_rate": 0.8, "stall_per_token_ms": 1.0},
+            ],
         },
     )
     return save_plan(plan, path)

@@ -190,6 +190,16 @@ def test_plans_page(full: AppTest) -> None:
     assert {m.label: m.value for m in at.metric}["Expected hit rate"] == "70.0%"
     compare = [d.value for d in at.dataframe if "A: plan-a" in d.value.columns]
     assert compare and compare[0].loc["budget slots"].tolist() == ["12", "9"]
+    assert compare[0].loc["expected stall per token (ms)"].tolist() == ["2.0", "2.0"]
+    runs = next(d.value for d in at.dataframe if "hit_rate" in d.value.columns)
+    assert runs.loc["lru", "hit_rate"] == 0.5 and runs.loc["plan", "hit_rate"] == pytest.approx(0.7)
+    bars = _data(
+        at,
+        [_title(s) for s in _specs(at)].index(
+            "Hit rate: the plan vs the baselines (validation split)"
+        ),
+    )
+    assert dict(zip(bars["label"], bars["value"], strict=True))["lru"] == pytest.approx(50.0)
 
 
 def test_plans_page_without_plans(

@@ -160,6 +160,8 @@ def test_plans_load_and_report_problems(fixture_paths: dict[str, Path], trace) -
     mask = P.pinned_mask(good.plan)
     assert mask.sum() == good.plan.num_pinned == 6 and mask[0, 0] and mask[0, 1]
     assert P.expected_hit_rate(good.plan) == pytest.approx(0.6)
+    assert [r["name"] for r in P.expected_rows(good.plan)][:2] == ["plan", "lru"]
+    assert P.plan_facts(good.plan)["expected stall per token (ms)"] == 2.0
     assert P.plan_facts(good.plan)["prefetcher"] == "transition"
     assert bad.plan is None and str(fixture_paths["bad_plan"]) in (bad.error or "")
     assert foreign.plan is not None and "fingerprint" in (foreign.mismatch or "")

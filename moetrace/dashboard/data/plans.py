@@ -90,15 +90,35 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def expected_hit_rate(plan: Any) -> float | None:
-    """The plan's own expected hit rate from ``expected`` (its validation metrics)."""
+def expected_rows(plan: Any) -> list[dict[str, Any]]:
+    """``expected.rows`` as written by ``moetrace tune``: one dict per simulated run on the
+    validation split (``name`` = "plan", "lru", "belady (oracle bound, ...)", ...)."""
+    rows = dict(plan.expected).get("rows")
+    if not isinstance(rows, list):
+        return []
+    return [dict(r) for r in rows if isinstance(r, Mapping) and "name" in r]
+
+
+def _plan_row(plan: Any) -> Mapping[str, Any]:
+    for row in expected_rows(plan):
+        if row["name"] == "plan":
+            return row
     exp = dict(plan.expected)
-    for candidate in (exp, exp.get("plan"), exp.get("metrics"), exp.get("summary")):
-        if isinstance(candidate, Mapping):
-            v = candidate.get("hit_rate")
-            if isinstance(v, (int, float)):
-                return float(v)
-    return None
+    for candidate in (exp.get("plan"), exp.get("metrics"), exp.get("summary"), exp):
+        if isinstance(candidate, Mapping) and "hit_rate" in candidate:
+            return candidate
+    return {}
+
+
+def expected_metric(plan: Any, name: str) -> float | None:
+    """A metric of the plan itself from ``expected`` (its validation run), if recorded."""
+    v = _plan_row(plan).get(name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def expected_hit_rate(plan: Any) -> float | None:
+    """The plan's own expected hit rate (validation split), if recorded."""
+    return expected_metric(plan, "hit_rate")
 
 
 def plan_facts(plan: Any) -> dict[str, Any]:
@@ -120,6 +140,8 @@ def plan_facts(plan: Any) -> dict[str, Any]:
         if plan.worst_case_bytes is None
         else round(plan.worst_case_bytes / 2**20, 1),
         "expected hit rate": expected_hit_rate(plan),
+        "expected stall per token (ms)": expected_metric(plan, "stall_per_token_ms"),
+        "expected tokens/s": expected_metric(plan, "tokens_per_s"),
     }
 
 

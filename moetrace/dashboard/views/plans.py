@@ -4,6 +4,8 @@ statistics files."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -13,6 +15,7 @@ from moetrace.dashboard.context import PageContext, run_page, trace_label
 from moetrace.dashboard.data.common import stamp
 from moetrace.dashboard.data.plans import (
     LoadedPlan,
+    expected_rows,
     flatten,
     pinned_mask,
     plan_facts,
@@ -70,16 +73,44 @@ def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
             pd.DataFrame({"value": [str(v) for v in facts.values()]}, index=list(facts)),
             width="stretch",
         )
-    st.markdown("**Expected metrics** (validation split, from the plan file)")
-    expected = flatten(dict(plan.expected))
-    if expected:
+    _expected(plan)
+
+
+def _expected(plan: Any) -> None:
+    """What the plan buys: its validation run next to the baselines', and other facts."""
+    st.markdown("**Expected metrics** (simulated on the validation split, from the plan file)")
+    rows = expected_rows(plan)
+    other = flatten({k: v for k, v in dict(plan.expected).items() if k != "rows"})
+    if rows:
+        df = pd.DataFrame(rows).set_index("name")
+        st.dataframe(df, width="stretch")
+        if "hit_rate" in df:
+            hit = df["hit_rate"].astype(float).fillna(0.0)
+            st.altair_chart(
+                charts.bar_chart(
+                    list(hit.index),
+                    list(100 * hit.values),
+                    title="Hit rate: the plan vs the baselines (validation split)",
+                    x_title="Run",
+                    y_title="Hit rate (% of expert accesses)",
+                    fmt=".1f",
+                ),
+                width="stretch",
+            )
+    if other:
         st.dataframe(
-            pd.DataFrame({"metric": list(expected), "value": [str(v) for v in expected.values()]}),
+            pd.DataFrame({"metric": list(other), "value": [str(v) for v in other.values()]}),
             hide_index=True,
             width="stretch",
         )
-    else:
+    if not rows and not other:
         st.info("The plan records no expected metrics.")
+
+
+def _comparable(plan: Any) -> dict[str, Any]:
+    """Headline facts plus the expected facts other than the per-run rows."""
+    extra = {k: v for k, v in dict(plan.expected).items() if k != "rows"}
+    return {**plan_facts(plan), **{f"expected {k}": v for k, v in flatten(extra).items()}}
 
 
 def _compare_plans(loaded: list[LoadedPlan]) -> None:
@@ -89,14 +120,7 @@ def _compare_plans(loaded: list[LoadedPlan]) -> None:
     a = cols[0].selectbox("Plan A", names, index=0, key="cmp_a")
     b = cols[1].selectbox("Plan B", names, index=min(1, len(names) - 1), key="cmp_b")
     pa_, pb_ = loaded[names.index(a)].plan, loaded[names.index(b)].plan
-    rows = {
-        **plan_facts(pa_),
-        **{f"expected.{k}": v for k, v in flatten(dict(pa_.expected)).items()},
-    }
-    rows_b = {
-        **plan_facts(pb_),
-        **{f"expected.{k}": v for k, v in flatten(dict(pb_.expected)).items()},
-    }
+    rows, rows_b = _comparable(pa_), _comparable(pb_)
     keys = list(dict.fromkeys([*rows, *rows_b]))
     st.dataframe(
         pd.DataFrame(
