@@ -60,7 +60,8 @@ def _simulate(
         for a in range(i, j):
             e = experts[a]
             current[e] = True
-            next_of[e] = nxt[a]
+            if belady:
+                next_of[e] = nxt[a]
             count[e] += 1
             if cached[e]:
                 hits += 1
@@ -116,13 +117,18 @@ def _check_capacity(capacity: int, widest: int) -> None:
 
 
 class TokenStream:
-    """One layer stream prepared for repeated fixed-size simulations."""
+    """One layer stream prepared for repeated fixed-size simulations.
+
+    Holds 6 bytes per access (int16 expert, int32 token); the next-use array Belady needs
+    (8 bytes per access) is rebuilt for each simulation, which costs a small fraction of
+    the simulation itself and keeps many layers' streams cheap to hold at once.
+    """
 
     def __init__(self, experts: np.ndarray, row: np.ndarray, num_experts: int) -> None:
         self.experts = np.ascontiguousarray(experts, dtype=np.int16)
-        self.row = np.ascontiguousarray(row, dtype=np.int64)
+        small = row.size == 0 or int(row.max()) < np.iinfo(np.int32).max
+        self.row = np.ascontiguousarray(row, dtype=np.int32 if small else np.int64)
         self.num_experts = int(num_experts)
-        self._next: np.ndarray | None = None
         self.widest = widest_token(self.row)
         self.distinct = int(np.count_nonzero(np.bincount(self.experts, minlength=1)))
 
@@ -135,11 +141,7 @@ class TokenStream:
         _check_capacity(capacity, self.widest)
         if capacity >= self.num_experts:
             return int(self.experts.shape[0] - self.distinct)
-        nxt = self._next
-        if nxt is None:
-            nxt = _next_use(self.experts, self.num_experts)
-            if belady:
-                self._next = nxt
+        nxt = _next_use(self.experts, self.num_experts) if belady else np.zeros(0, np.int64)
         return int(_simulate(self.experts, self.row, nxt, self.num_experts, capacity, belady))
 
     def belady_hits(self, capacity: int) -> int:
@@ -147,10 +149,6 @@ class TokenStream:
 
     def lfu_hits(self, capacity: int) -> int:
         return self._run(capacity, False)
-
-    def release(self) -> None:
-        """Drop the cached next-use array (8 bytes per access)."""
-        self._next = None
 
 
 def belady_hits(experts: np.ndarray, row: np.ndarray, num_experts: int, capacity: int) -> int:
