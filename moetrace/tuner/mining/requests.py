@@ -165,7 +165,7 @@ class PredictorScores(Serializable):
 
 
 def _recall_at(scores: np.ndarray, target: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """(len(sizes), T, L) hits/total per layer, plus totals; returns hits (S, T, L)."""
+    """Target activations on the top-C experts of ``scores``: (len(sizes), T, L)."""
     order = np.argsort(-scores, axis=2, kind="stable")
     sorted_target = np.take_along_axis(target, order, axis=2)
     cum = np.cumsum(sorted_target, axis=2)
