@@ -140,16 +140,16 @@ def test_prompt_set_fields_domains_and_lengths(prompts: list[dict], trained) -> 
 
 
 def _expert_counts(model, tok, texts: list[str]) -> np.ndarray:
-    """(layers, experts) counts of top-k selections over all tokens of the texts."""
+    """(layers, experts) counts of top-k selections over all (unpadded) tokens of the texts."""
     cfg = model.config
     counts = np.zeros((cfg.num_hidden_layers, cfg.num_experts))
+    enc = tok(texts, padding=True, return_tensors="pt")
+    real = enc["attention_mask"].reshape(-1).bool()
     with torch.no_grad():
-        for text in texts:
-            ids = tok(text, return_tensors="pt")
-            out = model(**ids, output_router_logits=True)
-            for layer, logits in enumerate(out.router_logits):
-                top = torch.topk(logits, cfg.num_experts_per_tok, dim=-1).indices
-                counts[layer] += np.bincount(top.ravel().numpy(), minlength=cfg.num_experts)
+        out = model(**enc, output_router_logits=True)
+    for layer, logits in enumerate(out.router_logits):
+        top = torch.topk(logits[real], cfg.num_experts_per_tok, dim=-1).indices
+        counts[layer] += np.bincount(top.ravel().numpy(), minlength=cfg.num_experts)
     return counts
 
 
