@@ -78,7 +78,13 @@ def layer_expert_heatmap(
         if len(pin):
             overlay = (
                 alt.Chart(pin)
-                .mark_point(shape="square", filled=False, size=140, strokeWidth=2.5, color="red")
+                .mark_point(
+                    shape="square",
+                    filled=False,
+                    size=max(30, min(140, 9000 // max(E, 1))),
+                    strokeWidth=2.5 if E <= 32 else 1.5,
+                    color="red",
+                )
                 .encode(
                     x="expert:O",
                     y=alt.Y("layer:O", sort=layers),
@@ -161,19 +167,33 @@ def bar_chart(
     x_title: str,
     y_title: str,
     fmt: str = ".3f",
-    sort: bool = False,
+    horizontal: bool = False,
 ) -> alt.Chart:
+    """Bars of ``values`` per label; ``x_title`` names the labels, ``y_title`` the values
+    (``horizontal`` puts the labels on the y axis, for long names)."""
     df = pd.DataFrame({"label": list(labels), "value": list(values)})
+    tooltip = [
+        alt.Tooltip("label:N", title=x_title),
+        alt.Tooltip("value:Q", title=y_title, format=fmt),
+    ]
+    if horizontal:
+        return (
+            alt.Chart(df)
+            .mark_bar()
+            .encode(
+                y=alt.Y("label:N", title=x_title, sort=None, axis=alt.Axis(labelLimit=360)),
+                x=alt.X("value:Q", title=y_title),
+                tooltip=tooltip,
+            )
+            .properties(padding=PADDING, title=title, height=max(26 * len(df) + 90, 200))
+        )
     return (
         alt.Chart(df)
         .mark_bar()
         .encode(
-            x=alt.X("label:O", title=x_title, sort=None if not sort else "-y", axis=_axis(len(df))),
+            x=alt.X("label:O", title=x_title, sort=None, axis=_axis(len(df))),
             y=alt.Y("value:Q", title=y_title),
-            tooltip=[
-                alt.Tooltip("label:O", title=x_title),
-                alt.Tooltip("value:Q", title=y_title, format=fmt),
-            ],
+            tooltip=tooltip,
         )
         .properties(padding=PADDING, title=title, height=300)
     )

@@ -94,6 +94,7 @@ def _expected(plan: Any) -> None:
                     x_title="Run",
                     y_title="Hit rate (% of expert accesses)",
                     fmt=".1f",
+                    horizontal=True,
                 ),
                 width="stretch",
             )
