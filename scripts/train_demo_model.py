@@ -20,7 +20,7 @@ Usage::
 
     python scripts/train_demo_model.py --out moetrace/assets/demo-moe
 
-About 15 minutes on two CPU cores with the defaults; fully seeded.
+About 17 minutes with the defaults on a busy 2-core CPU box (one thread); fully seeded.
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def train(model, streams, args) -> list[dict]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         lm = out.loss.item() - args.aux_coef * out.aux_loss.item()
-        bar.set_postfix(lm=f"{lm:.3f}", aux=f"{out.aux_loss.item():.3f}")
+        bar.set_postfix(lm=f"{lm:.3f}", aux=f"{out.aux_loss.item():.3f}", refresh=False)
         if step % args.log_every == 0 or step == args.steps - 1:
             rec = {
                 "step": step,
