@@ -94,6 +94,13 @@ def transitions(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.Tran
     return G.transitions(reopen(path), layer_index, phase)
 
 
+@st.cache_data(show_spinner="Scoring the transition table of every layer pair...", max_entries=8)
+def transition_scores(path: str, stamp: Stamp, phase: str) -> G.TransitionScores:
+    from moetrace.dashboard.data import groups as G
+
+    return G.all_transition_scores(reopen(path), phase)
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def request_table(path: str, stamp: Stamp) -> list[dict[str, object]]:
     from moetrace.dashboard.data import requests as Q

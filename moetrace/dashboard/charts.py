@@ -199,6 +199,38 @@ def bar_chart(
     )
 
 
+def paired_bars(
+    labels: Sequence[str],
+    series: dict[str, Sequence[float]],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    fmt: str = ".1f",
+) -> alt.Chart:
+    """Side-by-side bars of several series per label (e.g. a predictor vs its baseline)."""
+    rows = [
+        {"label": lab, "series": name, "value": float(v)}
+        for name, values in series.items()
+        for lab, v in zip(labels, values, strict=True)
+    ]
+    df = pd.DataFrame(rows)
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X("label:N", title=x_title, sort=list(labels), axis=_axis(len(labels))),
+            xOffset=alt.XOffset("series:N", sort=list(series)),
+            y=alt.Y("value:Q", title=y_title),
+            color=alt.Color(
+                "series:N", title="", sort=list(series), scale=alt.Scale(scheme=CATEGORY_SCHEME)
+            ),
+            tooltip=["label:N", "series:N", alt.Tooltip("value:Q", title=y_title, format=fmt)],
+        )
+        .properties(padding=PADDING, title=title, height=320)
+    )
+
+
 def mrc_chart(
     curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     points: Sequence[dict[str, object]] = (),

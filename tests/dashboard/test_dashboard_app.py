@@ -146,6 +146,12 @@ def test_groups_layer_choice_changes_matrix(full: AppTest) -> None:
     assert recall.endswith("%") and float(recall[:-1]) > float(at.metric[1].value[:-1])
     at.selectbox(key="transition_layer").set_value("L2").run()
     assert _title(_specs(at)[1]).startswith("P(expert at L3 | expert at L2)")
+    assert _title(_specs(at)[2]) == "Recall@2 of the next layer's experts on held-out requests"
+    pairs = _data(at, 2)
+    assert set(pairs["label"]) == {"L1→L2", "L2→L3"}
+    table = pairs[pairs["series"] == "transition table"].set_index("label")["value"]
+    base = pairs[pairs["series"] == "2 most used experts"].set_index("label")["value"]
+    assert (table > base + 20).all()  # planted: layer l+1 follows layer l
 
 
 def test_requests_page(full: AppTest) -> None:

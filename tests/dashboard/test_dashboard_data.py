@@ -129,6 +129,16 @@ def test_transitions_predict_better_than_baseline(trace) -> None:  # type: ignor
         G.transitions(trace, 2)
 
 
+def test_all_transition_scores_agree_with_one_pair(trace) -> None:  # type: ignore[no-untyped-def]
+    sc = G.all_transition_scores(trace)
+    assert (sc.src, sc.dst) == (MOE_LAYERS[:2], MOE_LAYERS[1:])
+    one = G.transitions(trace, 1)
+    assert sc.recall[1] == pytest.approx(one.recall) and sc.baseline[1] == pytest.approx(
+        one.baseline
+    )
+    assert sc.test_tokens[1] == one.test_tokens
+
+
 def test_requests_views(trace) -> None:  # type: ignore[no-untyped-def]
     table = Q.request_table(trace)
     assert [r["request_id"] for r in table] == [f"req-{r:02d}" for r in range(12)]

@@ -7,10 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.dashboard.data.common import layer_id, phase_where, query, routing_for_layers
+from moetrace.dashboard.data.common import (
+    layer_id,
+    phase_arg,
+    phase_where,
+    query,
+    routing_for_layers,
+)
 from moetrace.dashboard.data.experts import ExpertCounts, expert_counts
 from moetrace.errors import AnalysisError
-from moetrace.store.arrays import Routing
+from moetrace.store.arrays import Routing, load_routing
 from moetrace.store.reader import Trace
 from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import transitions as T
@@ -142,4 +148,35 @@ def transitions(trace: Trace, layer_index: int, phase: str = "all", seed: int = 
         recall=s.recall if s else None,
         baseline=s.baseline if s else None,
         test_tokens=s.test_tokens if s else 0,
+    )
+
+
+@dataclass(frozen=True)
+class TransitionScores:
+    """Predictive power of the transition table for every consecutive MoE-layer pair."""
+
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    recall: tuple[float, ...]
+    baseline: tuple[float, ...]
+    test_tokens: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.src)
+        if not all(len(x) == n for x in (self.dst, self.recall, self.baseline, self.test_tokens)):
+            raise AnalysisError("transition score columns must have equal lengths")
+
+
+def all_transition_scores(trace: Trace, phase: str = "all", seed: int = 0) -> TransitionScores:
+    """:func:`moetrace.tuner.mining.transitions.score_transitions` over the whole routing
+    (loads every row's experts: about 20 + 2k bytes per activation row)."""
+    routing = load_routing(trace, phase=phase_arg(phase))
+    scores = T.score_transitions(routing, top_n=routing.top_k, seed=seed)
+    layers = routing.moe_layers
+    return TransitionScores(
+        src=tuple(layers[s.layer] for s in scores),
+        dst=tuple(layers[s.layer + 1] for s in scores),
+        recall=tuple(s.recall for s in scores),
+        baseline=tuple(s.baseline for s in scores),
+        test_tokens=tuple(s.test_tokens for s in scores),
     )

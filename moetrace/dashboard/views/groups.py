@@ -114,10 +114,41 @@ def _transitions(ctx: PageContext) -> None:
     )
 
 
+def _all_pairs(ctx: PageContext) -> None:
+    from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS
+
+    k = ctx.overview.top_k
+    st.markdown("**Predictive power of every layer pair**")
+    if ctx.overview.activations > VERDICT_AUTO_ROWS and not st.button(
+        f"Score every layer pair (loads all {ctx.overview.activations:,} rows' experts)"
+    ):
+        return
+    sc = cache.transition_scores(ctx.trace_path, ctx.stamp, ctx.phase)
+    if not sc.src:
+        st.info("No held-out tokens to score (too few requests or tokens in this phase).")
+        return
+    labels = [f"L{a}→L{b}" for a, b in zip(sc.src, sc.dst, strict=True)]
+    st.altair_chart(
+        charts.paired_bars(
+            labels,
+            {
+                "transition table": [100 * x for x in sc.recall],
+                f"{k} most used experts": [100 * x for x in sc.baseline],
+            },
+            title=f"Recall@{k} of the next layer's experts on held-out requests",
+            x_title="Layer pair (from → to)",
+            y_title=f"Recall@{k} (% of next-layer experts)",
+        ),
+        width="stretch",
+    )
+
+
 def render(ctx: PageContext) -> None:
     st.title("Groups")
     _coactivation(ctx)
     _transitions(ctx)
+    if len(ctx.overview.moe_layers) >= 2:
+        _all_pairs(ctx)
 
 
 if __name__ == "__main__":
