@@ -20,7 +20,14 @@ import numpy as np
 from moetrace import __version__
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store.hardware import HardwareProfile, load_hardware
-from moetrace.store.plan import CacheLayout, PhaseOverride, Plan, PrefetchConfig, Provenance
+from moetrace.store.plan import (
+    CacheLayout,
+    EvictionConfig,
+    PhaseOverride,
+    Plan,
+    PrefetchConfig,
+    Provenance,
+)
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, uniform_layout
@@ -274,6 +281,10 @@ def validate(
         ("belady (oracle bound, no prefetch)", base("belady")),
         ("belady + oracle prefetch (bound)", base("belady", PrefetchConfig("oracle", fetch=0))),
     ]
+    if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
+        runs.append(
+            ("belady on the plan's layout", replace(no_pf, eviction=EvictionConfig("belady")))
+        )
     rows = [_row(name, simulate(val_ev, p, hw, bytes_per_expert=bpe)) for name, p in runs]
     lru, bel, mine = rows[2]["hit_rate"], rows[5]["hit_rate"], rows[1]["hit_rate"]
     # Belady is only a bound while every pass's experts fit (no streaming); a gap of
