@@ -440,8 +440,25 @@ class RoutingRecorder:
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """``model.generate`` on one (left-padded) batch, recording and committing it."""
+        default_eos = self.eos
         if "eos_token_id" in generate_kwargs:
             self.eos = _eos_array(generate_kwargs["eos_token_id"])
+        try:
+            return self._generate(
+                request_ids, input_ids, attention_mask, prompt_texts, tags, generate_kwargs
+            )
+        finally:
+            self.eos = default_eos
+
+    def _generate(
+        self,
+        request_ids: Sequence[str],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        prompt_texts: Sequence[str | None] | None,
+        tags: Sequence[Mapping[str, str]] | None,
+        generate_kwargs: dict[str, Any],
+    ) -> torch.Tensor:
         self.set_batch(request_ids)
         try:
             out = self.model.generate(
