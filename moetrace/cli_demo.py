@@ -59,9 +59,11 @@ def demo_cmd(
     for row in rep.validation:
         echo(f"  {row['name']:<46} {_fmt(row['hit_rate']):>8} "
              f"{_fmt(row['stall_per_token_ms']):>15} {_fmt(row['tokens_per_s'], 1):>10}")  # fmt: skip
-    echo(f"\nRuntime ran the plan on {rep.runtime_prompts} held-out prompts "
-         f"({rep.runtime_tokens} tokens): measured hit rate {_fmt(rep.measured_hit_rate)}, "
-         f"simulator on that run's own trace {_fmt(rep.simulated_hit_rate)}.")  # fmt: skip
+    echo(f"\nRuntime: the plan run on {rep.runtime_prompts} held-out prompts, next to the "
+         "simulator replaying that run's own trace:")  # fmt: skip
+    for r in rep.runtime:
+        echo(f"  {r.label:<24} measured hit rate {_fmt(r.measured_hit_rate)}, simulated "
+             f"{_fmt(r.simulated_hit_rate)} ({r.accesses} expert accesses, {r.tokens} tokens)")  # fmt: skip
     echo(f"\nStage times (s): {', '.join(f'{k} {v}' for k, v in rep.seconds.items())}")
     echo(f"Report  {rep.out / 'demo-report.json'}")
     echo(f"\nSee it:  {rep.dashboard_command}")

@@ -30,6 +30,7 @@ EXIT_INTERRUPTED = 130
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    help="auto: float32 on the CPU, the checkpoint's dtype on accelerators.",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--speculative", is_flag=True, help="Also record the next MoE layer's router pick.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from moetrace.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-RUN_PROMPTS = {"quick": 3, "full": 8}
+RUN_PROMPTS = {"quick": 4, "full": 12}
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,9 @@ class DemoConfig:
     hardware: str = "pcie4-x16"
     seed: int = 0
     prompts: int | None = None
-    """How many of the shipped prompts to record (default: 48 quick, all otherwise)."""
+    """How many of the shipped prompts to record (default: 96 quick, all otherwise)."""
     max_new_tokens: int | None = None
-    """Tokens generated per prompt (default: 8 quick, 24 otherwise)."""
+    """Tokens generated per prompt (default: 16 quick, 32 otherwise)."""
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -47,11 +47,28 @@ class DemoConfig:
 
     @property
     def num_prompts(self) -> int | None:
-        return self.prompts if self.prompts is not None else (48 if self.quick else None)
+        return self.prompts if self.prompts is not None else (96 if self.quick else None)
 
     @property
     def new_tokens(self) -> int:
-        return self.max_new_tokens or (8 if self.quick else 24)
+        return self.max_new_tokens or (16 if self.quick else 32)
+
+
+@dataclass(frozen=True)
+class RuntimeCheck:
+    """One run of a plan in the offloading runtime, next to the simulator's replay of
+    that run's own trace under the same plan."""
+
+    label: str
+    trace: Path
+    tokens: int
+    tokens_per_s: float
+    accesses: int
+    measured_hit_rate: float
+    simulated_hit_rate: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "trace": str(self.trace)}
 
 
 @dataclass(frozen=True)
@@ -68,10 +85,7 @@ class DemoReport:
     verdict: tuple[str, ...]
     validation: list[dict[str, Any]]
     runtime_prompts: int
-    runtime_tokens: int
-    measured_hit_rate: float
-    simulated_hit_rate: float | None
-    runtime_trace: Path
+    runtime: tuple[RuntimeCheck, ...]
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,13 +99,8 @@ class DemoReport:
             "activations": self.activations,
             "verdict": list(self.verdict),
             "validation": self.validation,
-            "runtime": {
-                "prompts": self.runtime_prompts,
-                "tokens": self.runtime_tokens,
-                "measured_hit_rate": self.measured_hit_rate,
-                "simulated_hit_rate": self.simulated_hit_rate,
-                "trace": str(self.runtime_trace),
-            },
+            "runtime_prompts": self.runtime_prompts,
+            "runtime": [r.to_dict() for r in self.runtime],
             "seconds": self.seconds,
         }
 
@@ -149,7 +158,7 @@ def _pick_prompts(n: int | None) -> list[Any]:
 def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     """Run the whole loop into ``config.out`` (which must not hold an earlier demo)."""
     from moetrace.runtime.session import generate, open_engine
-    from moetrace.store.plan import save_plan
+    from moetrace.store.plan import PrefetchConfig, save_plan
     from moetrace.store.reader import open_trace
     from moetrace.tracer.record import RecordConfig, record
     from moetrace.tuner.analyze import AnalyzeConfig, analyze
@@ -157,14 +166,14 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
     from moetrace.tuner.tune import TuneConfig, tune
 
     out = config.out
-    trace_dir, run_dir = out / "trace", out / "runtime-trace"
+    trace_dir = out / "trace"
     plan_path, analysis_path = out / "plan.json", out / "analysis.json"
-    for existing in (trace_dir, run_dir, plan_path):
+    for existing in (trace_dir, plan_path):
         if existing.exists():
             raise ConfigError(f"{existing} exists: give the demo a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    stages = _Stages(["record", "analyze", "tune", "runtime", "replay"], progress)
+    stages = _Stages(["record", "analyze", "tune", "runtime"], progress)
     try:
         stages.start("record")
         prompts = _pick_prompts(config.num_prompts)
@@ -196,26 +205,38 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
         val_ids = set(tuned.plan.provenance.validation_requests)
         held_out = [p for p in prompts if p.id in val_ids] or prompts
         run_prompts = held_out[: RUN_PROMPTS["quick" if config.quick else "full"]]
-        engine, tokenizer = open_engine(None, plan_path)
-        try:
-            gen = generate(
-                engine,
-                tokenizer,
-                [p.text for p in run_prompts],
-                config.new_tokens,
-                trace_dir=run_dir,
+        texts = [p.text for p in run_prompts]
+        # The plan as tuned, and the same plan without prefetching: the latter has no
+        # timing effects, so the runtime's hits must equal the simulator's exactly.
+        no_prefetch = replace(tuned.plan, prefetch=PrefetchConfig(), phase_overrides={})
+        no_pf_path = out / "plan-no-prefetch.json"
+        save_plan(no_prefetch, no_pf_path)
+        runs: list[RuntimeCheck] = []
+        for label, path, run_dir in (
+            ("plan", plan_path, out / "runtime-trace"),
+            ("plan without prefetch", no_pf_path, out / "runtime-trace-no-prefetch"),
+        ):
+            engine, tokenizer = open_engine(None, path)
+            try:
+                gen = generate(engine, tokenizer, texts, config.new_tokens, trace_dir=run_dir)
+                stats = engine.stats.summary()
+            finally:
+                engine.close()
+            _, sim = simulate_trace(
+                run_dir, SimulateRequest(plan=str(path), hardware=config.hardware)
             )
-            measured = float(engine.stats.summary()["hit_rate"])
-        finally:
-            engine.close()
+            runs.append(
+                RuntimeCheck(
+                    label=label,
+                    trace=run_dir,
+                    tokens=gen.new_tokens,
+                    tokens_per_s=gen.tokens_per_second,
+                    accesses=int(stats["accesses"]),
+                    measured_hit_rate=float(stats["hit_rate"]),
+                    simulated_hit_rate=sim.summary()["hit_rate"],
+                )
+            )
         stages.done("runtime")
-
-        stages.start("replay")
-        _, sim = simulate_trace(
-            run_dir, SimulateRequest(plan=str(plan_path), hardware=config.hardware)
-        )
-        simulated = sim.summary()["hit_rate"]
-        stages.done("replay")
     finally:
         stages.close()
 
@@ -231,10 +252,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
         verdict=tuple(report.verdict.lines),
         validation=tuned.validation,
         runtime_prompts=len(run_prompts),
-        runtime_tokens=gen.new_tokens,
-        measured_hit_rate=measured,
-        simulated_hit_rate=simulated,
-        runtime_trace=run_dir,
+        runtime=tuple(runs),
         seconds=stages.seconds,
     )
     (out / "demo-report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")

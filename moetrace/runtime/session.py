@@ -58,10 +58,13 @@ def open_engine(
     """An engine for a model folder (experts in host memory) or an expert store (on disk),
     plus the tokenizer found beside it (None when there is none).
 
-    ``dtype`` (``"float32"``, ``"bfloat16"``...) defaults to the checkpoint's own dtype,
-    as ``moetrace record`` does, so a plan tuned on a recorded trace fits its experts.
+    ``dtype`` (``"float32"``, ``"bfloat16"``...) defaults as in ``moetrace record``
+    (float32 on the CPU, the checkpoint's dtype elsewhere), so a plan tuned on a recorded
+    trace fits its experts.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moetrace.tracer.record import resolve_dtype
 
     path = resolve_model(model)
     the_plan = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
@@ -71,7 +74,7 @@ def open_engine(
         )
     else:
         try:
-            kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
+            kwargs = {"dtype": resolve_dtype(dtype or "auto", device)}
             hf = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: cannot load model ({exc})") from None

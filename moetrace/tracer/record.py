@@ -72,6 +72,14 @@ class RecordResult:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """The torch dtype to load with: ``auto`` keeps the checkpoint's dtype on accelerators
+    and uses float32 on the CPU, where bfloat16/float16 matmuls are many times slower."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    return torch.float32 if torch.device(device).type == "cpu" else "auto"
+
+
 def load_model(
     path_or_id: str | os.PathLike[str], *, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[Any, Any]:
@@ -90,7 +98,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(where)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(where, dtype=DTYPES[dtype])
+        model = auto.from_pretrained(where, dtype=resolve_dtype(dtype, device))
         tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load model {where}: {exc}") from None
