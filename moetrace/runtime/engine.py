@@ -31,9 +31,10 @@ from moetrace.runtime.expert_store import (
     load_skeleton,
     model_fingerprint,
 )
-from moetrace.runtime.slots import STREAMED, RuntimeCache, SlotPool
+from moetrace.runtime.slots import STREAMED, SlotPool
 from moetrace.runtime.stats import RuntimeStats
 from moetrace.store.plan import Plan
+from moetrace.tuner.policy.cache import ExpertCache
 from moetrace.tuner.policy.eviction import eviction_spec
 from moetrace.tuner.policy.prefetch import get_prefetcher
 
@@ -84,7 +85,7 @@ class OffloadEngine:
         L, E = len(self.layers), self.info.num_experts
         spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides)
         try:
-            self.cache = RuntimeCache(plan.layout, spec, E)
+            self.cache = ExpertCache(plan.layout, spec, E)
             self.prefetcher = get_prefetcher(plan.prefetch, L, E) if prefetch else None
         except ConfigError as exc:
             raise RuntimeEngineError(f"plan cannot run online: {exc}") from None
@@ -305,19 +306,21 @@ class OffloadEngine:
                 predicted = predicted[:fetch]
         else:
             predicted = self.prefetcher.predict(
-                ref.index, uniq.cpu().numpy(), counts.cpu().numpy().astype(np.float64)
+                ref.index,
+                uniq.cpu().numpy(),
+                counts.cpu().numpy().astype(np.float64),
+                tokens=int(hidden.reshape(-1, hidden.shape[-1]).shape[0]),
+                fetch=fetch,
             ).tolist()
-            if fetch > 0:
-                predicted = predicted[:fetch]
+        predicted = [int(e) for e in predicted]
+        issued = self.cache.prefetch(target, predicted, ph, protect)
+        placed = {e for e, _, _ in issued}
         for e in predicted:
-            got = self.cache.prefetch(target, int(e), ph, protect)
-            if got is None:
-                if not self.cache.resident(target, int(e)):
-                    self.stats.add("prefetch_dropped", target, ph)
-                continue
-            slot, evicted = got
+            if e not in placed and not self.cache.resident(target, e):
+                self.stats.add("prefetch_dropped", target, ph)
+        for e, slot, evicted in issued:
             self._evicted(slot, evicted, ph)
-            moved = self.pool.load_async(slot, target, int(e))
+            moved = self.pool.load_async(slot, target, e)
             self._prefetched.add(slot)
             self.stats.add("prefetch_issued", target, ph)
             self.stats.add("bytes_prefetch", target, ph, moved)

@@ -17,35 +17,8 @@ import torch
 
 from moetrace.runtime.expert_store import ExpertSource
 from moetrace.runtime.experts import ExpertParam
-from moetrace.store.plan import CacheLayout
-from moetrace.tuner.policy.cache import ExpertCache
-from moetrace.tuner.policy.eviction import EvictionSpec
 
 STREAMED = (-1, -1)
-
-
-class RuntimeCache(ExpertCache):
-    """ExpertCache plus the prefetch insertion the simulator's kernel performs."""
-
-    def __init__(self, layout: CacheLayout, spec: EvictionSpec, num_experts: int):
-        super().__init__(layout=layout, spec=spec, num_experts=num_experts)
-
-    def prefetch(
-        self, layer: int, expert: int, phase: int, protect: set[int]
-    ) -> tuple[int, tuple[int, int] | None] | None:
-        """Give ``expert`` of ``layer`` a slot for a prefetch; return (slot, evicted) or
-        None when it is resident already or no slot can be freed (dropped)."""
-        if (layer, expert) in self.slot_of:
-            return None
-        slot = self._victim(layer, phase, protect)
-        if slot is None:
-            return None
-        evicted = self.slots[slot]
-        self._install(slot, layer, expert)
-        stamp = max(self.time - 1, 0)
-        self._ins[slot] = stamp
-        self._last[slot] = stamp
-        return slot, evicted
 
 
 class SlotPool:

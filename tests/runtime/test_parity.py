@@ -56,3 +56,43 @@ def test_runtime_matches_simulator(tmp_path, arch, layout, policy):
     assert np.array_equal(sim.stats[K.S_ACCESS], runtime_acc)
     assert np.array_equal(sim.stats[K.S_HIT], runtime_hit)
     assert 0 < runtime_hit.sum() < runtime_acc.sum()
+
+
+@pytest.mark.parametrize("prefetcher", ["transition", "learned"])
+def test_runtime_prefetch_matches_simulator(tmp_path, prefetcher):
+    """With a fitted prefetcher, residency is decided when a prefetch is issued (the load
+    itself is asynchronous), so hits, prefetches issued and used equal the simulator's."""
+    from moetrace.store.plan import PrefetchConfig
+    from moetrace.tuner.sim.engine import make_plan
+
+    model = tiny_model("qwen3_moe")
+    info = find_layers_info(model)
+    shape = RoutingShape.of(info)
+    prompts = [
+        torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (4, 7, 11)
+    ]
+    with RoutingRecorder(model, tmp_path / "fit") as rec:  # a trace to fit the tables on
+        for i, ids in enumerate(prompts):
+            rec.generate([f"f{i}"], ids, max_new_tokens=6, do_sample=False)
+    fit_events = build_events(load_routing(open_trace(tmp_path / "fit")), order="arrival")
+    layout = CacheLayout("per_layer", (3, 3, 3))
+    plan = make_plan(
+        fit_events,
+        shape,
+        layout,
+        "lru",
+        prefetch=PrefetchConfig(prefetcher, fetch=shape.top_k),
+        bytes_per_expert=info.bytes_per_expert,
+    )
+    with OffloadEngine.from_model(model, plan) as eng:
+        with RoutingRecorder(model, tmp_path / "run") as rec:
+            for i, ids in enumerate(prompts[::-1]):
+                rec.generate([f"r{i}"], ids, max_new_tokens=6, do_sample=False)
+        counters = {k: v.copy() for k, v in eng.stats.counters.items()}
+    events = build_events(load_routing(open_trace(tmp_path / "run")), order="arrival")
+    sim = simulate(events, plan, load_hardware())
+    assert np.array_equal(sim.stats[K.S_ACCESS], counters["accesses"])
+    assert counters["prefetch_issued"].sum() > 0
+    assert np.array_equal(sim.stats[K.S_PF_ISSUED], counters["prefetch_issued"])
+    assert np.array_equal(sim.stats[K.S_HIT], counters["hits"])
+    assert np.array_equal(sim.stats[K.S_PF_USED], counters["prefetch_used"])

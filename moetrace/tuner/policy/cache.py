@@ -167,3 +167,29 @@ class ExpertCache:
         self.time += 1
         self._inc /= self.spec.decay
         return loads
+
+    def prefetch(
+        self, layer: int, experts: list[int], phase: int, protect: set[int]
+    ) -> list[tuple[int, int, tuple[int, int] | None]]:
+        """Give predicted ``experts`` of ``layer`` slots, as the simulator's kernel does
+        after an access: predicted experts already resident and each newly prefetched one
+        are protected (with ``protect``, the slots the current layer uses) from the rest
+        of the batch. Returns ``(expert, slot, evicted)`` per issued prefetch; an expert
+        for which no slot can be freed is left out (dropped)."""
+        stamp = float(max(self.time - 1, 0))  # the event that issues the prefetch
+        guard = set(protect)
+        guard.update(self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of)
+        issued: list[tuple[int, int, tuple[int, int] | None]] = []
+        for e in experts:
+            if (layer, e) in self.slot_of:
+                continue
+            slot = self._victim(layer, phase, guard)
+            if slot is None:
+                continue
+            evicted = self.slots[slot]
+            self._install(slot, layer, e)
+            self._ins[slot] = stamp
+            self._last[slot] = stamp
+            guard.add(slot)
+            issued.append((e, slot, evicted))
+        return issued

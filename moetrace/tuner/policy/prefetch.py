@@ -110,8 +110,18 @@ class Prefetcher:
         raise NotImplementedError
 
     def predict(
-        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        counts: np.ndarray | None = None,
+        *,
+        tokens: int | None = None,
+        fetch: int | None = None,
     ) -> np.ndarray:
+        """The experts to fetch for layer ``layer + lookahead`` from the ``experts`` layer
+        ``layer`` uses now (``counts``: tokens per expert; ``tokens``: tokens in the pass;
+        ``fetch``: how many, default the plan's), best first, as :meth:`candidates`
+        would list them for the same event."""
         raise ConfigError(f"prefetcher {self.name!r} cannot predict online")
 
     def _targets(self, events: Events, cross_pass: bool = False) -> np.ndarray:
@@ -137,7 +147,13 @@ class NoPrefetch(Prefetcher):
         return empty_candidates(events.num_events)
 
     def predict(
-        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        counts: np.ndarray | None = None,
+        *,
+        tokens: int | None = None,
+        fetch: int | None = None,
     ) -> np.ndarray:
         return np.zeros(0, np.int64)
 
@@ -176,7 +192,13 @@ class SpeculativePrefetch(Prefetcher):
         return _from_triplets(events.num_events, rows[owner], tl[rows][owner], exp)
 
     def predict(
-        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        counts: np.ndarray | None = None,
+        *,
+        tokens: int | None = None,
+        fetch: int | None = None,
     ) -> np.ndarray:
         return np.asarray(experts, np.int64)  # the caller passes the speculative gate's picks
 
@@ -264,14 +286,22 @@ class LinearPrefetch(Prefetcher):
         )
 
     def predict(
-        self, layer: int, experts: np.ndarray, counts: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        counts: np.ndarray | None = None,
+        *,
+        tokens: int | None = None,
+        fetch: int | None = None,
     ) -> np.ndarray:
         if layer + self.lookahead >= self.num_layers:
             return np.zeros(0, np.int64)
         W, b = self._dense_cached()
         c = np.ones(len(experts)) if counts is None else np.asarray(counts, np.float64)
-        s = c @ W[layer][np.asarray(experts, np.int64)] + c.max(initial=1.0) * b[layer]
-        return top_by_score(s[None, :], np.asarray([self.config.fetch]))[0].astype(np.int64)
+        n_tok = float(c.max(initial=1.0) if tokens is None else tokens)
+        s = c @ W[layer][np.asarray(experts, np.int64)] + n_tok * b[layer]
+        f = self.config.fetch if fetch is None else fetch
+        return top_by_score(s[None, :], np.asarray([f]))[0].astype(np.int64)
 
 
 def _token_pairs(
