@@ -7,6 +7,7 @@ Commands are registered by the ``cli_*`` modules' functions below to keep this f
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -41,6 +42,8 @@ def main(verbose: int) -> None:
       moetrace inspect out/llama4
     """
     level = logging.WARNING - 10 * min(verbose, 2)
+    if verbose == 0:  # Hugging Face's own "Loading weights" bars only with -v
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
