@@ -6,13 +6,17 @@
 
 Sections (alternatives are measured interleaved, A B C A B C ..., medians reported):
 
-* ``write``: activations/s end to end through TraceWriter (buffering, Arrow construction,
+An *activation* is one expert selection (a request, token, MoE layer and one of its k
+chosen experts), as in the issue ("the DeepSeek-V2-Lite folder, about 15M activations" is
+2.45M token-layer rows x top-6); a *row* is one (request, token, MoE layer) with k experts.
+
+* ``write``: activations/s (and rows/s) end to end through TraceWriter (buffering, Arrow construction,
   Parquet encoding, fsync + rename) and bytes per activation, for Zipf-skewed top-k
   routing (k=1/128, k=6/64, k=8/128) with fp16, fp32 and no gate weights, plus writer
   variants (compression, background threads) on the k=6 fp32 case;
 * ``import``: time to import each shared folder with moetrace.store.importers.import_trace;
 * ``duckdb``: co-activation (same token, same layer expert pairs) and layer l -> l+1
-  transition counts over a synthetic trace of ``--duck-rows`` activation rows.
+  transition counts over a synthetic top-6 trace of ``--duck-activations`` activations.
 """
 
 from __future__ import annotations
@@ -188,18 +192,21 @@ def bench_write(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     for rep in range(args.reps):
         for label, work, kw in cases:  # interleaved: every case once per repetition
             seconds, size = write_once(work, tmp / "w", **kw)
-            samples[label].append(work.experts.shape[0] / seconds)
+            samples[label].append(work.experts.size / seconds)  # activations = rows x k
             cpu[label].append(CPU_SECONDS[-1])
             sizes[label] = size
         print(f"  write repetition {rep + 1}/{args.reps} done", flush=True)
     results = {}
     for label, work, kw in cases:
-        rows = work.experts.shape[0]
+        rows, acts = work.experts.shape[0], work.experts.size
         results[label] = {
             "rows": rows,
+            "activations": acts,
             "writer_kwargs": kw,
             "activations_per_s": summarize(samples[label]),
-            "bytes_per_activation": sizes[label] / rows,
+            "rows_per_s": summarize([x * rows / acts for x in samples[label]]),
+            "bytes_per_activation": sizes[label] / acts,
+            "bytes_per_row": sizes[label] / rows,
             "raw_activations_per_s": samples[label],
             "process_cpu_seconds": summarize(cpu[label]),
             "raw_process_cpu_seconds": cpu[label],
@@ -207,7 +214,7 @@ def bench_write(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         print(
             f"  {label:70s} {statistics.median(samples[label]) / 1e6:6.2f} M act/s "
             f"(min {min(samples[label]) / 1e6:.2f}, max {max(samples[label]) / 1e6:.2f})  "
-            f"{sizes[label] / rows:5.1f} B/act  CPU {statistics.median(cpu[label]):.2f} s"
+            f"{sizes[label] / acts:5.1f} B/act  CPU {statistics.median(cpu[label]):.2f} s"
         )
     return results
 
@@ -253,7 +260,7 @@ def bench_import(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
 def bench_duckdb(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     shape = SHAPES[1]
     path = tmp / "duck"
-    work = make_workload(shape, "float32", args.duck_rows, seed=7)
+    work = make_workload(shape, "float32", args.duck_activations // shape.top_k, seed=7)
     write_once(work, path)
     trace = open_trace(path)
     rows = trace.num_activations
@@ -282,6 +289,7 @@ def bench_duckdb(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     results: dict[str, object] = {
         "shape": asdict(shape),
         "activation_rows": rows,
+        "activations": rows * shape.top_k,
         "coactivation_pairs_counted": pairs,
         "threads": con.execute("SELECT current_setting('threads')").fetchall()[0][0],
     }
@@ -294,7 +302,8 @@ def bench_duckdb(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
             "result_rows": result_rows[name],
         }
         print(
-            f"  {name:22s} over {rows / 1e6:.1f}M rows: {statistics.median(samples[name]):6.2f} s "
+            f"  {name:22s} over {rows * shape.top_k / 1e6:.1f}M activations ({rows / 1e6:.2f}M rows): "
+            f"{statistics.median(samples[name]):6.2f} s "
             f"(min {min(samples[name]):.2f}, max {max(samples[name]):.2f}; "
             f"process CPU {statistics.median(cpu[name]):.2f} s)"
         )
@@ -320,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(REPO / "bench-results" / "store_bench.json"))
     p.add_argument("--shared", default=str(REPO.parent / "shared" / "traces"))
-    p.add_argument("--rows", type=int, default=2_000_000, help="activation rows per write case")
+    p.add_argument("--rows", type=int, default=1_000_000, help="token-layer rows per write case")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the writes")
     p.add_argument("--import-reps", type=int, default=3)
-    p.add_argument("--duck-rows", type=int, default=10_000_000)
+    p.add_argument("--duck-activations", type=int, default=10_000_000)
     p.add_argument("--duck-reps", type=int, default=3)
     p.add_argument("--duck-threads", type=int, default=0, help="DuckDB threads (0 = default)")
     p.add_argument("--sections", default="write,import,duckdb")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.reps, args.import_reps = 100_000, 2, 1
-        args.duck_rows, args.duck_reps = 200_000, 2
+        args.duck_activations, args.duck_reps = 600_000, 2
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     report: dict[str, object] = {"config": vars(args).copy(), "versions": versions()}
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="store-bench-") as tmp_name:
