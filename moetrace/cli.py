@@ -44,6 +44,8 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     if verbose == 0:  # Hugging Face's own "Loading weights" bars only with -v
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # already imported: its bar flag is set
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
