@@ -135,7 +135,19 @@ def test_pool_min_share_is_respected() -> None:
     assert loads == [(2, (1, 0))]
 
 
-@pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "pinned_lru", "freq_lru"])
+def test_lrfu_trades_recency_against_decayed_count() -> None:
+    # expert 0 used 3 times long ago, 1 and 2 once recently: lrfu keeps the frequent one
+    # when a use is worth more passes than the recency difference, else acts as LRU
+    seq = [0, 0, 0, 1, 2, 3]
+    assert evictions(cache("lrfu", 3, alpha=5.0, decay=1.0), seq)[-1] == 1
+    assert evictions(cache("lrfu", 3, alpha=0.1, decay=1.0), seq)[-1] == 0
+    # with fast decay the old uses are forgotten: LRU again
+    assert evictions(cache("lrfu", 3, alpha=5.0, decay=0.2), seq)[-1] == 0
+
+
+@pytest.mark.parametrize(
+    "policy", ["lru", "fifo", "lfu", "pinned_lru", "freq_lru", "lrfu", "lrfu_fast"]
+)
 @pytest.mark.parametrize("pool", [False, True])
 def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
     """The runtime's ExpertCache and the simulator's kernel make the same decisions."""
@@ -145,7 +157,10 @@ def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
     rng = np.random.default_rng(11)
     tokens = random_tokens(rng, 150, 3, 10, 2)
     ev = build_events(routing(tokens, 10))
-    plan = plan_for(ev, policy, 3)
+    if policy == "lrfu_fast":  # the count term mixed with recency, with a strong decay
+        plan = plan_for(ev, "lrfu", 3, alpha=0.7, decay=0.95)
+    else:
+        plan = plan_for(ev, policy, 3)
     if pool:
         from dataclasses import replace
 
@@ -158,3 +173,12 @@ def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
             need = sorted(set(int(e) for e in experts))
             hits += len(need) - len(c.access(layer, need))
     assert hits == round(sim["accesses"] * sim["hit_rate"])
+    if policy == "lrfu_fast":  # the count term really changes decisions here
+        lru = simulate(ev, replace_policy(plan, "lru"), HW).summary()
+        assert hits != round(lru["accesses"] * lru["hit_rate"])
+
+
+def replace_policy(plan, name: str):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    return replace(plan, eviction=EvictionConfig(name))

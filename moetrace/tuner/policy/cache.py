@@ -22,10 +22,27 @@ NO_NEXT_USE = 1e18
 
 
 def slot_key(
-    w: np.ndarray, last: float, inserted: float, freq: float, gap: float, next_use: float
+    w: np.ndarray,
+    last: float,
+    inserted: float,
+    freq: float,
+    gap: float,
+    next_use: float,
+    inc: float,
 ) -> float:
-    """Priority of a resident expert under weights ``w``; the smallest is evicted."""
-    return w[0] * last + w[1] * inserted + w[2] * freq + w[3] * gap + w[4] * next_use
+    """Priority of a resident expert under weights ``w``; the smallest is evicted.
+
+    ``freq`` is the decayed use count scaled by the current increment ``inc`` (a growing
+    number, so plain LFU never rescales); ``freq / inc`` is the decayed count itself, in
+    uses, which can be mixed with time-valued terms (weight ``w[5]``)."""
+    return (
+        w[0] * last
+        + w[1] * inserted
+        + w[2] * freq
+        + w[3] * gap
+        + w[4] * next_use
+        + w[5] * (freq / inc)
+    )
 
 
 slot_key_jit = numba.njit(cache=True, inline="always")(slot_key)
@@ -87,6 +104,7 @@ class ExpertCache:
         self._ins = np.zeros(n)
         self._freq = np.zeros(self.spec.pinned.shape)
         self._inc = 1.0
+        self._inc_prev = 1.0  # the increment of the last access (prefetch ranks with it)
         self._t = 0.0
         self._count = np.zeros(len(self.layout.capacities), dtype=np.int64)
         for layer, row in enumerate(self.spec.pinned):
@@ -114,7 +132,9 @@ class ExpertCache:
         self._ins[slot] = self._t
         self._last[slot] = self._t
 
-    def _victim(self, layer: int, phase: int, protect: set[int]) -> int | None:
+    def _victim(
+        self, layer: int, phase: int, protect: set[int], inc: float | None = None
+    ) -> int | None:
         free = self._free_slot(layer)
         if free is not None:
             return free
@@ -135,6 +155,7 @@ class ExpertCache:
                 self._freq[ls, es],
                 self.spec.gap[phase, ls, es],
                 0.0,
+                self._inc if inc is None else inc,
             )
             if best is None or (key, self._last[s]) < best:
                 best, victim = (key, self._last[s]), s
@@ -165,7 +186,12 @@ class ExpertCache:
                 protect.add(slot)
             self._last[slot] = self._t
         self.time += 1
-        self._inc /= self.spec.decay
+        self._inc_prev = self._inc
+        self._inc *= 1.0 / self.spec.decay  # the kernel's arithmetic, bit for bit
+        if self._inc > 1e100:
+            self._freq *= 1e-100
+            self._inc *= 1e-100
+            self._inc_prev *= 1e-100
         return loads
 
     def prefetch(
@@ -183,7 +209,7 @@ class ExpertCache:
         for e in experts:
             if (layer, e) in self.slot_of:
                 continue
-            slot = self._victim(layer, phase, guard)
+            slot = self._victim(layer, phase, guard, self._inc_prev)
             if slot is None:
                 continue
             evicted = self.slots[slot]

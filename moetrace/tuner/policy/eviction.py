@@ -4,11 +4,13 @@ Mechanism (slot tables, residency, accounting) lives in :mod:`.cache` and the si
 kernel; a policy only says how to rank resident experts. Every policy is a linear priority
 
     key = w_last * last_use + w_insert * inserted + w_freq * frequency
-          + w_gap * gap[phase, layer, expert] + w_next * next_use
+          + w_gap * gap[phase, layer, expert] + w_next * next_use + w_count * count
 
 with ties broken by ``last_use``; the resident, unpinned, unprotected slot with the smallest
 key is evicted. Weights are per phase (prefill, decode), so phase overrides are weights.
-Frequencies decay by ``decay`` per replayed event (1.0 = perfect LFU).
+Frequencies decay by ``decay`` per replayed event (1.0 = perfect LFU). ``frequency`` is
+kept scaled by a growing increment (only its order matters); ``count`` is the same decayed
+number of uses unscaled, so it can be traded against time (``lrfu``).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from moetrace.errors import ConfigError, PlanError
 from moetrace.store.plan import EvictionConfig, PhaseOverride
 from moetrace.tuner.policy.events import Events, expert_frequency
 
-W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT = range(5)
-NUM_WEIGHTS = 5
+W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT, W_COUNT = range(6)
+NUM_WEIGHTS = 6
 MAX_GAP = 1e6
 
 
@@ -42,7 +44,9 @@ class EvictionSpec:
         if not 0.0 < self.decay <= 1.0:
             raise ConfigError(f"eviction decay must be in (0, 1], got {self.decay}")
         if self.weights.shape != (2, NUM_WEIGHTS):
-            raise ConfigError(f"eviction weights must have shape (2, 5), got {self.weights.shape}")
+            raise ConfigError(
+                f"eviction weights must have shape (2, {NUM_WEIGHTS}), got {self.weights.shape}"
+            )
 
 
 Fitter = Callable[
@@ -86,7 +90,14 @@ def _w(**kw: float) -> list[float]:
     out = [0.0] * NUM_WEIGHTS
     for key, val in kw.items():
         out[
-            {"last": W_LAST, "insert": W_INSERT, "freq": W_FREQ, "gap": W_GAP, "next": W_NEXT}[key]
+            {
+                "last": W_LAST,
+                "insert": W_INSERT,
+                "freq": W_FREQ,
+                "gap": W_GAP,
+                "next": W_NEXT,
+                "count": W_COUNT,
+            }[key]
         ] = val
     return out
 
@@ -138,6 +149,15 @@ register_policy(
         "LFU whose counts decay by `decay` per replayed event",
         lambda p, L: _w(freq=1.0),
         {"decay": 0.999},
+    )
+)
+register_policy(
+    PolicyDef(
+        "lrfu",
+        "recency plus decayed frequency: key = last_use + alpha * L * count (count = uses "
+        "decayed by `decay` per event; one use is worth `alpha` passes of recency)",
+        lambda p, L: _w(last=1.0, count=float(p.get("alpha", 3.0)) * L),
+        {"alpha": 3.0, "decay": 0.999},
     )
 )
 register_policy(

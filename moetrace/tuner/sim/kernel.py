@@ -45,6 +45,7 @@ def _victim(
     occ_ptr,
     occ_ev,
     use_next,
+    inc,
 ):
     if fill[p] < part_hi[p]:
         s = fill[p]
@@ -66,7 +67,7 @@ def _victim(
         if use_next:
             c = cursor[key]
             nxt = occ_ev[c] if c < occ_ptr[key + 1] else NO_NEXT_USE
-        k1 = slot_key_jit(w, slot_last[s], slot_ins[s], freq[key], gap[ph, key], nxt)
+        k1 = slot_key_jit(w, slot_last[s], slot_ins[s], freq[key], gap[ph, key], nxt, inc)
         if k1 < bk or (k1 == bk and slot_last[s] < bl):
             bk = k1
             bl = slot_last[s]
@@ -191,6 +192,7 @@ def replay(
                     occ_ptr,
                     occ_ev,
                     use_next,
+                    inc,
                 )
                 if s < 0:
                     stats[S_STREAM, lay, ph] += 1
@@ -245,6 +247,7 @@ def replay(
                 occ_ptr,
                 occ_ev,
                 use_next,
+                inc,
             )
             if s < 0:
                 stats[S_PF_DROPPED, tl, ph] += 1
