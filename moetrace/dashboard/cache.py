@@ -1,5 +1,7 @@
 """Streamlit caches over the data layer, keyed on trace path + mtime stamp (and options).
 
+The expensive aggregates come from :mod:`moetrace.dashboard.persisted`, which keeps them
+in the on-disk cache (:mod:`moetrace.dashboard.diskcache`) between dashboard sessions.
 Data modules are imported inside each function: a page whose mining functions are
 missing or broken shows "not available" (see :func:`context.run_page`) while the other
 pages keep working. Cached values are small (layers x experts matrices, curves, tables):
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from moetrace.dashboard.data import plans as P
     from moetrace.dashboard.data import requests as Q
     from moetrace.dashboard.data import reuse as R
+    from moetrace.dashboard.data.summary import TraceSummary
 
 Stamp = tuple[float, ...]
 
@@ -65,33 +68,41 @@ def expert_counts(
     return X.expert_counts(reopen(path), phase, tag)
 
 
+@st.cache_data(show_spinner="Summarizing the trace's routing (one pass)...", max_entries=16)
+def summary(path: str, stamp: Stamp) -> TraceSummary:
+    """Counts per phase and per request, from the on-disk cache when it has them."""
+    from moetrace.dashboard import persisted
+
+    return persisted.summary(path)
+
+
 @st.cache_data(show_spinner="Counting expert activations...", max_entries=16)
 def phase_counts(path: str, stamp: Stamp) -> X.PhaseCounts:
-    from moetrace.dashboard.data import experts as X
-
-    return X.phase_counts(reopen(path))
+    return summary(path, stamp).phase_counts()
 
 
 @st.cache_data(show_spinner="Replaying the layer's accesses (LRU, LFU, Belady)...", max_entries=64)
 def layer_reuse(path: str, stamp: Stamp, layer_index: int, phase: str) -> R.LayerReuse:
-    from moetrace.dashboard.data import reuse as R
+    from moetrace.dashboard import persisted
 
-    return R.layer_reuse(reopen(path), layer_index, phase)
+    return persisted.layer_reuse(path, layer_index, phase)
 
 
 @st.cache_data(show_spinner="Counting co-activated pairs...", max_entries=64)
 def coactivation(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.CoActivation:
+    from moetrace.dashboard import persisted
     from moetrace.dashboard.data import groups as G
 
     counts = expert_counts(path, stamp, phase)
-    return G.coactivation(reopen(path), layer_index, phase, counts)
+    pairs = persisted.layer_pair_counts(path, layer_index, phase)
+    return G.coactivation(reopen(path), layer_index, phase, counts, pairs)
 
 
 @st.cache_data(show_spinner="Fitting the layer transition table...", max_entries=64)
 def transitions(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.Transitions:
-    from moetrace.dashboard.data import groups as G
+    from moetrace.dashboard import persisted
 
-    return G.transitions(reopen(path), layer_index, phase)
+    return persisted.transitions(path, layer_index, phase)
 
 
 @st.cache_data(show_spinner="Scoring the transition table of every layer pair...", max_entries=8)
@@ -110,9 +121,9 @@ def request_table(path: str, stamp: Stamp) -> list[dict[str, object]]:
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def request_matrix(path: str, stamp: Stamp, request_id: str) -> np.ndarray:
-    from moetrace.dashboard.data import requests as Q
+    from moetrace.dashboard import persisted
 
-    return Q.request_matrix(reopen(path), request_id)
+    return persisted.request_matrix(path, request_id)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -126,9 +137,9 @@ def token_routing(
 
 @st.cache_data(show_spinner="Projecting requests (PCA) and clustering them...", max_entries=16)
 def projection(path: str, stamp: Stamp) -> Q.Projection:
-    from moetrace.dashboard.data import requests as Q
+    from moetrace.dashboard import persisted
 
-    return Q.projection(reopen(path))
+    return persisted.projection(path)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

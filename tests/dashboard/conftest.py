@@ -4,12 +4,30 @@ an empty trace and broken inputs, written once per session."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dashkit import write_fixture
 
 from moetrace.store import Manifest, ModelInfo, TraceWriter
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dashboard_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The on-disk aggregate cache in a temporary folder, never the user's ~/.cache
+    (inherited by the dashboard subprocesses of the CLI and browser tests)."""
+    from moetrace.dashboard.diskcache import ENV_VAR
+
+    path = tmp_path_factory.mktemp("moetrace-cache")
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = old
 
 
 @pytest.fixture(scope="session")

@@ -84,28 +84,45 @@ def unpivot_sql(top_k: int, where: str = "TRUE", extra: str = "") -> str:
     )
 
 
-def routing_for_layers(trace: Trace, layer_indices: Sequence[int], phase: str = "all") -> Routing:
+def routing_for_layers(
+    trace: Trace,
+    layer_indices: Sequence[int],
+    phase: str = "all",
+    requests: Sequence[str] | None = None,
+) -> Routing:
     """A :class:`Routing` of some MoE layers only (renumbered 0..n-1), in arrival order.
 
     The same row order as :func:`moetrace.store.arrays.load_routing`, without loading the
     other layers, so the mining functions can run on one layer or a pair of layers.
+    ``requests``: only these requests (unknown ids are ignored), still in arrival order.
     """
     m = trace.manifest
     k = m.top_k
     ids = [layer_id(trace, i) for i in layer_indices]
     case = " ".join(f"WHEN {lid} THEN {n}" for n, lid in enumerate(ids))
     cols = ", ".join(f"x.e{i}" for i in range(k))
-    tbl = query(
-        trace,
-        f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
-                       AS rix FROM requests)
-            SELECT r.rix::INTEGER AS rix, x.token, x.step, (x.phase = 'decode')::TINYINT AS ph,
-                   x.forward, (CASE x.layer {case} END)::SMALLINT AS lix, {cols}
-            FROM activations_raw x JOIN r USING (request_id)
-            WHERE x.layer IN ({", ".join(map(str, ids))}){phase_where(phase, "x.")}
-            ORDER BY r.rix, x.step, x.token, lix""",
-    )
-    req = query(trace, "SELECT request_id FROM requests ORDER BY arrival, request_id")
+    chosen = "TRUE" if requests is None else "request_id IN (SELECT request_id FROM _chosen)"
+    con = connect(trace)
+    try:
+        if requests is not None:
+            con.register("_chosen", pa.table({"request_id": pa.array(list(requests), pa.string())}))
+        req = run_query(
+            con,
+            f"SELECT request_id FROM requests WHERE {chosen} ORDER BY arrival, request_id",
+        )
+        tbl = run_query(
+            con,
+            f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
+                           AS rix FROM requests WHERE {chosen})
+                SELECT r.rix::INTEGER AS rix, x.token, x.step,
+                       (x.phase = 'decode')::TINYINT AS ph, x.forward,
+                       (CASE x.layer {case} END)::SMALLINT AS lix, {cols}
+                FROM activations_raw x JOIN r USING (request_id)
+                WHERE x.layer IN ({", ".join(map(str, ids))}){phase_where(phase, "x.")}
+                ORDER BY r.rix, x.step, x.token, lix""",
+        )
+    finally:
+        con.close()
     experts = np.empty((tbl.num_rows, k), np.int16)
     for i in range(k):
         experts[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)

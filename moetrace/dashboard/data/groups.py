@@ -77,12 +77,19 @@ def layer_pair_counts(trace: Trace, layer_index: int, phase: str = "all") -> np.
 
 
 def coactivation(
-    trace: Trace, layer_index: int, phase: str = "all", counts: ExpertCounts | None = None
+    trace: Trace,
+    layer_index: int,
+    phase: str = "all",
+    counts: ExpertCounts | None = None,
+    pairs: np.ndarray | None = None,
 ) -> CoActivation:
     """One layer's co-activation: pair counts, lift, strongest pairs and greedy groups
-    (``counts``: the phase's :func:`expert_counts`, when already at hand)."""
+    (``counts``: the phase's :func:`expert_counts`, ``pairs``: the layer's
+    :func:`layer_pair_counts`, when already at hand)."""
     k = trace.top_k
-    pairs = layer_pair_counts(trace, layer_index, phase)[None]
+    if pairs is None:
+        pairs = layer_pair_counts(trace, layer_index, phase)
+    pairs = np.asarray(pairs, np.int64)[None]
     counts = counts if counts is not None else expert_counts(trace, phase)
     sl = slice(layer_index, layer_index + 1)
     lifts = G.lift(pairs, counts.counts[sl], counts.tokens[sl])

@@ -129,7 +129,16 @@ def projection(trace: Trace, seed: int = 0, max_requests: int = MAX_PROJECTED) -
         ),
         rows.column("n").to_numpy().astype(np.float32),
     )
-    x = normalize(mats)
+    return project_matrices(tuple(ids), mats, total, seed)
+
+
+def project_matrices(
+    request_ids: tuple[str, ...], mats: np.ndarray, sampled_from: int, seed: int = 0
+) -> Projection:
+    """PCA (2 components) and KMeans of (R, L, E) per-request activation counts."""
+    if len(request_ids) < 3:
+        raise AnalysisError(f"{len(request_ids)} request(s); a projection needs at least 3")
+    x = normalize(np.asarray(mats, np.float32))
     from sklearn.decomposition import PCA
 
     n_comp = min(2, x.shape[0], x.shape[1])
@@ -140,10 +149,10 @@ def projection(trace: Trace, seed: int = 0, max_requests: int = MAX_PROJECTED) -
     ratios = list(pca.explained_variance_ratio_) + [0.0, 0.0]
     clus = cluster_requests(x, seed)
     return Projection(
-        request_ids=tuple(ids),
+        request_ids=tuple(request_ids),
         xy=xy.astype(np.float64),
         explained=(float(ratios[0]), float(ratios[1])),
         clusters=None if clus is None else clus.labels,
         silhouette=None if clus is None else clus.silhouette,
-        sampled_from=total,
+        sampled_from=sampled_from,
     )

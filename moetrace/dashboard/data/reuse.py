@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.dashboard.data.common import layer_id, routing_for_layers
+from moetrace.dashboard.data.common import layer_id, phase_arg, routing_for_layers
 from moetrace.errors import AnalysisError
 from moetrace.store.reader import Trace
 from moetrace.tuner.mining.frequency import gini
@@ -22,6 +22,9 @@ from moetrace.tuner.mining.streams import layer_stream as mining_layer_stream
 
 POLICY_POINTS = 12
 """Cache sizes at which LFU and Belady are simulated (LRU is exact at every size)."""
+REUSE_SAMPLE_TOKENS = 131_072
+"""Tokens of one layer replayed at most: beyond that, a seeded sample of whole requests
+(replayed in arrival order) whose tokens add up to about this many."""
 
 
 def lorenz(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,12 +42,35 @@ def gini_per_layer(counts: np.ndarray) -> np.ndarray:
     return np.array([gini(row) for row in counts], dtype=np.float64)
 
 
+def sample_requests(
+    trace: Trace, phase: str = "all", max_tokens: int | None = REUSE_SAMPLE_TOKENS, seed: int = 0
+) -> tuple[list[str] | None, int, int]:
+    """(request ids to replay or None for all, requests replayed, requests in the trace).
+
+    Whole requests are drawn in a seeded random order until their tokens of ``phase``
+    (prompt and/or generated tokens, from the requests table) reach ``max_tokens``.
+    """
+    req = trace.requests()
+    ids = [str(x) for x in req.column("request_id").to_pylist()]
+    prompt = np.asarray(req.column("prompt_tokens").to_numpy(zero_copy_only=False), np.int64)
+    gen = np.asarray(req.column("generated_tokens").to_numpy(zero_copy_only=False), np.int64)
+    ph = phase_arg(phase)
+    tok = prompt + gen if ph is None else (prompt if ph == "prefill" else gen)
+    if max_tokens is None or int(tok.sum()) <= max_tokens:
+        return None, len(ids), len(ids)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    cum = np.cumsum(tok[order])
+    n = int(np.searchsorted(cum, max_tokens) + 1)
+    return [ids[i] for i in np.sort(order[:n])], n, len(ids)
+
+
 def layer_stream(
-    trace: Trace, layer_index: int, phase: str = "all"
+    trace: Trace, layer_index: int, phase: str = "all", requests: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(experts int16, token ordinal int64) of one MoE layer's accesses, in replay order
     (built by :func:`moetrace.tuner.mining.streams.layer_stream`, as analyze does)."""
-    st = mining_layer_stream(routing_for_layers(trace, (layer_index,), phase), 0)
+    routing = routing_for_layers(trace, (layer_index,), phase, requests)
+    st = mining_layer_stream(routing, 0)
     return st.experts, st.row
 
 
@@ -75,6 +101,36 @@ class LayerReuse:
     sizes: tuple[int, ...]
     lfu: np.ndarray
     belady: np.ndarray
+    requests_used: int = 0
+    """Requests replayed (all of them unless :attr:`sampled`)."""
+    requests_total: int = 0
+
+    @property
+    def sampled(self) -> bool:
+        return self.requests_used < self.requests_total
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {
+            f: np.asarray(getattr(self, f))
+            for f in ("layer", "accesses", "tokens", "cold", "stack_hist", "token_hist")
+        }
+        out.update(lru=self.lru, sizes=np.asarray(self.sizes, np.int64), lfu=self.lfu)
+        out.update(belady=self.belady, requests_used=np.asarray(self.requests_used))
+        out["requests_total"] = np.asarray(self.requests_total)
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> LayerReuse:
+        ints = ("layer", "accesses", "tokens", "cold", "requests_used", "requests_total")
+        return cls(
+            **{f: int(a[f]) for f in ints},
+            stack_hist=a["stack_hist"],
+            token_hist=a["token_hist"],
+            lru=a["lru"],
+            sizes=tuple(int(x) for x in a["sizes"]),
+            lfu=a["lfu"],
+            belady=a["belady"],
+        )
 
     def __post_init__(self) -> None:
         if self.accesses < 0:
@@ -86,9 +142,18 @@ class LayerReuse:
             )
 
 
-def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReuse:
+def layer_reuse(
+    trace: Trace,
+    layer_index: int,
+    phase: str = "all",
+    max_tokens: int | None = REUSE_SAMPLE_TOKENS,
+    seed: int = 0,
+) -> LayerReuse:
+    """Reuse figures of one layer; traces with more than ``max_tokens`` tokens in ``phase``
+    replay a seeded sample of whole requests (None: always every request)."""
     E, k = trace.manifest.model.num_experts, trace.top_k
-    experts, row = layer_stream(trace, layer_index, phase)
+    chosen, used, total = sample_requests(trace, phase, max_tokens, seed)
+    experts, row = layer_stream(trace, layer_index, phase, chosen)
     n = int(experts.shape[0])
     tokens = int(row[-1] + 1) if n else 0
     if n == 0:
@@ -105,6 +170,8 @@ def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReus
             sizes=sizes,
             lfu=np.zeros(len(sizes)),
             belady=np.zeros(len(sizes)),
+            requests_used=used,
+            requests_total=total,
         )
     sd, td = stack_distances(experts, row, E)
     summ = summarize(sd, td, E)
@@ -121,4 +188,6 @@ def layer_reuse(trace: Trace, layer_index: int, phase: str = "all") -> LayerReus
         sizes=sizes,
         lfu=np.array([ts.lfu_hits(c) / n for c in sizes]),
         belady=np.array([ts.belady_hits(c) / n for c in sizes]),
+        requests_used=used,
+        requests_total=total,
     )

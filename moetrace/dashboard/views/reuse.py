@@ -9,6 +9,7 @@ import streamlit as st
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
 from moetrace.dashboard.data.plans import expected_hit_rate
+from moetrace.dashboard.data.reuse import REUSE_SAMPLE_TOKENS
 
 
 def _token_bin(i: int, bins: int) -> str:
@@ -75,6 +76,12 @@ def _reuse(ctx: PageContext) -> None:
     cols[2].metric("First uses (cold misses)", f"{lr.cold:,}")
     half = max(1, E // 4)
     cols[3].metric(f"LRU hit rate at {half}/{E} experts", f"{100 * lr.lru[half - 1]:.1f}%")
+    if lr.sampled:
+        st.caption(
+            f"A sample: {lr.requests_used:,} of {lr.requests_total:,} requests (drawn at "
+            f"random, whole requests, replayed in arrival order; about {REUSE_SAMPLE_TOKENS:,} "
+            "tokens). Expert counts, skew and Lorenz curves above use every request."
+        )
     if lr.accesses == 0:
         st.warning("This layer has no accesses in the chosen phase.")
         return

@@ -1,0 +1,109 @@
+"""The dashboard's expensive aggregates, kept in the on-disk cache between sessions.
+
+Each function computes one aggregate of the trace at ``path`` on a cache miss and stores
+it as arrays (:mod:`moetrace.dashboard.diskcache`, keyed by the trace's parts and mtimes);
+a later dashboard process, or a page opened again after Streamlit's in-memory cache was
+dropped, reads it back in milliseconds. No Streamlit here: :mod:`moetrace.dashboard.cache`
+wraps these in ``st.cache_data``, and the benchmark calls them directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from moetrace.dashboard import diskcache
+from moetrace.dashboard.data import groups as G
+from moetrace.dashboard.data import requests as Q
+from moetrace.dashboard.data import reuse as R
+from moetrace.dashboard.data.common import reopen
+from moetrace.dashboard.data.summary import TraceSummary, trace_summary
+
+PathLike = str | os.PathLike[str]
+
+
+def summary(path: PathLike) -> TraceSummary:
+    """Counts per phase and per (sampled) request, one pass (:mod:`..data.summary`)."""
+    a = diskcache.get_or_compute(path, "summary", lambda: trace_summary(reopen(path)).to_arrays())
+    return TraceSummary.from_arrays(a)
+
+
+def request_matrix(path: PathLike, request_id: str) -> np.ndarray:
+    """One request's (L, E) counts: from the summary, else (not sampled) one query."""
+    mat = summary(path).request_matrix(request_id)
+    return mat if mat is not None else Q.request_matrix(reopen(path), request_id)
+
+
+def projection(path: PathLike) -> Q.Projection:
+    """PCA + KMeans of the summary's per-request matrices (a sample beyond
+    :data:`moetrace.dashboard.data.summary.MAX_REQUESTS`)."""
+
+    def compute() -> dict[str, np.ndarray]:
+        s = summary(path)
+        p = Q.project_matrices(s.request_ids, s.request_counts, s.sampled_from)
+        return {
+            "request_ids": np.asarray(p.request_ids, dtype=np.str_),
+            "xy": p.xy,
+            "explained": np.asarray(p.explained, np.float64),
+            "clusters": np.asarray([] if p.clusters is None else p.clusters, np.int64),
+            "has_clusters": np.asarray(p.clusters is not None),
+            "silhouette": np.asarray(np.nan if p.silhouette is None else p.silhouette),
+            "sampled_from": np.asarray(p.sampled_from, np.int64),
+        }
+
+    a = diskcache.get_or_compute(path, "projection", compute)
+    sil = float(a["silhouette"])
+    return Q.Projection(
+        request_ids=tuple(str(x) for x in a["request_ids"]),
+        xy=a["xy"],
+        explained=(float(a["explained"][0]), float(a["explained"][1])),
+        clusters=a["clusters"] if bool(a["has_clusters"]) else None,
+        silhouette=None if np.isnan(sil) else sil,
+        sampled_from=int(a["sampled_from"]),
+    )
+
+
+def layer_reuse(path: PathLike, layer_index: int, phase: str) -> R.LayerReuse:
+    """One layer's reuse figures (a request sample beyond ``REUSE_SAMPLE_TOKENS`` tokens)."""
+    name = f"reuse-{layer_index}-{phase}-{R.REUSE_SAMPLE_TOKENS}"
+    a = diskcache.get_or_compute(
+        path, name, lambda: R.layer_reuse(reopen(path), layer_index, phase).to_arrays()
+    )
+    return R.LayerReuse.from_arrays(a)
+
+
+def layer_pair_counts(path: PathLike, layer_index: int, phase: str) -> np.ndarray:
+    """(E, E) pair counts of one layer."""
+    a = diskcache.get_or_compute(
+        path,
+        f"pairs-{layer_index}-{phase}",
+        lambda: {"pairs": G.layer_pair_counts(reopen(path), layer_index, phase)},
+    )
+    return a["pairs"]
+
+
+def transitions(path: PathLike, layer_index: int, phase: str) -> G.Transitions:
+    """The transition table of MoE layers ``layer_index`` -> ``layer_index + 1``."""
+
+    def compute() -> dict[str, np.ndarray]:
+        t = G.transitions(reopen(path), layer_index, phase)
+        return {
+            "src": np.asarray(t.src),
+            "dst": np.asarray(t.dst),
+            "counts": t.counts,
+            "recall": np.asarray(np.nan if t.recall is None else t.recall),
+            "baseline": np.asarray(np.nan if t.baseline is None else t.baseline),
+            "test_tokens": np.asarray(t.test_tokens),
+        }
+
+    a = diskcache.get_or_compute(path, f"transitions-{layer_index}-{phase}", compute)
+    rec, base = float(a["recall"]), float(a["baseline"])
+    return G.Transitions(
+        src=int(a["src"]),
+        dst=int(a["dst"]),
+        counts=a["counts"],
+        recall=None if np.isnan(rec) else rec,
+        baseline=None if np.isnan(base) else base,
+        test_tokens=int(a["test_tokens"]),
+    )
