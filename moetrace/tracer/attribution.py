@@ -1,7 +1,9 @@
 """Host-side row attribution: which (request, token, phase, step) each routed token is.
 
-Vectorised over the batch: one call per forward pass. State is kept per request slot and
-per layer stack (a decoder-only model has one stack; an encoder-decoder model two).
+Vectorised over a whole run of forward passes: the positions of consecutive forward passes
+of one layer stack over the same batch are laid side by side as columns of one
+``(B, S_total)`` matrix, and one call attributes them all. State is kept per request slot
+and per layer stack (a decoder-only model has one stack; an encoder-decoder model two).
 """
 
 from __future__ import annotations
@@ -16,20 +18,21 @@ PREFILL, DECODE = 0, 1
 
 @dataclass(frozen=True)
 class Rows:
-    """Rows of one forward pass, compactly: per batch row a run of consecutive tokens.
+    """Recorded positions of a run of forward passes, ordered by batch row, then column.
 
-    Batch row ``b`` contributes ``counts[b]`` tokens numbered ``start[b], start[b] + 1,
-    ...``, all with ``step[b]`` and ``phase[b]``; its rows (token-major, then MoE layer)
-    are the next ``counts[b] * L`` rows of ``experts`` / ``weights`` / ``speculative``.
+    ``row[i]`` / ``col[i]`` locate recorded position ``i`` in the run's ``(B, S_total)``
+    matrix; ``forward[i]`` is the index of its forward pass within the run; ``token``,
+    ``step`` and ``phase`` are what it is recorded as. ``counts[b]`` positions belong to
+    batch row ``b`` (so row ``b``'s positions are the ``b``-th slice of ``counts``).
     """
 
-    counts: np.ndarray  # (B,) tokens recorded per batch row
-    start: np.ndarray  # (B,) token index of the first one
-    step: np.ndarray  # (B,)
-    phase: np.ndarray  # (B,)
-    experts: np.ndarray  # (n * L, k)
-    weights: np.ndarray | None
-    speculative: np.ndarray | None
+    row: np.ndarray  # (n,)
+    col: np.ndarray  # (n,)
+    forward: np.ndarray  # (n,)
+    token: np.ndarray  # (n,) int64
+    step: np.ndarray  # (n,) int32
+    phase: np.ndarray  # (n,) int8
+    counts: np.ndarray  # (B,)
 
 
 class Attributor:
@@ -66,47 +69,55 @@ class Attributor:
         valid: np.ndarray,
         ids: np.ndarray | None,
         eos: np.ndarray,
-        experts: np.ndarray,
-        weights: np.ndarray | None,
-        speculative: np.ndarray | None,
+        bounds: np.ndarray,
     ) -> Rows:
-        """Rows of one forward of ``stack``; ``experts`` etc. are ``(L, B*S, k)``.
+        """Attribute the positions of consecutive forward passes of ``stack``.
 
-        A position is recorded when the attention mask says it is real (not padding) and
-        its request has not finished; an end-of-sequence token fed back in a continuation
-        forward marks the request finished from that position on.
+        ``valid`` and ``ids`` are ``(B, S_total)``: forward pass ``f`` of the run occupies
+        columns ``bounds[f]:bounds[f + 1]``. A position is recorded when the attention mask
+        says it is real (not padding) and its request has not finished; an
+        end-of-sequence token fed back after the request's first recorded forward pass
+        (its prefill) marks the request finished from that position on.
         """
         role = self.roles[stack]
         tokens = self.tokens[stack, slots]
         steps = self.steps[stack, slots]
         finished = self.finished[stack, slots]
         b, s = valid.shape
-        done = finished[:, None]
-        if ids is not None and eos.size and role != "encoder":
-            is_eos = (ids[:, :, None] == eos).any(-1) & (steps > 0)[:, None]
-            done = done | (is_eos if s == 1 else np.cumsum(is_eos, axis=1) > 0)
-        keep = valid & ~done
-        counts = keep.sum(axis=1)
-        bi, si = np.nonzero(keep)
-        flat = bi * s + si
+        n_fwd = len(bounds) - 1
+        col_fwd = np.repeat(np.arange(n_fwd), np.diff(bounds))
+        keep = valid & ~finished[:, None]
+        if ids is not None and eos.size and role != "encoder" and s:
+            is_eos = np.isin(ids, eos)
+            fresh = steps == 0
+            if fresh.any():  # an EOS counts only after the row's first forward with a token
+                has_valid = valid.any(axis=1)
+                first = np.where(has_valid, col_fwd[valid.argmax(axis=1)], n_fwd)
+                is_eos &= ~fresh[:, None] | (col_fwd[None, :] > first[:, None])
+            ended = np.logical_or.accumulate(is_eos, axis=1)
+            keep &= ~ended
+            self.finished[stack, slots] = finished | ended[:, -1]
+        # per (row, forward) counts from a running count of kept positions
+        run = np.cumsum(keep, axis=1)
+        padded = np.concatenate([np.zeros((b, 1), run.dtype), run], axis=1)
+        per_fwd = padded[:, bounds[1:]] - padded[:, bounds[:-1]]  # (B, F)
+        has = per_fwd > 0
+        steps_at = steps[:, None] + np.cumsum(has, axis=1) - has  # (B, F)
+        counts = padded[:, -1]
+        row, col = np.nonzero(keep)
+        fwd = col_fwd[col]
+        start = tokens
         if role == "decoder" and self._encoder is not None:
             start = tokens + self.tokens[self._encoder, slots]
-            step = steps + 1
-            phase = np.full(b, DECODE, np.int8)
+            step = steps_at[row, fwd] + 1
+            phase = np.full(len(row), DECODE, np.int8)
         elif role == "encoder":
-            start, step, phase = tokens, np.zeros(b, np.int64), np.full(b, PREFILL, np.int8)
+            step = np.zeros(len(row), np.int64)
+            phase = np.full(len(row), PREFILL, np.int8)
         else:
-            start, step, phase = tokens, steps, (steps > 0).astype(np.int8)
+            step = steps_at[row, fwd]
+            phase = (step > 0).astype(np.int8)
+        token = start[row] + run[row, col] - 1
         self.tokens[stack, slots] = tokens + counts
-        self.steps[stack, slots] = steps + (counts > 0)
-        if s:
-            self.finished[stack, slots] = done[:, -1]
-
-        def rows_of(a: np.ndarray | None) -> np.ndarray | None:
-            if a is None:
-                return None
-            return a[:, flat, :].transpose(1, 0, 2).reshape(len(flat) * a.shape[0], a.shape[2])
-
-        return Rows(
-            counts, start, step, phase, rows_of(experts), rows_of(weights), rows_of(speculative)
-        )
+        self.steps[stack, slots] = steps + has.sum(axis=1)
+        return Rows(row, col, fwd, token, step.astype(np.int32), phase, counts)

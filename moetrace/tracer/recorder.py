@@ -27,7 +27,7 @@ from torch import nn
 from moetrace.errors import ModelError
 from moetrace.store.schema import Manifest, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
-from moetrace.tracer.attribution import Attributor
+from moetrace.tracer.attribution import Attributor, Rows
 from moetrace.tracer.discover import ModelLayout, discover, model_info, pre_moe_norm
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,18 @@ class _Capture:
         self.mask = mask
         self.routes: list[Any] = [None] * n
         self.spec: list[Any] = [None] * n
+
+
+def _run_key(cur: _Capture) -> tuple:
+    """Forward passes with equal keys are attributed together."""
+    return (
+        cur.stack,
+        id(cur.slots),
+        cur.batch,
+        cur.mask is None,
+        cur.ids is None,
+        cur.routes[0] is None or cur.routes[0][1] is None,
+    )
 
 
 class RoutingRecorder:
@@ -267,112 +279,175 @@ class RoutingRecorder:
                 self._drain()
 
     # ------------------------------------------------------------------ host side
-    def _parts(self, cur: _Capture) -> tuple[list[torch.Tensor], bool]:
-        stack = self.layout.stacks[cur.stack]
-        missing = [stack.sites[i] for i, r in enumerate(cur.routes) if r is None]
-        if missing:
-            names = [self.layout.sites[p].name for p in missing[:3]]
-            raise ModelError(f"MoE layers {names} did not route in a forward pass")
-        tokens = cur.batch * cur.seq
-        k = self.manifest.top_k
-        # every adapter hands (tokens, k) tensors: stack as they are, flatten once
-        idx = torch.stack([r[0] for r in cur.routes])
-        if idx.numel() != len(cur.routes) * tokens * k:
-            raise ModelError(f"routing of {idx.shape} does not match {tokens} tokens x top-{k}")
-        parts = [idx.reshape(-1).to(torch.float64)]  # torch.cat promotes the rest
-        has_w = all(r[1] is not None for r in cur.routes)
-        if has_w:
-            parts.append(torch.stack([r[1] for r in cur.routes]).reshape(-1))
-        if self.speculative:
-            last = torch.full_like(cur.routes[-1][0], -1)
-            spec = [s if s is not None else last for s in cur.spec]
-            parts.append(torch.stack(spec).reshape(-1))
-        if cur.mask is not None:
-            parts.append(cur.mask.to(idx.device).reshape(-1))
-        if cur.ids is not None:
-            parts.append(cur.ids.to(idx.device).reshape(-1))
-        return parts, has_w
-
     def _drain(self) -> None:
-        """Move every deferred forward pass to the host in one transfer and attribute it."""
+        """Move every deferred forward pass to the host and attribute it, run by run."""
         pending, self._deferred = self._deferred, []
-        if not pending:
-            return
+        begin = 0
+        for i in range(1, len(pending) + 1):
+            if i == len(pending) or _run_key(pending[i]) != _run_key(pending[begin]):
+                self._drain_run(pending[begin:i])
+                begin = i
+
+    def _drain_run(self, run: list[_Capture]) -> None:
+        """Consecutive forward passes of one stack over one batch: one transfer, one pass."""
+        first = run[0]
+        stack = self.layout.stacks[first.stack]
+        n_layers, k, batch = len(stack.sites), self.manifest.top_k, first.batch
+        for cur in run:
+            if None in cur.routes:
+                missing = [stack.sites[i] for i, r in enumerate(cur.routes) if r is None]
+                names = [self.layout.sites[p].name for p in missing[:3]]
+                raise ModelError(f"MoE layers {names} did not route in a forward pass")
+        seqs = np.fromiter((cur.seq for cur in run), np.int64, len(run))
+        bounds = np.zeros(len(run) + 1, np.int64)
+        np.cumsum(seqs, out=bounds[1:])
+        sizes = batch * seqs  # routed rows per layer of each forward pass
+        routes = [r for cur in run for r in cur.routes]
         with torch.no_grad():
-            packed = [self._parts(cur) for cur in pending]
-            flat = [p for parts, _ in packed for p in parts]
-            host = torch.cat(flat).cpu().numpy()  # the one device -> host transfer
+            try:
+                idx = torch.cat([r[0] for r in routes])
+            except RuntimeError as exc:
+                shapes = sorted({tuple(r[0].shape) for r in routes})
+                raise ModelError(
+                    f"routing tensors of shapes {shapes} are not (tokens, top-{k})"
+                ) from exc
+            total = int(sizes.sum()) * n_layers
+            if idx.dim() != 2 or idx.shape != (total, k):
+                raise ModelError(
+                    f"routing of {tuple(idx.shape)} does not match {total} token-layers x top-{k}"
+                )
+            parts = [idx.reshape(-1).to(torch.float64)]  # torch.cat promotes the rest
+            has_w = all(r[1] is not None for r in routes)
+            if has_w:
+                parts.append(torch.cat([r[1] for r in routes]).reshape(-1))
+            spec_off = None
+            if self.speculative:
+                spec, spec_off = self._spec_parts(run, sizes, n_layers)
+                if spec:
+                    parts.append(torch.cat(spec).reshape(-1))
+            device = idx.device
+            if first.mask is not None:
+                parts.append(torch.cat([c.mask for c in run], dim=1).to(device).reshape(-1))
+            if first.ids is not None:
+                parts.append(torch.cat([c.ids for c in run], dim=1).to(device).reshape(-1))
+            host = torch.cat(parts).cpu().numpy()  # the one device -> host transfer
         off = 0
-        k = self.manifest.top_k
-        for cur, (_, has_w) in zip(pending, packed, strict=True):
-            tokens = cur.batch * cur.seq
-            shape = (len(cur.routes), tokens, k)
-            n_route = shape[0] * tokens * k
 
-            def take(count: int) -> np.ndarray:
-                nonlocal off
-                off += count
-                return host[off - count : off]
+        def take(count: int) -> np.ndarray:
+            nonlocal off
+            off += count
+            return host[off - count : off]
 
-            experts = take(n_route).reshape(shape).astype(np.int16)
-            weights = take(n_route).reshape(shape).astype(np.float32) if has_w else None
-            spec = take(n_route).reshape(shape).astype(np.int16) if self.speculative else None
-            bs = (cur.batch, cur.seq)
-            valid = take(tokens).reshape(bs) > 0 if cur.mask is not None else np.ones(bs, bool)
-            ids = take(tokens).reshape(bs).astype(np.int64) if cur.ids is not None else None
-            rows = self._attr.attribute(
-                cur.stack, cur.slots, valid, ids, self.eos, experts, weights, spec
-            )
-            self._store(rows, cur.stack, cur.slots)
+        n_route = total * k
+        experts = take(n_route).reshape(total, k)
+        weights = take(n_route).reshape(total, k) if has_w else None
+        spec_rows = None
+        if spec_off is not None:
+            n_spec = int(spec_off[1])
+            spec_rows = np.full((n_spec + 1, k), -1.0)  # last row: "no prediction"
+            spec_rows[:n_spec] = take(n_spec * k).reshape(n_spec, k)
+        cols = int(bounds[-1])
+        shape = (batch, cols)
+        valid = take(batch * cols).reshape(shape) > 0 if first.mask is not None else None
+        ids = take(batch * cols).reshape(shape).astype(np.int64) if first.ids is not None else None
+        if valid is None:
+            valid = np.ones(shape, bool)
+        rows = self._attr.attribute(first.stack, first.slots, valid, ids, self.eos, bounds)
+        # routed row of (position, layer): forward f's layer l holds rows
+        # [cap[f] + l * sizes[f], ... + sizes[f]), batch-major, each row seq[f] positions long
+        fwd = rows.forward
+        local = rows.row * seqs[fwd] + rows.col - bounds[fwd]
+        cap = np.zeros(len(run), np.int64)
+        np.cumsum(sizes[:-1] * n_layers, out=cap[1:])
+        layer_step = np.arange(n_layers)
+        at = (cap[fwd] + local)[:, None] + layer_step[None, :] * sizes[fwd][:, None]
+        at = at.reshape(-1)
+        e = experts[at].astype(np.int16)
+        w = weights[at].astype(np.float32) if weights is not None else None
+        sp = None
+        if spec_off is not None and spec_rows is not None:
+            entry = spec_off[0][fwd]  # (n, L) first spec row of each (forward, layer), -1 none
+            sat = np.where(entry >= 0, entry + local[:, None], len(spec_rows) - 1).reshape(-1)
+            sp = spec_rows[sat].astype(np.int16)
+        self._store(rows, first.stack, first.slots, self.forwards, e, w, sp)
+        self.forwards += len(run)
 
-    def _store(self, rows: Any, stack: int, slots: np.ndarray) -> None:
-        forward = self.forwards
-        self.forwards += 1
-        per_row = rows.counts * len(self._layer_ids[stack])
-        ends = np.cumsum(per_row).tolist()
+    def _spec_parts(
+        self, run: list[_Capture], sizes: np.ndarray, n_layers: int
+    ) -> tuple[list[torch.Tensor], tuple[np.ndarray, int]]:
+        """Speculative tensors present, and per (forward, layer) their first row (-1: none)."""
+        tensors: list[torch.Tensor] = []
+        entry = np.full((len(run), n_layers), -1, np.int64)
+        rows = 0
+        for f, cur in enumerate(run):
+            for layer, t in enumerate(cur.spec):
+                if t is not None:
+                    if tuple(t.shape) != (int(sizes[f]), self.manifest.top_k):
+                        raise ModelError(
+                            f"speculative routing of {tuple(t.shape)} does not match "
+                            f"{int(sizes[f])} tokens x top-{self.manifest.top_k}"
+                        )
+                    tensors.append(t)
+                    entry[f, layer] = rows
+                    rows += int(sizes[f])
+        return tensors, (entry, rows)
+
+    def _store(
+        self,
+        rows: Rows,
+        stack: int,
+        slots: np.ndarray,
+        first_forward: int,
+        experts: np.ndarray,
+        weights: np.ndarray | None,
+        spec: np.ndarray | None,
+    ) -> None:
+        """Keep each batch row's recorded positions as one chunk of its request."""
+        n_layers = len(self._layer_ids[stack])
+        ends = np.cumsum(rows.counts).tolist()
         begin = 0
         for b, slot in enumerate(slots.tolist()):
             end = ends[b]
             if end > begin:
                 sl = slice(begin, end)
+                rl = slice(begin * n_layers, end * n_layers)
                 self._pending[slot].append(
                     (
-                        int(rows.start[b]),
-                        int(rows.counts[b]),
-                        int(rows.step[b]),
-                        int(rows.phase[b]),
-                        forward,
+                        rows.token[sl],
+                        rows.step[sl],
+                        rows.phase[sl],
+                        rows.forward[sl] + first_forward,
                         stack,
-                        rows.experts[sl],
-                        None if rows.weights is None else rows.weights[sl],
-                        None if rows.speculative is None else rows.speculative[sl],
+                        experts[rl],
+                        None if weights is None else weights[rl],
+                        None if spec is None else spec[rl],
                     )
                 )
             begin = end
 
     def _columns(self, chunks: list[tuple]) -> dict[str, np.ndarray]:
-        """Expand a request's compact chunks into writer columns."""
+        """Expand a request's chunks (one row per token) into writer columns (per layer)."""
         token, step, phase, forward, layer = [], [], [], [], []
-        for start, n, st, ph, fw, stack, *_ in chunks:
+        for tok, st, ph, fw, stack, *_ in chunks:
             ids = self._layer_ids[stack]
-            token.append(np.repeat(np.arange(start, start + n), len(ids)))
-            layer.append(np.tile(ids, n))
-            rows = n * len(ids)
-            step.append(np.full(rows, st, np.int32))
-            phase.append(np.full(rows, ph, np.int8))
-            forward.append(np.full(rows, fw, np.int64))
+            n = len(ids)
+            token.append(np.repeat(tok, n))
+            step.append(np.repeat(st, n))
+            phase.append(np.repeat(ph, n))
+            forward.append(np.repeat(fw, n))
+            layer.append(np.tile(ids, len(tok)))
         cols = {
             "token": np.concatenate(token),
             "step": np.concatenate(step),
             "phase": np.concatenate(phase),
             "forward": np.concatenate(forward),
             "layer": np.concatenate(layer),
-            "experts": np.concatenate([c[6] for c in chunks]),
+            "experts": np.concatenate([c[5] for c in chunks]),
         }
+        if chunks[0][6] is not None:
+            cols["weights"] = np.concatenate([c[6] for c in chunks])
         if chunks[0][7] is not None:
-            cols["weights"] = np.concatenate([c[7] for c in chunks])
-        if chunks[0][8] is not None:
-            cols["speculative"] = np.concatenate([c[8] for c in chunks])
+            cols["speculative"] = np.concatenate([c[7] for c in chunks])
         return cols
 
     # ------------------------------------------------------------------ requests

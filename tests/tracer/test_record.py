@@ -219,7 +219,8 @@ def test_draining_early_gives_the_same_rows(tmp_path, monkeypatch) -> None:
         monkeypatch.setattr(recorder_mod, "MAX_DEFERRED", limit)
         with RoutingRecorder(model, tmp_path / name, speculative=True) as rec:
             rec.generate(["a", "b"], ids, (ids != PAD).long(), max_new_tokens=4, do_sample=False)
-        cols = ["request_id", "token", "step", "phase", "forward", "layer", "e0", "e1", "s0"]
+        cols = ["request_id", "token", "step", "phase", "forward", "layer", "e0", "e1", "w0", "w1"]
+        cols += ["s0", "s1"]
         tables.append(
             open_trace(tmp_path / name)
             .read_activations()
