@@ -62,7 +62,7 @@ MAX_DEFERRED = 256
 
 
 class _Capture:
-    __slots__ = ("stack", "slots", "batch", "seq", "ids", "mask", "routes", "spec")
+    __slots__ = ("stack", "slots", "batch", "seq", "ids", "mask", "routes", "spec", "no_weights")
 
     def __init__(
         self, stack: int, slots: np.ndarray, batch: int, seq: int, ids: Any, mask: Any, n: int
@@ -75,6 +75,7 @@ class _Capture:
         self.mask = mask
         self.routes: list[Any] = [None] * n
         self.spec: list[Any] = [None] * n
+        self.no_weights = False
 
 
 def _run_key(cur: _Capture) -> tuple:
@@ -85,7 +86,7 @@ def _run_key(cur: _Capture) -> tuple:
         cur.batch,
         cur.mask is None,
         cur.ids is None,
-        cur.routes[0] is None or cur.routes[0][1] is None,
+        cur.no_weights,
     )
 
 
@@ -246,6 +247,8 @@ class RoutingRecorder:
             cur = self._cur
             if cur is not None and not self._speculating:
                 cur.routes[local] = (idx, weights)
+                if weights is None:
+                    cur.no_weights = True
 
         return sink
 
@@ -317,7 +320,7 @@ class RoutingRecorder:
                     f"routing of {tuple(idx.shape)} does not match {total} token-layers x top-{k}"
                 )
             parts = [idx.reshape(-1).to(torch.float64)]  # torch.cat promotes the rest
-            has_w = all(r[1] is not None for r in routes)
+            has_w = not first.no_weights  # the same for the whole run
             if has_w:
                 parts.append(torch.cat([r[1] for r in routes]).reshape(-1))
             spec_off = None
