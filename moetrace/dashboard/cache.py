@@ -107,9 +107,9 @@ def transitions(path: str, stamp: Stamp, layer_index: int, phase: str) -> G.Tran
 
 @st.cache_data(show_spinner="Scoring the transition table of every layer pair...", max_entries=8)
 def transition_scores(path: str, stamp: Stamp, phase: str) -> G.TransitionScores:
-    from moetrace.dashboard.data import groups as G
+    from moetrace.dashboard import persisted
 
-    return G.all_transition_scores(reopen(path), phase)
+    return persisted.transition_scores(path, phase)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

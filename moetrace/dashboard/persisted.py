@@ -68,7 +68,9 @@ def layer_reuse(path: PathLike, layer_index: int, phase: str) -> R.LayerReuse:
     """One layer's reuse figures (a request sample beyond ``REUSE_SAMPLE_TOKENS`` tokens)."""
     name = f"reuse-{layer_index}-{phase}-{R.REUSE_SAMPLE_TOKENS}"
     a = diskcache.get_or_compute(
-        path, name, lambda: R.layer_reuse(reopen(path), layer_index, phase).to_arrays()
+        path,
+        name,
+        lambda: R.layer_reuse(reopen(path), layer_index, phase, R.REUSE_SAMPLE_TOKENS).to_arrays(),
     )
     return R.LayerReuse.from_arrays(a)
 
@@ -106,4 +108,27 @@ def transitions(path: PathLike, layer_index: int, phase: str) -> G.Transitions:
         recall=None if np.isnan(rec) else rec,
         baseline=None if np.isnan(base) else base,
         test_tokens=int(a["test_tokens"]),
+    )
+
+
+def transition_scores(path: PathLike, phase: str) -> G.TransitionScores:
+    """Recall of the transition table of every consecutive layer pair (loads all rows)."""
+
+    def compute() -> dict[str, np.ndarray]:
+        t = G.all_transition_scores(reopen(path), phase)
+        return {
+            "src": np.asarray(t.src, np.int64),
+            "dst": np.asarray(t.dst, np.int64),
+            "recall": np.asarray(t.recall, np.float64),
+            "baseline": np.asarray(t.baseline, np.float64),
+            "test_tokens": np.asarray(t.test_tokens, np.int64),
+        }
+
+    a = diskcache.get_or_compute(path, f"transition-scores-{phase}", compute)
+    return G.TransitionScores(
+        src=tuple(int(x) for x in a["src"]),
+        dst=tuple(int(x) for x in a["dst"]),
+        recall=tuple(float(x) for x in a["recall"]),
+        baseline=tuple(float(x) for x in a["baseline"]),
+        test_tokens=tuple(int(x) for x in a["test_tokens"]),
     )

@@ -277,3 +277,18 @@ def test_phase_without_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         assert at.session_state["phase"] == "decode"
     at = _open(at, "experts")
     assert "No activations in phase 'decode'" in at.warning[0].value
+
+
+def test_reuse_page_says_when_curves_come_from_a_sample(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from dashkit import write_fixture_trace
+
+    from moetrace.dashboard.data import reuse as R
+
+    monkeypatch.setattr(R, "REUSE_SAMPLE_TOKENS", 40)
+    trace = write_fixture_trace(tmp_path / "sampled", num_requests=6)
+    at = _open(_app(monkeypatch, traces=[trace]), "reuse")
+    notes = " ".join(c.value for c in at.caption)
+    assert "A sample:" in notes and "of 6 requests" in notes
+    assert "about 40 tokens" in notes

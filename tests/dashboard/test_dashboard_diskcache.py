@@ -154,6 +154,10 @@ def test_persisted_aggregates_equal_direct_ones(
         np.testing.assert_array_equal(
             persisted.request_matrix(path, "req-03"), Q.request_matrix(trace, "req-03")
         )
+    for _ in range(2):
+        sc, sref = persisted.transition_scores(path, "all"), G.all_transition_scores(trace, "all")
+        assert (sc.src, sc.dst, sc.test_tokens) == (sref.src, sref.dst, sref.test_tokens)
+        np.testing.assert_allclose(sc.recall, sref.recall)
     names = {p.name for p in (cache_dir / "dashboard").rglob("*.npz")}
     assert {"summary.npz", "projection.npz", "transitions-0-all.npz"} <= names
     assert NUM_EXPERTS == persisted.summary(path).num_experts

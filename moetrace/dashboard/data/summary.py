@@ -152,13 +152,15 @@ def trace_summary(trace: Trace, seed: int = 0) -> TraceSummary:
         rs = _indices(batch.column("request_id"), slot)
         pl = ph * L + li
         tokens += np.bincount(pl, minlength=P * L)
-        base = ((np.where(rs < 0, R, rs) * P * L) + pl) * E
-        ex = np.empty((lid.size, k), np.int64)
+        base = (((np.where(rs < 0, R, rs) * P * L) + pl) * E).astype(np.intp)
+        code = np.empty((lid.size, k), np.intp)
         for i in range(k):
             e = batch.column(f"e{i}").to_numpy(zero_copy_only=False)
-            ex[:, i] = np.nan_to_num(e, nan=-1) if e.dtype.kind == "f" else e
-        code = base[:, None] + ex
-        full += np.bincount(code[ex >= 0], minlength=cells)
+            code[:, i] = np.nan_to_num(e, nan=-1) if e.dtype.kind == "f" else e
+        valid = code >= 0
+        code += base[:, None]
+        code = code.ravel() if valid.all() else code[valid]
+        full += np.bincount(code, minlength=cells)
     full = full.reshape(R + 1, P, L, E)
     counts = full.sum(axis=0)
     req_counts = full[:R].sum(axis=1)
