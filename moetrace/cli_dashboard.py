@@ -36,6 +36,8 @@ def dashboard(
     """Explore traces in the browser: hot experts, reuse, groups, requests, plans.
 
     Starts a headless Streamlit server, prints its URL and runs until Ctrl-C.
+    Per-trace aggregates are kept between sessions in $MOETRACE_CACHE_DIR (default
+    $XDG_CACHE_HOME/moetrace or ~/.cache/moetrace), never in the trace folder.
 
     \b
     Example:

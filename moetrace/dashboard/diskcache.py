@@ -4,7 +4,7 @@ Entries live in ``$MOETRACE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/moetrace``, else
 ``~/.cache/moetrace``), under ``dashboard/v{CACHE_VERSION}/<key>/<name>.npz``, never inside
 the trace directory. The key hashes the trace's absolute path, its manifest and the name,
 size and mtime of every committed part, so adding a part (or rewriting one) starts a new
-entry. Values are plain arrays (``np.savez``, no pickles); writes go to a temporary file
+entry (and the older state's entries are deleted). Values are plain arrays (``np.savez``, no pickles); writes go to a temporary file
 renamed into place, and an unwritable cache directory only costs the speed-up.
 """
 
@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -79,11 +80,35 @@ def load(path: str | os.PathLike[str], name: str) -> Arrays | None:
         return None
 
 
+SOURCE_FILE = "source.json"
+
+
+def _prune_stale(entry_dir: Path, trace_path: str) -> None:
+    """Remove the entries of earlier states of the same trace (other keys, same path)."""
+    for other in entry_dir.parent.iterdir():
+        if other == entry_dir or not (other / SOURCE_FILE).is_file():
+            continue
+        try:
+            src = json.loads((other / SOURCE_FILE).read_text(encoding="utf-8")).get("path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if src == trace_path:
+            log.info("removing stale dashboard cache entries %s", other)
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def save(path: str | os.PathLike[str], name: str, arrays: Arrays) -> Path | None:
-    """Write an entry atomically; returns its path, or None when the cache is unwritable."""
+    """Write an entry atomically; returns its path, or None when the cache is unwritable.
+
+    The first entry of a new trace state removes the entries of the trace's older states.
+    """
     p = entry_path(path, name)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.parent.is_dir():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            resolved = str(Path(path).resolve())
+            (p.parent / SOURCE_FILE).write_text(json.dumps({"path": resolved}), encoding="utf-8")
+            _prune_stale(p.parent, resolved)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=p.parent)
         try:
             with os.fdopen(fd, "wb") as fh:

@@ -118,6 +118,8 @@ def test_disk_cache_hit_and_invalidation_when_a_part_is_added(
     assert diskcache.entry_path(path, "summary").is_relative_to(cache_dir)
     assert sorted(p.name for p in path.rglob("*")) == before_files  # nothing in the trace
     key = diskcache.trace_key(path)
+    old_dir = diskcache.entry_path(path, "summary").parent
+    assert old_dir.name == key
 
     _add_request(path, "extra", (6, 7))
     assert diskcache.trace_key(path) != key
@@ -129,6 +131,9 @@ def test_disk_cache_hit_and_invalidation_when_a_part_is_added(
     assert s2.counts[0, li, 6] == s1.counts[0, li, 6] + 1
     diskcache.get_or_compute(path, "probe", compute)
     assert len(calls) == 2
+    assert not old_dir.exists()  # the first state's entries were pruned
+    keys = [d.name for d in diskcache.cache_root().iterdir()]
+    assert keys == [diskcache.trace_key(path)]
 
 
 def test_persisted_aggregates_equal_direct_ones(
