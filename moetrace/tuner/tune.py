@@ -50,6 +50,8 @@ EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("freq_lru", {"beta": 1.0, "pin_fraction": 0.5}),
     ("lrfu", {"alpha": 3.0, "decay": 0.999}),
     ("lrfu", {"alpha": 10.0, "decay": 0.998}),
+    ("trans_lru", {"gamma": 10.0, "alpha": 3.0, "decay": 0.999}),
+    ("trans_lru", {"gamma": 30.0, "alpha": 3.0, "decay": 0.999}),
 )
 PREFETCH_GRID: tuple[tuple[str, float], ...] = (
     ("transition", 1.0),

@@ -145,8 +145,36 @@ def test_lrfu_trades_recency_against_decayed_count() -> None:
     assert evictions(cache("lrfu", 3, alpha=5.0, decay=0.2), seq)[-1] == 0
 
 
+def test_trans_lru_keeps_the_predicted_successor() -> None:
+    # within each request, 0 is always followed by 1; a pass of 0 makes 1 the last to go
+    from moetrace.tuner.policy import build_events
+    from tests.tuner.simhelpers import routing
+
+    fit = build_events(routing([[[0]], [[1]], [[2]], [[0]], [[1]], [[3]]], 4))
+    config = fit_eviction("trans_lru", fit, (2,), {"gamma": 5.0})
+    trans = np.asarray(config.tables["trans"])
+    assert trans.shape == (1, 4, 4)
+    assert trans[0, 0, 1] == 1.0 and trans[0, 1, 2] == 0.5 and trans[0, 1, 3] == 0.5
+    c = ExpertCache(CacheLayout("per_layer", (2,)), eviction_spec(config, 1, 4), 4)
+    c.access(0, [1])
+    c.access(0, [2])
+    c.access(0, [0])  # LRU would evict 1; the table says 1 comes next: 2 goes
+    assert c.resident(0, 1) and not c.resident(0, 2)
+    lru = ExpertCache(CacheLayout("per_layer", (2,)), eviction_spec(EvictionConfig("lru"), 1, 4), 4)
+    for e in (1, 2, 0):
+        lru.access(0, [e])
+    assert lru.resident(0, 2) and not lru.resident(0, 1)
+
+
+def test_trans_table_shape_checked() -> None:
+    bad = EvictionConfig("trans_lru", {"gamma": 1.0}, tables={"trans": [[[0.5]]]})
+    with pytest.raises(PlanError, match="tables.trans must have shape"):
+        eviction_spec(bad, 2, 4)
+
+
 @pytest.mark.parametrize(
-    "policy", ["lru", "fifo", "lfu", "pinned_lru", "freq_lru", "lrfu", "lrfu_fast"]
+    "policy",
+    ["lru", "fifo", "lfu", "pinned_lru", "freq_lru", "lrfu", "lrfu_fast", "trans_lru"],
 )
 @pytest.mark.parametrize("pool", [False, True])
 def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
@@ -159,6 +187,8 @@ def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
     ev = build_events(routing(tokens, 10))
     if policy == "lrfu_fast":  # the count term mixed with recency, with a strong decay
         plan = plan_for(ev, "lrfu", 3, alpha=0.7, decay=0.95)
+    elif policy == "trans_lru":  # transition, count and recency terms all in play
+        plan = plan_for(ev, "trans_lru", 3, gamma=0.5, alpha=0.3, decay=0.95)
     else:
         plan = plan_for(ev, policy, 3)
     if pool:
@@ -173,7 +203,7 @@ def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
             need = sorted(set(int(e) for e in experts))
             hits += len(need) - len(c.access(layer, need))
     assert hits == round(sim["accesses"] * sim["hit_rate"])
-    if policy == "lrfu_fast":  # the count term really changes decisions here
+    if policy in ("lrfu_fast", "trans_lru"):  # the new terms really change decisions here
         lru = simulate(ev, replace_policy(plan, "lru"), HW).summary()
         assert hits != round(lru["accesses"] * lru["hit_rate"])
 

@@ -29,12 +29,15 @@ def slot_key(
     gap: float,
     next_use: float,
     inc: float,
+    trans: float,
 ) -> float:
     """Priority of a resident expert under weights ``w``; the smallest is evicted.
 
     ``freq`` is the decayed use count scaled by the current increment ``inc`` (a growing
     number, so plain LFU never rescales); ``freq / inc`` is the decayed count itself, in
-    uses, which can be mixed with time-valued terms (weight ``w[5]``)."""
+    uses, which can be mixed with time-valued terms (weight ``w[5]``). ``trans`` is the
+    fitted chance that the layer's next pass needs the expert, given what the layer's last
+    pass used (weight ``w[6]``)."""
     return (
         w[0] * last
         + w[1] * inserted
@@ -42,6 +45,7 @@ def slot_key(
         + w[3] * gap
         + w[4] * next_use
         + w[5] * (freq / inc)
+        + w[6] * trans
     )
 
 
@@ -104,6 +108,7 @@ class ExpertCache:
         self._ins = np.zeros(n)
         self._freq = np.zeros(self.spec.pinned.shape)
         self._inc = 1.0
+        self._last_set: dict[int, tuple[int, ...]] = {}  # per layer: its last pass's experts
         self._inc_prev = 1.0  # the increment of the last access (prefetch ranks with it)
         self._t = 0.0
         self._count = np.zeros(len(self.layout.capacities), dtype=np.int64)
@@ -156,10 +161,17 @@ class ExpertCache:
                 self.spec.gap[phase, ls, es],
                 0.0,
                 self._inc if inc is None else inc,
+                self._trans_score(ls, es) if w[6] != 0.0 else 0.0,
             )
             if best is None or (key, self._last[s]) < best:
                 best, victim = (key, self._last[s]), s
         return victim
+
+    def _trans_score(self, layer: int, expert: int) -> float:
+        score = 0.0
+        for e in self._last_set.get(layer, ()):
+            score += self.spec.trans[layer, e, expert]
+        return score
 
     def resident(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.slot_of
@@ -170,6 +182,7 @@ class ExpertCache:
         """Mark ``experts`` of ``layer`` used; return ``(expert, evicted)`` for each load
         (``evicted`` is None for a free slot; an expert with no slot is streamed and
         listed with evicted ``(-1, -1)``)."""
+        self._last_set[layer] = tuple(sorted(set(experts)))  # the kernel's event order
         protect = {self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of}
         loads: list[tuple[int, tuple[int, int] | None]] = []
         for j, e in enumerate(experts):

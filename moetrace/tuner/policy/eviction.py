@@ -16,17 +16,18 @@ number of uses unscaled, so it can be traded against time (``lrfu``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 
 from moetrace.errors import ConfigError, PlanError
 from moetrace.store.plan import EvictionConfig, PhaseOverride
 from moetrace.tuner.policy.events import Events, expert_frequency
 
-W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT, W_COUNT = range(6)
-NUM_WEIGHTS = 6
+W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT, W_COUNT, W_TRANS = range(7)
+NUM_WEIGHTS = 7
 MAX_GAP = 1e6
 
 
@@ -39,6 +40,9 @@ class EvictionSpec:
     pinned: np.ndarray  # bool (L, E)
     gap: np.ndarray  # float64 (2, L, E)
     oracle: bool = False
+    trans: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1)))
+    """float64 (L, E, E): P(layer's next pass needs b | its last pass used a); (1, 1, 1)
+    when the policy has no ``trans`` weight."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay <= 1.0:
@@ -97,6 +101,7 @@ def _w(**kw: float) -> list[float]:
                 "gap": W_GAP,
                 "next": W_NEXT,
                 "count": W_COUNT,
+                "trans": W_TRANS,
             }[key]
         ] = val
     return out
@@ -133,6 +138,40 @@ def _fit_gap(
     return pins, {"gap": np.round(gap, 3).tolist()}
 
 
+@numba.njit(cache=True)
+def _count_transitions(layer, request, ptr, experts, L, E):  # type: ignore[no-untyped-def]
+    counts = np.zeros((L, E, E))
+    seen = np.zeros((L, E))
+    prev = np.full(L, -1, np.int64)
+    for i in range(layer.shape[0]):
+        lay = layer[i]
+        p = prev[lay]
+        if p >= 0 and request[p] == request[i]:
+            for a in range(ptr[p], ptr[p + 1]):
+                seen[lay, experts[a]] += 1.0
+                for b in range(ptr[i], ptr[i + 1]):
+                    counts[lay, experts[a], experts[b]] += 1.0
+        prev[lay] = i
+    return counts, seen
+
+
+def _fit_trans(
+    events: Events, caps: tuple[int, ...], params: Mapping[str, Any]
+) -> tuple[Pins, dict[str, Any]]:
+    """Per layer, P(the layer's next pass in the request needs b | this pass used a)."""
+    L, E = events.num_layers, events.num_experts
+    counts, seen = _count_transitions(
+        events.layer.astype(np.int64),
+        events.request.astype(np.int64),
+        events.ptr,
+        events.experts.astype(np.int64),
+        L,
+        E,
+    )
+    trans = counts / np.maximum(seen, 1.0)[:, :, None]
+    return (), {"trans": np.round(trans, 4).tolist()}
+
+
 register_policy(PolicyDef("lru", "least recently used", lambda p, L: _w(last=1.0), {}))
 register_policy(PolicyDef("fifo", "first in, first out", lambda p, L: _w(insert=1.0), {}))
 register_policy(
@@ -158,6 +197,21 @@ register_policy(
         "decayed by `decay` per event; one use is worth `alpha` passes of recency)",
         lambda p, L: _w(last=1.0, count=float(p.get("alpha", 3.0)) * L),
         {"alpha": 3.0, "decay": 0.999},
+    )
+)
+register_policy(
+    PolicyDef(
+        "trans_lru",
+        "recency plus the predicted next use: key = last_use + gamma * L * sum over the "
+        "experts a of the layer's last pass of trans[layer, a, expert] (fitted next-pass "
+        "transition table) + alpha * L * count (as in `lrfu`)",
+        lambda p, L: _w(
+            last=1.0,
+            trans=float(p.get("gamma", 1.0)) * L,
+            count=float(p.get("alpha", 0.0)) * L,
+        ),
+        {"gamma": 1.0, "alpha": 0.0, "decay": 1.0},
+        fit=_fit_trans,
     )
 )
 register_policy(
@@ -250,4 +304,17 @@ def eviction_spec(
                 f"{config.policy!r}, got {None if arr is None else list(arr.shape)}"
             )
         gap = arr
-    return EvictionSpec(weights=weights, decay=decay, pinned=pinned, gap=gap, oracle=policy.oracle)
+    trans = np.zeros((1, 1, 1), dtype=np.float64)
+    if weights[:, W_TRANS].any():
+        table = config.tables.get("trans")
+        arr = np.asarray(table, dtype=np.float64) if table is not None else None
+        want = (num_layers, num_experts, num_experts)
+        if arr is None or arr.shape != want:
+            raise PlanError(
+                f"eviction.tables.trans must have shape {list(want)} for policy "
+                f"{config.policy!r}, got {None if arr is None else list(arr.shape)}"
+            )
+        trans = arr
+    return EvictionSpec(
+        weights=weights, decay=decay, pinned=pinned, gap=gap, oracle=policy.oracle, trans=trans
+    )

@@ -127,7 +127,7 @@ def simulate(
         pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64),
         parts.part_of_layer, parts.lo, parts.hi, parts.min_share,
         spec.weights, spec.decay, spec.pinned.reshape(-1), spec.gap.reshape(2, L * E),
-        occ_ptr, occ_ev.astype(np.float64), spec.oracle,
+        spec.trans.reshape(-1, spec.trans.shape[-1]), occ_ptr, occ_ev.astype(np.float64), spec.oracle,
         L, E, float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
         hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
     )  # fmt: skip

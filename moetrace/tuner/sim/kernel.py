@@ -46,6 +46,10 @@ def _victim(
     occ_ev,
     use_next,
     inc,
+    trans,
+    last_ev,
+    ev_ptr,
+    ev_exp,
 ):
     if fill[p] < part_hi[p]:
         s = fill[p]
@@ -67,7 +71,12 @@ def _victim(
         if use_next:
             c = cursor[key]
             nxt = occ_ev[c] if c < occ_ptr[key + 1] else NO_NEXT_USE
-        k1 = slot_key_jit(w, slot_last[s], slot_ins[s], freq[key], gap[ph, key], nxt, inc)
+        tr = 0.0
+        if w[6] != 0.0 and last_ev[ls] >= 0:
+            es = key - ls * E
+            for q in range(ev_ptr[last_ev[ls]], ev_ptr[last_ev[ls] + 1]):
+                tr += trans[ls * E + ev_exp[q], es]
+        k1 = slot_key_jit(w, slot_last[s], slot_ins[s], freq[key], gap[ph, key], nxt, inc, tr)
         if k1 < bk or (k1 == bk and slot_last[s] < bl):
             bk = k1
             bl = slot_last[s]
@@ -93,6 +102,7 @@ def replay(
     decay,
     pinned,
     gap,
+    trans,
     occ_ptr,
     occ_ev,
     use_next,
@@ -121,6 +131,7 @@ def replay(
     layer_count = np.zeros(L, np.int64)
     freq = np.zeros(L * E)
     cursor = occ_ptr[:-1].copy()
+    last_ev = np.full(L, -1, np.int64)
     inc = 1.0
     g = 1.0 / decay
     xfer = bpe / bw
@@ -143,6 +154,7 @@ def replay(
         lay = ev_layer[i]
         ph = ev_phase[i]
         w = weights[ph]
+        last_ev[lay] = i
         for j in range(ev_ptr[i], ev_ptr[i + 1]):
             s = where[lay * E + ev_exp[j]]
             if s >= 0:
@@ -193,6 +205,10 @@ def replay(
                     occ_ev,
                     use_next,
                     inc,
+                    trans,
+                    last_ev,
+                    ev_ptr,
+                    ev_exp,
                 )
                 if s < 0:
                     stats[S_STREAM, lay, ph] += 1
@@ -248,6 +264,10 @@ def replay(
                 occ_ev,
                 use_next,
                 inc,
+                trans,
+                last_ev,
+                ev_ptr,
+                ev_exp,
             )
             if s < 0:
                 stats[S_PF_DROPPED, tl, ph] += 1
