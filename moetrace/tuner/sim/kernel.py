@@ -46,10 +46,7 @@ def _victim(
     occ_ev,
     use_next,
     inc,
-    trans,
-    last_ev,
-    ev_ptr,
-    ev_exp,
+    tscore,
 ):
     if fill[p] < part_hi[p]:
         s = fill[p]
@@ -71,11 +68,7 @@ def _victim(
         if use_next:
             c = cursor[key]
             nxt = occ_ev[c] if c < occ_ptr[key + 1] else NO_NEXT_USE
-        tr = 0.0
-        if w[6] != 0.0 and last_ev[ls] >= 0:
-            es = key - ls * E
-            for q in range(ev_ptr[last_ev[ls]], ev_ptr[last_ev[ls] + 1]):
-                tr += trans[ls * E + ev_exp[q], es]
+        tr = tscore[key] if w[6] != 0.0 else 0.0
         k1 = slot_key_jit(w, slot_last[s], slot_ins[s], freq[key], gap[ph, key], nxt, inc, tr)
         if k1 < bk or (k1 == bk and slot_last[s] < bl):
             bk = k1
@@ -131,7 +124,9 @@ def replay(
     layer_count = np.zeros(L, np.int64)
     freq = np.zeros(L * E)
     cursor = occ_ptr[:-1].copy()
-    last_ev = np.full(L, -1, np.int64)
+    # per (layer, expert): the transition score from the layer's last event's experts
+    tscore = np.zeros(L * E)
+    use_trans = weights[0, 6] != 0.0 or weights[1, 6] != 0.0
     inc = 1.0
     g = 1.0 / decay
     xfer = bpe / bw
@@ -154,7 +149,12 @@ def replay(
         lay = ev_layer[i]
         ph = ev_phase[i]
         w = weights[ph]
-        last_ev[lay] = i
+        if use_trans:
+            for x in range(E):
+                sc = 0.0
+                for q in range(ev_ptr[i], ev_ptr[i + 1]):
+                    sc += trans[lay * E + ev_exp[q], x]
+                tscore[lay * E + x] = sc
         for j in range(ev_ptr[i], ev_ptr[i + 1]):
             s = where[lay * E + ev_exp[j]]
             if s >= 0:
@@ -205,10 +205,7 @@ def replay(
                     occ_ev,
                     use_next,
                     inc,
-                    trans,
-                    last_ev,
-                    ev_ptr,
-                    ev_exp,
+                    tscore,
                 )
                 if s < 0:
                     stats[S_STREAM, lay, ph] += 1
@@ -264,10 +261,7 @@ def replay(
                 occ_ev,
                 use_next,
                 inc,
-                trans,
-                last_ev,
-                ev_ptr,
-                ev_exp,
+                tscore,
             )
             if s < 0:
                 stats[S_PF_DROPPED, tl, ph] += 1
