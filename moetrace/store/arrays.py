@@ -75,8 +75,11 @@ def load_routing(
     phase: str | None = None,
     requests: Sequence[str] | None = None,
     order: str = "arrival",
+    layers: Sequence[int] | None = None,
 ) -> Routing:
-    """Load routing rows of a trace, optionally one phase and a subset of requests."""
+    """Load routing rows of a trace, optionally one phase, a subset of requests and a
+    subset of MoE layers (``layers``: MoE-layer indices, renumbered 0..n-1 in the given
+    order; the other layers are never read)."""
     if order not in ORDERS:
         raise AnalysisError(f"order must be one of {ORDERS}, got {order!r}")
     if phase is not None and phase not in S.PHASES:
@@ -106,9 +109,20 @@ def load_routing(
             }
         ),
     )
+    all_layers = m.model.moe_layers
+    chosen = list(range(len(all_layers))) if layers is None else [int(i) for i in layers]
+    bad = [i for i in chosen if not 0 <= i < len(all_layers)]
+    if bad:
+        raise AnalysisError(f"MoE layer indices {bad} out of range [0, {len(all_layers)})")
+    layer_ids = tuple(all_layers[i] for i in chosen)
     con.register(
         "_layer_index",
-        pa.table({"layer": list(m.model.moe_layers), "lix": list(range(len(m.model.moe_layers)))}),
+        pa.table(
+            {
+                "layer": pa.array(layer_ids, pa.int16()),
+                "lix": pa.array(range(len(layer_ids)), pa.int16()),
+            }
+        ),
     )
     where = f"WHERE a.phase = '{phase}'" if phase else ""
     sort = (
@@ -142,7 +156,7 @@ def load_routing(
     con.close()
     return Routing(
         request_ids=tuple(wanted),
-        moe_layers=m.model.moe_layers,
+        moe_layers=layer_ids,
         num_experts=m.model.num_experts,
         top_k=k,
         request=col("rix", np.int32),

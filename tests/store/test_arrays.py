@@ -126,3 +126,16 @@ def test_no_speculative_and_dropped(tmp_path: Path) -> None:
     r = load_routing(open_trace(tmp_path / "t"))
     assert r.speculative is None
     assert r.experts.dtype == np.int16 and r.experts[:, 0].tolist() == [3, -1, 0]
+
+
+def test_layer_subset_is_renumbered_and_equals_the_full_rows(batched: Path) -> None:
+    trace = open_trace(batched)
+    full = load_routing(trace)
+    only = load_routing(trace, layers=[1])
+    assert only.moe_layers == (LAYERS[1],)
+    assert set(only.layer.tolist()) == {0}
+    mask = full.layer == 1
+    assert np.array_equal(only.experts, full.experts[mask])
+    assert np.array_equal(only.request, full.request[mask])
+    with pytest.raises(AnalysisError, match="out of range"):
+        load_routing(trace, layers=[2])

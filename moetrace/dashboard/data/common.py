@@ -6,12 +6,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from moetrace.errors import AnalysisError
 from moetrace.store import schema as S
-from moetrace.store.arrays import Routing
+from moetrace.store.arrays import Routing, load_routing
 from moetrace.store.reader import Trace, open_trace
 from moetrace.store.sql import connect, run_query
 
@@ -90,56 +89,13 @@ def routing_for_layers(
     phase: str = "all",
     requests: Sequence[str] | None = None,
 ) -> Routing:
-    """A :class:`Routing` of some MoE layers only (renumbered 0..n-1), in arrival order.
-
-    The same row order as :func:`moetrace.store.arrays.load_routing`, without loading the
-    other layers, so the mining functions can run on one layer or a pair of layers.
+    """A :class:`Routing` of some MoE layers only (renumbered 0..n-1), in arrival order,
+    so the mining functions can run on one layer or a pair of layers.
     ``requests``: only these requests (unknown ids are ignored), still in arrival order.
     """
-    m = trace.manifest
-    k = m.top_k
-    ids = [layer_id(trace, i) for i in layer_indices]
-    case = " ".join(f"WHEN {lid} THEN {n}" for n, lid in enumerate(ids))
-    cols = ", ".join(f"x.e{i}" for i in range(k))
-    chosen = "TRUE" if requests is None else "request_id IN (SELECT request_id FROM _chosen)"
-    con = connect(trace)
-    try:
-        if requests is not None:
-            con.register("_chosen", pa.table({"request_id": pa.array(list(requests), pa.string())}))
-        req = run_query(
-            con,
-            f"SELECT request_id FROM requests WHERE {chosen} ORDER BY arrival, request_id",
-        )
-        tbl = run_query(
-            con,
-            f"""WITH r AS (SELECT request_id, row_number() OVER (ORDER BY arrival, request_id) - 1
-                           AS rix FROM requests WHERE {chosen})
-                SELECT r.rix::INTEGER AS rix, x.token, x.step,
-                       (x.phase = 'decode')::TINYINT AS ph, x.forward,
-                       (CASE x.layer {case} END)::SMALLINT AS lix, {cols}
-                FROM activations_raw x JOIN r USING (request_id)
-                WHERE x.layer IN ({", ".join(map(str, ids))}){phase_where(phase, "x.")}
-                ORDER BY r.rix, x.step, x.token, lix""",
-        )
-    finally:
-        con.close()
-    experts = np.empty((tbl.num_rows, k), np.int16)
-    for i in range(k):
-        experts[:, i] = tbl.column(f"e{i}").to_numpy().astype(np.int16)
-
-    def col(name: str, dtype: type) -> np.ndarray:
-        return tbl.column(name).to_numpy().astype(dtype)
-
-    return Routing(
-        request_ids=tuple(req.column(0).to_pylist()),
-        moe_layers=tuple(ids),
-        num_experts=m.model.num_experts,
-        top_k=k,
-        request=col("rix", np.int32),
-        token=col("token", np.int32),
-        step=col("step", np.int32),
-        phase=col("ph", np.int8),
-        forward=col("forward", np.int64),
-        layer=col("lix", np.int16),
-        experts=experts,
+    if requests is not None:
+        known = set(trace.requests().column("request_id").to_pylist())
+        requests = [r for r in requests if r in known]
+    return load_routing(
+        trace, phase=phase_arg(phase), requests=requests, layers=tuple(layer_indices)
     )
