@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 
 
-def _budget(value: str | None) -> int | None:
-    from moetrace.runtime.session import parse_budget
+def _budget(value: str | None) -> str | None:
+    """Check a budget's syntax before any work; the engine resolves it against the model."""
+    from moetrace.store.budget import parse_budget
 
-    return None if value is None else parse_budget(value)
+    return None if value is None else parse_budget(value).text
 
 
 def _prompts(prompt: str | None, prompts: str | None) -> list[str]:
@@ -156,10 +157,10 @@ def profile_cmd(
       moetrace simulate TRACE --plan plan.json --hardware hw/this-box.json
     """
     from moetrace.runtime.profile import profile_hardware
+    from moetrace.store.budget import parse_size
 
-    prof = profile_hardware(
-        device, model=model, nbytes=int(_budget(nbytes) or 0), repeats=repeats, name=name
-    )
+    size = parse_size(nbytes, "--bytes")
+    prof = profile_hardware(device, model=model, nbytes=size, repeats=repeats, name=name)
     text = json.dumps(prof.to_json(), indent=1, sort_keys=True)
     if out:
         Path(out).write_text(text + "\n", encoding="utf-8")

@@ -32,7 +32,7 @@ class BenchConfig:
     prompts: tuple[str, ...]
     repeats: int = 3
     max_new_tokens: int = 16
-    budget_bytes: int | None = None
+    budget_bytes: int | str | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:

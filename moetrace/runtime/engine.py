@@ -33,17 +33,23 @@ from moetrace.runtime.expert_store import (
 )
 from moetrace.runtime.slots import STREAMED, SlotPool
 from moetrace.runtime.stats import RuntimeStats
+from moetrace.store.budget import BudgetSpec, parse_budget
 from moetrace.store.plan import Plan
+from moetrace.tracer.phase import PREFILL, forward_phase
 from moetrace.tuner.policy.cache import ExpertCache
 from moetrace.tuner.policy.eviction import eviction_spec
 from moetrace.tuner.policy.prefetch import get_prefetcher
 
 log = logging.getLogger(__name__)
-PREFILL, DECODE = 0, 1
 
 
 class OffloadEngine:
-    """Runs ``model`` with only ``plan``'s expert slots on ``device``."""
+    """Runs ``model`` with only ``plan``'s expert slots on ``device``.
+
+    ``budget_bytes`` is the device memory for experts: bytes (an int), or any budget
+    :func:`moetrace.store.budget.parse_budget` reads (``"25%"``, ``"64MiB"``, ``"96"`` slots);
+    a budget in bytes includes the ``top_k`` staging slots, one in % or slots does not.
+    """
 
     def __init__(
         self,
@@ -52,7 +58,7 @@ class OffloadEngine:
         plan: Plan | None,
         *,
         device: str | torch.device,
-        budget_bytes: int | None = None,
+        budget_bytes: int | str | BudgetSpec | None = None,
         fingerprint: str | None = None,
         implementation: str | None = None,
         prefetch: bool = True,
@@ -73,6 +79,16 @@ class OffloadEngine:
             fingerprint or model_fingerprint(model),
             str(getattr(config, "_name_or_path", "") or config.model_type),
         )
+        if budget_bytes is not None:
+            spec = budget_bytes
+            if isinstance(spec, int):
+                spec = BudgetSpec(f"{spec}B", "bytes", spec)
+            budget_bytes = parse_budget(spec).device_bytes(
+                len(self.layers),
+                self.info.num_experts,
+                int(self.info.bytes_per_expert or 1),
+                staging=self.info.top_k,
+            )
         if plan is None:
             bpe = self.info.bytes_per_expert or 1
             if budget_bytes is None:
@@ -184,11 +200,7 @@ class OffloadEngine:
 
     # ------------------------------------------------------------ phases
     def _phase_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        past = kwargs.get("past_key_values")
-        seen = 0
-        if past is not None and hasattr(past, "get_seq_length"):
-            seen = int(past.get_seq_length())
-        self._phase = PREFILL if seen == 0 else DECODE
+        self._phase = forward_phase(args, kwargs)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")

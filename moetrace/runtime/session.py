@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,25 +12,10 @@ from typing import Any
 
 import torch
 
-from moetrace.errors import ConfigError, ModelError
+from moetrace.errors import ModelError
 from moetrace.runtime.engine import OffloadEngine
 from moetrace.runtime.expert_store import is_store
 from moetrace.store.plan import Plan, load_plan
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6}
-_UNITS |= {"mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
-
-
-def parse_budget(text: str) -> int:
-    """Bytes from ``"64MiB"``, ``"1.5GB"``, ``"123456"``."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise ConfigError(f"budget {text!r} is not a size like 64MiB, 2GB or 1048576")
-    value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ConfigError(f"budget must be > 0 bytes, got {text!r}")
-    return value
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:
@@ -50,7 +34,7 @@ def open_engine(
     model: str | os.PathLike[str] | None,
     plan: str | os.PathLike[str] | Plan | None,
     *,
-    budget_bytes: int | None = None,
+    budget_bytes: int | str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     **kw: Any,

@@ -9,7 +9,7 @@ import torch
 from rt_models import ARCHS, clone, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moetrace.errors import MoetraceError, PlanError, RuntimeEngineError
+from moetrace.errors import ConfigError, MoetraceError, PlanError, RuntimeEngineError
 from moetrace.runtime import OffloadEngine
 from moetrace.runtime.checks import default_plan
 from moetrace.runtime.experts import find_moe_layers
@@ -145,7 +145,7 @@ def test_budget_too_small_for_pins(tmp_path):
     )
     with pytest.raises(PlanError, match="the 6 the plan pins"):
         OffloadEngine.from_model(clone(model), plan, budget_bytes=(4 + 2) * bpe)
-    with pytest.raises(RuntimeEngineError, match="at least top_k"):
+    with pytest.raises(ConfigError, match="at least top_k"):
         OffloadEngine.from_model(clone(model), plan, budget_bytes=2 * bpe)
     # the same plan fits a larger budget and loads its pins at start
     with OffloadEngine.from_model(clone(model), plan, budget_bytes=(6 + 2) * bpe) as eng:

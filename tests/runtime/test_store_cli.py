@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from moetrace.cli import main
 from moetrace.runtime import OffloadEngine, prepare_store
 from moetrace.runtime.expert_store import DENSE_FILE, expert_file
-from moetrace.runtime.session import parse_budget
 from moetrace.store.plan import Budget, CacheLayout, EvictionConfig, Plan, RoutingShape, save_plan
 
 
@@ -57,14 +56,6 @@ def test_store_layout_and_disk_run_identical(model_dir, store_dir, prompt_ids):
     assert dense_bytes < 24 * bpe
 
 
-def test_parse_budget():
-    assert parse_budget("64MiB") == 64 * 2**20
-    assert parse_budget("1.5GB") == 1_500_000_000
-    assert parse_budget("4096") == 4096
-    with pytest.raises(Exception, match="not a size"):
-        parse_budget("lots")
-
-
 def test_cli_run_with_plan_and_stats(model_dir, store_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     info = find_layers_info(base)
@@ -93,7 +84,7 @@ def test_cli_run_with_plan_and_stats(model_dir, store_dir, tmp_path):
          "--budget", "1KiB"],
     )  # fmt: skip
     assert res.exit_code == 2
-    assert "moetrace: error: budget of 1024 bytes" in res.output
+    assert "moetrace: error: budget '1KiB' is too small: 1024 bytes" in res.output
 
 
 def test_cli_bad_plan_file(model_dir, tmp_path):

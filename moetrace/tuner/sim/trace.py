@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store.arrays import Routing, load_routing
+from moetrace.store.budget import parse_budget as budget_spec
 from moetrace.store.hardware import load_hardware
 from moetrace.store.plan import CacheLayout, Plan, PrefetchConfig, RoutingShape, load_plan
 from moetrace.store.reader import open_trace
@@ -20,42 +20,10 @@ from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
 
-_BYTES = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
-_UNITS = {
-    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}  # fmt: skip
-
 
 def parse_budget(text: str, num_layers: int, num_experts: int, bytes_per_expert: int | None) -> int:
-    """Slots for a budget: ``12.5%`` of all experts, ``4GB``/``4GiB`` (needs
-    bytes_per_expert) or a plain integer number of slots."""
-    s = str(text).strip()
-    total = num_layers * num_experts
-    if s.endswith("%"):
-        try:
-            pct = float(s[:-1])
-        except ValueError:
-            raise ConfigError(f"budget {text!r}: not a percentage") from None
-        if not 0 < pct <= 100:
-            raise ConfigError(f"budget {text!r}: percentage must be in (0, 100]")
-        slots = int(round(total * pct / 100.0))
-    elif (m := _BYTES.match(s)) is not None:
-        if bytes_per_expert is None:
-            raise ConfigError(
-                f"budget {text!r} is in bytes but the trace does not know bytes_per_expert; "
-                "give --bytes-per-expert or a budget in slots or %"
-            )
-        slots = int(float(m.group(1)) * _UNITS[m.group(2).upper()] // bytes_per_expert)
-    elif s.isdigit():
-        slots = int(s)
-    else:
-        raise ConfigError(f"budget {text!r}: expected N% of experts, bytes (4GB, 4GiB) or slots")
-    if slots < 1:
-        raise ConfigError(f"budget {text!r} is less than one expert slot")
-    if slots > total:
-        raise ConfigError(f"budget {text!r} = {slots} slots exceeds all {total} experts")
-    return slots
+    """Cache slots for a budget (``12.5%``, ``4GiB``, ``96``; see :mod:`moetrace.store.budget`)."""
+    return budget_spec(text).cache_slots(num_layers, num_experts, bytes_per_expert)
 
 
 @dataclass(frozen=True)
