@@ -20,14 +20,24 @@ EXIT_BAD_INPUT = 2
 
 
 class MoetraceGroup(click.Group):
-    """A click group that turns MoetraceError into one line and exit code 2."""
+    """A click group that turns MoetraceError and usage errors into one line, exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MoetraceError as exc:
-            click.echo(f"moetrace: error: {exc}", err=True)
+            click.echo(f"moetrace: error: {_one_line(str(exc))}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+        except click.UsageError as exc:  # bad options: one line too, with where to look
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(
+                f"moetrace: error: {_one_line(exc.format_message())} (see '{where} -h')", err=True
+            )
+            ctx.exit(EXIT_BAD_INPUT)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 @click.group(cls=MoetraceGroup, context_settings={"help_option_names": ["-h", "--help"]})

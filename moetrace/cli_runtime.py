@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
+
+from moetrace.cli_params import OutputFile, write_output
 
 
 def _budget(value: str | None) -> str | None:
@@ -54,7 +55,7 @@ def prepare_cmd(model: str, out: str, dtype: str | None) -> None:
 @click.option("--budget", default=None, help="Device bytes for experts, e.g. 64MiB.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--stats-json", default=None, type=click.Path(dir_okay=False),
+@click.option("--stats-json", default=None, type=OutputFile(dash=True),
               help="Write the statistics as JSON here ('-' for stdout).")  # fmt: skip
 @click.option("--trace", "trace_dir", default=None, type=click.Path(file_okay=False),
               help="Also record this run's routing as a trace.")  # fmt: skip
@@ -93,10 +94,8 @@ def run_cmd(
         f"prefetch precision {s['prefetch_precision']:.3f}, stalled {s['stall_s']:.3f}s",
         err=True,
     )
-    if stats_json == "-":
-        click.echo(stats.dumps(), nl=False)
-    elif stats_json:
-        Path(stats_json).write_text(stats.dumps(), encoding="utf-8")
+    if stats_json:
+        write_output(stats_json, stats.dumps())
 
 
 @click.command("bench")
@@ -107,7 +106,7 @@ def run_cmd(
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="JSON file.")
+@click.option("--out", "out", default=None, type=OutputFile(), help="JSON file.")
 def bench_cmd(
     model: str | None,
     plan: str,
@@ -133,7 +132,7 @@ def bench_cmd(
     data = run_bench(config).to_json()
     text = json.dumps(data, indent=1, sort_keys=True)
     if out:
-        Path(out).write_text(text + "\n", encoding="utf-8")
+        write_output(out, text + "\n")
     for variant, med in data["median"].items():
         lo, hi = data["min_max"][variant]
         click.echo(f"{variant:>13}: {med:8.2f} tok/s (min {lo:.2f}, max {hi:.2f})")
@@ -145,7 +144,7 @@ def bench_cmd(
 @click.option("--bytes", "nbytes", default="64MiB", show_default=True, help="Copy size.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--name", default=None, help="Profile name.")
-@click.option("--out", "out", default=None, type=click.Path(dir_okay=False), help="JSON file.")
+@click.option("--out", "out", default=None, type=OutputFile(), help="JSON file.")
 def profile_cmd(
     device: str, model: str | None, nbytes: str, repeats: int, name: str | None, out: str | None
 ) -> None:
@@ -163,7 +162,7 @@ def profile_cmd(
     prof = profile_hardware(device, model=model, nbytes=size, repeats=repeats, name=name)
     text = json.dumps(prof.to_json(), indent=1, sort_keys=True)
     if out:
-        Path(out).write_text(text + "\n", encoding="utf-8")
+        write_output(out, text + "\n")
     click.echo(text)
 
 

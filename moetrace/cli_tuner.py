@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from moetrace.cli_params import OutputFile, write_output
+
 
 def register(group: click.Group) -> None:
     """Add the tuner's commands to the top-level group."""
@@ -88,7 +90,7 @@ def _add_analyze(group: click.Group) -> None:
     @click.option(
         "--json",
         "json_out",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=OutputFile(),
         default=None,
         help="Write the full versioned report as JSON here.",
     )
@@ -101,7 +103,7 @@ def _add_analyze(group: click.Group) -> None:
     )
     @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every split.")
     def analyze_cmd(
-        trace: Path, phase: str, json_out: Path | None, cache_sizes: str | None, seed: int
+        trace: Path, phase: str, json_out: str | None, cache_sizes: str | None, seed: int
     ) -> None:
         """Can caching or prefetching pay off? Mine a trace for skewed reuse and groups.
 
@@ -244,9 +246,7 @@ def _add_simulate(group: click.Group) -> None:
     )
     @click.option("--bytes-per-expert", type=int, help="Override the manifest's bytes_per_expert.")
     @click.option("--per-layer", is_flag=True, help="Also print per-layer, per-phase metrics.")
-    @click.option(
-        "--json", "json_out", type=click.Path(dir_okay=False), help="Write results as JSON here."
-    )
+    @click.option("--json", "json_out", type=OutputFile(), help="Write results as JSON here.")
     def simulate_cmd(trace: str, json_out: str | None, per_layer: bool, **kw: Any) -> None:
         """Replay TRACE under a plan or a named policy; print hit rate, prefetch precision
         and recall, bytes moved, stall per token and modeled tokens/s.
@@ -278,9 +278,7 @@ def _add_simulate(group: click.Group) -> None:
                     f"stall {r['stall_s']:.4f}s"
                 )
         if json_out:
-            Path(json_out).write_text(
-                json.dumps(result.to_json(), indent=1) + "\n", encoding="utf-8"
-            )
+            write_output(json_out, json.dumps(result.to_json(), indent=1) + "\n")
             click.echo(f"wrote {json_out}")
 
 
@@ -295,9 +293,7 @@ def _add_tune(group: click.Group) -> None:
         help="Device budget: N% of all experts, bytes (4GB, 4GiB) or slots.",
     )
     @click.option("--hardware", help="Hardware profile name or JSON file (default pcie4-x16).")
-    @click.option(
-        "--out", "out", required=True, type=click.Path(dir_okay=False), help="Plan file to write."
-    )
+    @click.option("--out", "out", required=True, type=OutputFile(), help="Plan file to write.")
     @click.option(
         "--seed", type=int, default=0, show_default=True, help="Seed of the request split."
     )

@@ -23,6 +23,10 @@ class ImportFormatError(MoetraceError):
     """A file given to an importer is malformed; the message names the file and line."""
 
 
+class OutputError(MoetraceError):
+    """An output file (report, plan, statistics) cannot be written where the user asked."""
+
+
 class QueryError(MoetraceError):
     """A user's SQL query failed."""
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moetrace.devices import check_device
 from moetrace.errors import ConfigError, RuntimeEngineError
 from moetrace.runtime import experts as X
 from moetrace.runtime.checks import Footprint, check_plan, default_plan, model_info
@@ -66,9 +67,7 @@ class OffloadEngine:
         log_accesses: bool = False,
     ):
         self.model = model
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeEngineError("device cuda requested but CUDA is not available")
+        self.device = check_device(device)
         self.layers = X.find_moe_layers(model)
         config = model.config
         num_layers = int(getattr(config.get_text_config(), "num_hidden_layers", 0) or 0)
@@ -154,7 +153,7 @@ class OffloadEngine:
         fingerprint = kw.pop("fingerprint", None) or model_fingerprint(model)
         layers = X.find_moe_layers(model)
         tensors = detach_experts(model, layers)
-        dev = torch.device(device)
+        dev = check_device(device)
         source = HostExpertSource(tensors, pin=dev.type == "cuda")
         model.to(dev)
         return cls(model, source, plan, device=dev, fingerprint=fingerprint, **kw)
@@ -164,7 +163,7 @@ class OffloadEngine:
         cls, store: str, plan: Plan | None = None, *, device: str | torch.device = "cpu", **kw: Any
     ) -> OffloadEngine:
         """Load an expert store's skeleton on ``device``; experts stream from disk."""
-        dev = torch.device(device)
+        dev = check_device(device)
         model, index = load_skeleton(store, dev)
         source = DiskExpertSource(store, index.layer_ids)
         return cls(model, source, plan, device=dev, fingerprint=index.fingerprint, **kw)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moetrace.errors import RuntimeEngineError
+from moetrace.devices import check_device
 from moetrace.store.hardware import HardwareProfile
 
 TOKEN_COUNTS = (1, 4, 16)
@@ -114,9 +114,7 @@ def profile_hardware(
     name: str | None = None,
 ) -> HardwareProfile:
     """Measure this machine and return a hardware profile."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeEngineError("device cuda requested but CUDA is not available")
+    dev = check_device(device)
     gbps, latency = _bandwidth(dev, nbytes, repeats)
     base, per_token = _compute(dev, model, repeats)
     link = "host->device (pinned)" if dev.type == "cuda" else "disk->RAM (mmap)"

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from moetrace.devices import check_device
 from moetrace.errors import ModelError
 from moetrace.runtime.engine import OffloadEngine
 from moetrace.runtime.expert_store import is_store
@@ -50,6 +51,7 @@ def open_engine(
 
     from moetrace.tracer.record import resolve_dtype
 
+    check_device(device)
     path = resolve_model(model)
     the_plan = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
     if is_store(path):

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrace.errors import PlanError
+from moetrace.store.files import write_text_atomic
 from moetrace.store.schema import PHASES, Manifest, ModelInfo
 
 PLAN_FORMAT = "moetrace-plan"
@@ -462,20 +462,8 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """Write a plan atomically (temporary file in the same folder, fsync, rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-plan-", suffix=".json", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(plan.dumps())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    """Write a plan atomically (folders created, temporary file, fsync, rename)."""
+    return write_text_atomic(path, plan.dumps())
 
 
 def pinned_rows(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrace.errors import AnalysisError
+from moetrace.store.files import write_text_atomic
 from moetrace.tuner.mining.groups import Group, PairStat
 from moetrace.tuner.mining.requests import PredictorScores
 from moetrace.tuner.mining.serial import Serializable
@@ -168,7 +169,7 @@ class AnalysisReport(Serializable):
             )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AnalysisReport:

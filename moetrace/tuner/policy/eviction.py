@@ -25,6 +25,7 @@ import numpy as np
 from moetrace.errors import ConfigError, PlanError
 from moetrace.store.plan import EvictionConfig, PhaseOverride
 from moetrace.tuner.policy.events import Events, expert_frequency
+from moetrace.tuner.policy.params import check_params
 
 W_LAST, W_INSERT, W_FREQ, W_GAP, W_NEXT, W_COUNT, W_TRANS = range(7)
 NUM_WEIGHTS = 7
@@ -70,6 +71,13 @@ class PolicyDef:
     defaults: Mapping[str, Any]
     fit: Fitter | None = None
     oracle: bool = False
+    accepts: tuple[str, ...] = ()
+    """Parameters beyond ``defaults`` the policy (or its fitter) reads."""
+
+    def check_params(self, params: Mapping[str, Any]) -> dict[str, float]:
+        """``params`` validated against what this policy reads (ConfigError otherwise)."""
+        accepted = (*self.defaults, *self.accepts, "decay")
+        return check_params(params, accepted, f"eviction policy {self.name!r}")
 
 
 REGISTRY: dict[str, PolicyDef] = {}
@@ -248,6 +256,7 @@ register_policy(
         lambda p, L: _w(last=1.0, gap=-float(p.get("beta", 1.0)) * L),
         {"beta": 1.0},
         fit=_fit_gap,
+        accepts=("pin_fraction",),
     )
 )
 register_policy(
@@ -266,7 +275,7 @@ def fit_eviction(
 ) -> EvictionConfig:
     """An eviction config for ``name``, its tables/pins fitted on ``events`` if it has any."""
     policy = get_policy(name)
-    merged = {**policy.defaults, **(params or {})}
+    merged = {**policy.defaults, **policy.check_params(params or {})}
     if policy.fit is None:
         return EvictionConfig(policy=name, params=merged)
     pinned, tables = policy.fit(events, capacities, merged)
@@ -281,6 +290,10 @@ def eviction_spec(
 ) -> EvictionSpec:
     """Compile a config (and per-phase parameter overrides) into an EvictionSpec."""
     policy = get_policy(config.policy)
+    policy.check_params(config.params)
+    for ov in (overrides or {}).values():
+        if ov.eviction_params:
+            policy.check_params(ov.eviction_params)
     weights = np.zeros((2, NUM_WEIGHTS), dtype=np.float64)
     for ph, phase in enumerate(("prefill", "decode")):
         params = {**policy.defaults, **config.params}

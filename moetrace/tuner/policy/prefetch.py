@@ -17,6 +17,7 @@ import numpy as np
 from moetrace.errors import ConfigError, PlanError
 from moetrace.store.plan import PrefetchConfig
 from moetrace.tuner.policy.events import Events, build_events
+from moetrace.tuner.policy.params import check_params
 
 Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
 """CSR over events: ``ptr`` (n+1,), target ``layer`` and ``expert`` per candidate."""
@@ -87,8 +88,11 @@ class Prefetcher:
     name: ClassVar[str] = ""
     online: ClassVar[bool] = True
     fetch_all: ClassVar[bool] = False
+    params: ClassVar[tuple[str, ...]] = ()
+    """Names of the parameters this prefetcher reads from ``config.params``."""
 
     def __init__(self, config: PrefetchConfig, num_layers: int, num_experts: int) -> None:
+        check_params(config.params, self.params, f"prefetcher {self.name!r}")
         self.config = config
         self.num_layers = num_layers
         self.num_experts = num_experts
@@ -206,6 +210,8 @@ class SpeculativePrefetch(Prefetcher):
 class LinearPrefetch(Prefetcher):
     """Scores for layer l+d = counts of experts at l @ W[l] + tokens * bias[l]; W is kept
     sparse in the plan (top ``keep`` successors per expert)."""
+
+    params = ("keep",)
 
     def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -345,6 +351,7 @@ class LearnedPrefetch(LinearPrefetch):
     (scikit-learn) from the multi-hot experts at l to those at l+d, trained offline."""
 
     name = "learned"
+    params = ("keep", "alpha")
 
     def _fit_dense(self, events: Events) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.linear_model import Ridge

@@ -131,6 +131,7 @@ def request_matrices(events: Events, max_refs: int) -> np.ndarray:
 class _MatchPrefetch(Prefetcher):
     freeze: ClassVar[bool] = False
     default_neighbors: ClassVar[int] = 4
+    params = ("max_refs", "neighbors", "own")
 
     def _fit(self, events: Events) -> PrefetchConfig:
         max_refs = int(self.config.params.get("max_refs", 64))
