@@ -51,13 +51,23 @@ def record_cmd(
 ) -> None:
     """Run prompts through an MoE model with generate() and record its expert routing.
 
+    Prompts are checked before anything is written: none may be empty, and each must fit
+    the model's max positions with --max-new-tokens. --resume refuses a trace recorded
+    with other generation settings (max new tokens, batch size, dtype, speculative).
+    Progress: a bar on a terminal, else a line on stderr every 10 s
+    (MOETRACE_PROGRESS_INTERVAL).
+
     \b
     Example:
       moetrace record --out traces/demo
       moetrace record --model ./my-olmoe --prompts prompts.jsonl --out traces/olmoe \\
           --batch-size 8 --max-new-tokens 64 --speculative
     """
+    from moetrace.progress import format_progress
     from moetrace.tracer.record import RecordConfig, record
+
+    def echo_progress(done: int, total: int, elapsed: float) -> None:
+        click.echo(format_progress("record", done, total, elapsed, unit="requests"), err=True)
 
     cfg = RecordConfig(
         max_new_tokens=max_new_tokens,
@@ -68,7 +78,7 @@ def record_cmd(
         speculative=speculative,
         resume=resume,
     )
-    result = record(model, prompts, out, config=cfg, progress=sys.stderr.isatty())
+    result = record(model, prompts, out, config=cfg, on_progress=echo_progress)
     click.echo(
         f"{result.path}: recorded {result.requests_recorded} request(s), "
         f"skipped {result.requests_skipped} already present, "

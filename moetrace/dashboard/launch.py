@@ -25,7 +25,7 @@ from types import TracebackType
 
 from moetrace.dashboard.inputs import DashboardInputs
 from moetrace.errors import ConfigError, DashboardError
-from moetrace.store.reader import read_manifest
+from moetrace.store.reader import open_trace
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,21 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 def check_inputs(inputs: DashboardInputs) -> None:
-    """Fail fast on missing files and traces without a manifest (content problems in
-    plans and trace parts are shown inside the app, page by page)."""
+    """Fail before serving on anything the app could not open: a trace whose manifest or
+    parts are bad (missing, truncated, wrong schema, duplicate or out-of-range data), a
+    plan file that does not load, a runtime statistics file that is not a JSON object.
+    (A valid plan for another model is shown, with a warning, inside the app.)"""
+    from moetrace.dashboard.data.plans import load_plans, load_stats
+
     for path in inputs.traces:
-        read_manifest(path)
+        open_trace(path)
     for kind, paths in (("plan", inputs.plans), ("runtime stats", inputs.stats)):
         for p in paths:
             if not Path(p).is_file():
                 raise ConfigError(f"{p}: no such {kind} file")
+    for loaded in (*load_plans(inputs.plans), *load_stats(inputs.stats)):
+        if loaded.error is not None:
+            raise ConfigError(loaded.error)
 
 
 def streamlit_command(inputs: DashboardInputs, host: str, port: int) -> list[str]:

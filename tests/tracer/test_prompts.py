@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moetrace.errors import PromptsError
-from moetrace.tracer.prompts import load_prompts
+from moetrace.tracer.prompts import Prompt, load_prompts
 
 
 def test_jsonl_with_ids_tags_and_defaults(tmp_path) -> None:
@@ -67,13 +67,51 @@ def test_duplicate_ids_and_missing_file(tmp_path) -> None:
         load_prompts(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("text", ["", " ", " \t \u3000"])
+def test_empty_jsonl_prompt_names_file_and_line(tmp_path, text: str) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"id": "a", "prompt": "ok"})
+        + "\n\n"  # a blank line is not a prompt: skipped, and it still counts as line 2
+        + json.dumps({"id": "b", "prompt": text})
+        + "\n"
+        + json.dumps({"id": "c", "prompt": "fine"})
+        + "\n"
+    )
+    with pytest.raises(PromptsError, match="empty") as info:
+        load_prompts(f)
+    assert str(info.value).startswith(f"{f}:3: ")
+
+
+def test_empty_parquet_prompt_and_list_prompt(tmp_path) -> None:
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": ["x", "y"], "prompt": ["one", "  "]}), f)
+    with pytest.raises(PromptsError, match=r"row 1: the prompt is empty"):
+        load_prompts(f)
+    with pytest.raises(PromptsError, match=r"prompts\[1\] \(prompt 'p1'\): the prompt is empty"):
+        Prompt("p1", "\n", where="prompts[1]")
+
+
+def test_prompts_remember_where_they_were_read(tmp_path) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("first\n\nsecond\n")
+    assert [p.describe() for p in load_prompts(f)] == [
+        f"{f}:1 (prompt 'p1')",
+        f"{f}:3 (prompt 'p3')",
+    ]
+
+
 _text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     st.lists(
-        st.tuples(_text.filter(bool), _text, st.dictionaries(_text, _text, max_size=3)),
+        st.tuples(
+            _text.filter(bool),
+            _text.filter(str.strip),  # empty / whitespace-only prompts are errors
+            st.dictionaries(_text, _text, max_size=3),
+        ),
         min_size=1,
         max_size=5,
         unique_by=lambda t: t[0],

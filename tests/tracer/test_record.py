@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from moetrace.cli import main
 from moetrace.errors import ModelError, TraceWriteError
+from moetrace.progress import INTERVAL_ENV, Progress, format_progress
 from moetrace.store import open_trace
 from moetrace.tracer.record import RecordConfig, load_model, record
 from moetrace.tracer.recorder import RoutingRecorder
 
-from .conftest import write_prompts
+from .conftest import make_tokenizer, write_prompts
 from .tiny_models import PAD, tiny_model
 
 torch.set_num_threads(1)
@@ -230,3 +238,223 @@ def test_draining_early_gives_the_same_rows(tmp_path, monkeypatch) -> None:
         )
     assert len(tables[0]) == (3 + 4 - 1 + 4 + 4 - 1) * 2
     assert tables[0].equals(tables[1])
+
+
+# ------------------------------------------------------------ hostile input, checked up front
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file (and the set of directories) under ``directory``."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
+    return out
+
+
+def _refused(res, *needles: str) -> str:
+    """Assert a CLI refusal: exit 2, exactly one line of output, naming the problem."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = res.output.splitlines()
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("moetrace: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _record_args(model_dir, prompts, out, *extra: str) -> list[str]:
+    return [
+        "record",
+        "--model",
+        str(model_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory) -> Path:
+    """The tiny olmoe with only 16 positions."""
+    path = tmp_path_factory.mktemp("tiny-olmoe-16")
+    tiny_model("olmoe", max_position_embeddings=16).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("text", ["", "   \t "])
+def test_cli_empty_prompt_is_refused_before_recording(model_dir, tmp_path, text: str) -> None:
+    f = tmp_path / "p.jsonl"
+    write_prompts(f, 2)
+    with open(f, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": "blank", "prompt": text}) + "\n")
+        fh.write(json.dumps({"id": "after", "prompt": "w5 w6"}) + "\n")
+    out = tmp_path / "t"
+    for batch in ("1", "2"):  # was: a reshape traceback (batch 1), silently recorded (batch 2)
+        res = CliRunner().invoke(main, _record_args(model_dir, f, out, "--batch-size", batch))
+        _refused(res, f"{f}:3", "empty")
+        assert not out.exists()  # nothing written
+
+
+def test_cli_prompt_longer_than_the_model_is_refused(short_model_dir, tmp_path) -> None:
+    f = tmp_path / "p.jsonl"
+    rows = [("ok", 2), ("long", 14), ("longer", 20)]
+    f.write_text("".join(json.dumps({"id": i, "prompt": "w5 " * n}) + "\n" for i, n in rows))
+    out = tmp_path / "t"
+    res = CliRunner().invoke(main, _record_args(short_model_dir, f, out, "--max-new-tokens", "3"))
+    _refused(
+        res,
+        f"{f}:2 (prompt 'long')",
+        "14 prompt tokens + max_new_tokens 3 = 17",
+        "16 positions",
+        "1 more prompt(s) too long",
+    )
+    assert not out.exists()
+    res = CliRunner().invoke(main, _record_args(short_model_dir, f, out, "--max-new-tokens", "16"))
+    _refused(res, "max_new_tokens 16", "16 positions")
+    assert not out.exists()
+    # exactly at the limit: 13 + 3 = 16 positions is recorded
+    f.write_text(json.dumps({"id": "fits", "prompt": "w5 " * 13}) + "\n")
+    res = CliRunner().invoke(main, _record_args(short_model_dir, f, out, "--max-new-tokens", "3"))
+    assert res.exit_code == 0, res.output
+    assert "recorded 1 request(s)" in res.output
+
+
+def test_prompt_that_tokenizes_to_nothing_is_refused() -> None:
+    from moetrace.errors import PromptsError
+    from moetrace.tracer.prompts import Prompt
+    from moetrace.tracer.record import check_prompt_lengths
+
+    class DropsEverything:
+        def __call__(self, texts):
+            return {"input_ids": [[7] if t == "a" else [] for t in texts]}
+
+    prompts = [Prompt("x", "a", where="f.jsonl:1"), Prompt("y", "\u200b", where="f.jsonl:2")]
+    with pytest.raises(PromptsError, match=r"f\.jsonl:2 \(prompt 'y'\): .* 0 tokens"):
+        check_prompt_lengths(prompts, DropsEverything(), tiny_model("olmoe").config, 4)
+
+
+def test_cli_resume_with_other_settings_is_refused_and_leaves_the_trace(
+    model_dir, tmp_path
+) -> None:
+    runner = CliRunner()
+    out = tmp_path / "t"
+    first = write_prompts(tmp_path / "a.jsonl", 2)
+    settings = ["--max-new-tokens", "3", "--batch-size", "2"]
+    res = runner.invoke(main, _record_args(model_dir, first, out, *settings))
+    assert res.exit_code == 0, res.output
+    tags = open_trace(out).manifest.tags
+    assert tags["record.max_new_tokens"] == "3" and tags["record.batch_size"] == "2"
+    assert tags["record.dtype"] == "float32" and tags["record.speculative"] == "false"
+    before = _hashes(out)
+    assert any(name.startswith("activations/part-") for name in before)
+
+    more = write_prompts(tmp_path / "b.jsonl", 4)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text(more.read_text() + json.dumps({"id": "z", "prompt": " "}) + "\n")
+    refusals = [
+        (["--max-new-tokens", "5", "--batch-size", "2"], ["max_new_tokens: 3 in the trace, 5 now"]),
+        (
+            ["--max-new-tokens", "4", "--batch-size", "1"],
+            ["max_new_tokens: 3 in the trace, 4 now", "batch_size: 2 in the trace, 1 now"],
+        ),
+        ([*settings, "--speculative"], ["speculative: false in the trace, true now"]),
+        ([*settings, "--dtype", "bfloat16"], ["dtype: float32 in the trace, bfloat16 now"]),
+    ]
+    for args, needles in refusals:
+        res = runner.invoke(main, _record_args(model_dir, more, out, *args, "--resume"))
+        line = _refused(res, str(out), "other generation settings", *needles)
+        assert "seed" not in line
+        assert _hashes(out) == before, args
+    res = runner.invoke(main, _record_args(model_dir, blank, out, *settings, "--resume"))
+    _refused(res, f"{blank}:5", "empty")
+    assert _hashes(out) == before
+    # the same settings (the seed does not matter for greedy decoding) resume
+    res = runner.invoke(
+        main, _record_args(model_dir, more, out, *settings, "--seed", "7", "--resume")
+    )
+    assert res.exit_code == 0, res.output
+    assert "recorded 2 request(s), skipped 2" in res.output
+
+
+def test_resume_of_a_trace_without_stored_settings_warns(model_dir, tmp_path, caplog) -> None:
+    from moetrace.store.schema import MANIFEST_NAME, Manifest
+
+    out = tmp_path / "t"
+    cfg = RecordConfig(max_new_tokens=3)
+    record(str(model_dir), write_prompts(tmp_path / "a.jsonl", 1), out, config=cfg, progress=False)
+    manifest_path = out / MANIFEST_NAME
+    old = Manifest.from_json(json.loads(manifest_path.read_text()))
+    manifest_path.write_text(dataclasses.replace(old, tags={}).dumps())  # as written before
+    resumed = RecordConfig(max_new_tokens=2, resume=True)
+    with caplog.at_level(logging.WARNING, logger="moetrace.tracer.record"):
+        result = record(
+            str(model_dir),
+            write_prompts(tmp_path / "b.jsonl", 2),
+            out,
+            config=resumed,
+            progress=False,
+        )
+    assert result.requests_recorded == 1
+    assert "resuming without checking them" in caplog.text and "max_new_tokens" in caplog.text
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+def test_cli_progress_is_plain_lines_when_stderr_is_not_a_terminal(model_dir, tmp_path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    runner = CliRunner(env={INTERVAL_ENV: "0"})  # CliRunner's stderr is not a TTY
+    res = runner.invoke(
+        main, _record_args(model_dir, prompts, tmp_path / "t", "--max-new-tokens", "2")
+    )
+    assert res.exit_code == 0, res.output
+    line = re.compile(r"^record: (\d)/3 requests \((\d+)%\), \d+\.\d s elapsed(, ~\d+ s left)?$")
+    seen = [m.groups()[:2] for m in map(line.match, res.output.splitlines()) if m]
+    assert seen == [("1", "33"), ("2", "66"), ("3", "100")], res.output
+    assert "\x1b" not in res.output and "\r" not in res.output  # no tqdm escape codes
+
+
+def test_cli_bad_progress_interval_is_refused(model_dir, tmp_path) -> None:
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    res = CliRunner(env={INTERVAL_ENV: "soon"}).invoke(
+        main, _record_args(model_dir, prompts, tmp_path / "t")
+    )
+    _refused(res, INTERVAL_ENV, "'soon'")
+    assert not (tmp_path / "t").exists()
+
+
+def test_progress_throttles_and_reports_the_end(monkeypatch) -> None:
+    import moetrace.progress as progress_mod
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock["t"])
+    calls: list[tuple[int, int, float]] = []
+    with Progress(5, on_progress=lambda *a: calls.append(a), interval=10, tty=False) as bar:
+        for t in (1, 5, 11, 12, 25):
+            clock["t"] = 100.0 + t
+            bar.update()
+    assert calls == [(3, 5, 11.0), (5, 5, 25.0)]  # every 10 s at most
+    calls.clear()
+    with Progress(5, on_progress=lambda *a: calls.append(a), interval=10, tty=False) as bar:
+        bar.update(5)  # a short run reports nothing
+    assert calls == []
+    with Progress(2, on_progress=lambda *a: calls.append(a), interval=0, enabled=False) as bar:
+        bar.update(2)
+    assert calls == []
+    assert (
+        format_progress("record", 40, 300, 12.3, unit="requests")
+        == "record: 40/300 requests (13%), 12.3 s elapsed, ~1 min 20 s left"
+    )
+
+
+def test_progress_uses_tqdm_on_a_terminal(capsys) -> None:
+    calls: list[tuple[int, int, float]] = []
+    with Progress(2, unit="req", on_progress=lambda *a: calls.append(a), interval=0, tty=True) as b:
+        b.update(2, tok_s="1.0")
+    assert calls == []
+    assert "2/2" in capsys.readouterr().err
