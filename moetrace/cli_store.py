@@ -130,7 +130,8 @@ def import_cmd(
     Facts the files lack come from the flags, from the trace already in OUT, from the
     known-models table (llama4-maverick, deepseek-v2-lite, ...) or from the data; the
     summary lists which were inferred. Requests already in OUT are skipped, so an
-    interrupted import can be rerun. See docs/importers.md.
+    interrupted import can be rerun: by request id, and by file name and content, so the
+    same files copied to another folder are not imported twice. See docs/importers.md.
 
     \b
     Example:
@@ -150,13 +151,16 @@ def import_cmd(
         skip_bad=skip_bad,
         progress=not no_progress,
     )
+    same = result.requests_skipped_same_content
     items: list[tuple[str, Any]] = [
         ("trace", result.out),
         ("model", result.model_name),
         (
             "requests",
             f"{result.requests_imported} imported, "
-            f"{result.requests_skipped_existing} skipped (already present)",
+            f"{result.requests_skipped_existing} skipped (already present"
+            + (f"; {same} of them the same files from another path" if same else "")
+            + ")",
         ),
         ("tokens", f"{result.prefill_tokens} prefill, {result.decode_tokens} decode"),
         ("activations", result.activations),
@@ -232,14 +236,21 @@ def sql_cmd(trace: str, query: str, fmt: str, limit: int | None) -> None:
     lists), activations_raw (columns e0.., w0..), activations_long (one row per
     selected expert), requests, manifest, moe_layers.
 
+    Read-only: only queries run (SELECT, WITH, FROM, VALUES, DESCRIBE, SUMMARIZE, SHOW,
+    EXPLAIN of a query); COPY, EXPORT, ATTACH, INSTALL, LOAD, SET, CREATE, INSERT... are
+    refused, and so is reading any file but the trace's own parts (no read_csv, no network,
+    no extensions). Save results with --format csv or json and a shell redirect.
+
     \b
     Example:
       moetrace sql out/ds "SELECT layer, count(*) AS n FROM activations GROUP BY layer"
-      moetrace sql out/ds "SELECT * FROM requests" --format csv --limit 10
+      moetrace sql out/ds "SELECT * FROM requests" --format csv --limit 10 > requests.csv
     """
+    from moetrace.store.sql import open_read_only
+
     if limit is None and fmt == "table":
         limit = TABLE_DEFAULT_LIMIT
-    table = query_trace(trace, query, limit=None if limit is None else limit + 1)
+    table = query_trace(open_read_only(trace), query, limit=None if limit is None else limit + 1)
     more = limit is not None and table.num_rows > limit
     if limit is not None:
         table = table.slice(0, limit)

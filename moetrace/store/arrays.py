@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from moetrace.errors import AnalysisError
+from moetrace.errors import AnalysisError, TraceFormatError
 from moetrace.store import schema as S
 from moetrace.store.reader import Trace
 from moetrace.store.sql import connect
@@ -67,6 +67,11 @@ class Routing:
             experts=self.experts[mask],
             speculative=None if self.speculative is None else self.speculative[mask],
         )
+
+
+def _out_of_range(ids: np.ndarray, num_experts: int) -> bool:
+    """Whether ``ids`` holds a value outside ``[-1, num_experts)`` (vectorised min/max)."""
+    return bool(ids.size) and (int(ids.min()) < S.DROPPED_EXPERT or int(ids.max()) >= num_experts)
 
 
 def load_routing(
@@ -154,6 +159,15 @@ def load_routing(
         for i in range(k):
             speculative[:, i] = tbl.column(f"s{i}").fill_null(-1).to_numpy().astype(np.int16)
     con.close()
+    num_experts = m.model.num_experts
+    if _out_of_range(experts, num_experts) or (
+        speculative is not None and _out_of_range(speculative, num_experts)
+    ):
+        trace.check_expert_ids()  # raises naming the part (the trace may be opened unvalidated)
+        raise TraceFormatError(
+            f"{trace.path}: expert ids outside [{S.DROPPED_EXPERT}, {num_experts}) for the "
+            f"manifest's num_experts={num_experts} (the manifest and the data disagree)"
+        )
     return Routing(
         request_ids=tuple(wanted),
         moe_layers=layer_ids,

@@ -8,7 +8,7 @@ options chosen for format v1 (see docs/trace-format.md, "Physical encoding"):
   list column), weights ``w0..w{k-1}`` with BYTE_STREAM_SPLIT when float32 (floats
   compress better; DuckDB cannot read it for float16);
 * dictionary encoding only on ``request_id`` and ``phase`` (low cardinality); statistics
-  only on the key columns readers filter on and on the expert ids;
+  only on the key columns readers filter on and on the expert ids (``e*``, ``s*``);
 * lz4 compression by default (``compression="zstd"``: ~15% smaller, ~1.7x the CPU).
 """
 
@@ -140,8 +140,13 @@ def activation_write_options(
         "row_group_size": max(part_rows, 1),
         "use_dictionary": ["request_id", "phase"],
         "column_encoding": {c: "BYTE_STREAM_SPLIT" for c in split},
-        # min/max of the small expert ids let DuckDB use its perfect-hash aggregate
-        "write_statistics": [*KEY_COLUMNS, *S.expert_columns(top_k)],
+        # min/max of the small expert ids let DuckDB use its perfect-hash aggregate, and
+        # let readers check the ids against num_experts from the footer alone
+        "write_statistics": [
+            *KEY_COLUMNS,
+            *S.expert_columns(top_k),
+            *S.speculative_columns(top_k),
+        ],
     }
 
 

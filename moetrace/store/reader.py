@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -74,8 +75,8 @@ def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     return [(act_dir / n, req_dir / n) for n in sorted(acts & reqs)]
 
 
-def _check_part(part: Path, expected: pa.Schema) -> int:
-    """Validate one part's footer and schema; return its row count."""
+def _check_part(part: Path, expected: pa.Schema) -> pq.FileMetaData:
+    """Validate one part's footer and schema; return its Parquet metadata."""
     try:
         meta = pq.read_metadata(part)
         schema = meta.schema.to_arrow_schema()
@@ -95,7 +96,103 @@ def _check_part(part: Path, expected: pa.Schema) -> int:
         raise TraceFormatError(
             f"{part}: schema does not match the manifest (unexpected {diff or 'nothing'}, missing {miss or 'nothing'})"
         )
-    return int(meta.num_rows)
+    return meta
+
+
+def expert_id_columns(manifest: S.Manifest) -> list[str]:
+    """The activation columns holding expert ids (``e*``, and ``s*`` when speculative)."""
+    cols = S.expert_columns(manifest.top_k)
+    if manifest.speculative:
+        cols += S.speculative_columns(manifest.top_k)
+    return cols
+
+
+def expert_id_error(part: Path, column: str, value: int, num_experts: int) -> TraceFormatError:
+    """The error for an expert id the manifest's ``num_experts`` does not allow."""
+    return TraceFormatError(
+        f"{part}: expert id {value} in column {column} is out of range "
+        f"[{S.DROPPED_EXPERT}, {num_experts}) for the manifest's num_experts={num_experts} "
+        "(the manifest and the data disagree)"
+    )
+
+
+def _bad_id(values: np.ndarray, num_experts: int) -> int | None:
+    """The first expert id outside ``[-1, num_experts)`` in ``values``, or None."""
+    if not values.size:
+        return None
+    if values.min() >= S.DROPPED_EXPERT and values.max() < num_experts:
+        return None
+    bad = values[(values < S.DROPPED_EXPERT) | (values >= num_experts)]
+    return int(bad[0])
+
+
+def _check_expert_ids(part: Path, meta: pq.FileMetaData, manifest: S.Manifest) -> None:
+    """Check that the expert ids of an activations part fit the manifest's ``num_experts``.
+
+    Uses the row-group min/max statistics of the footer (the writer writes them for the
+    expert columns); only a column of a row group without statistics is read. Nulls
+    (``s*`` where there is no prediction) are not ids.
+    """
+    num_experts = manifest.model.num_experts
+    names = meta.schema.names
+    unknown: list[str] = []
+    for col in expert_id_columns(manifest):
+        i = names.index(col)
+        for rg in range(meta.num_row_groups):
+            chunk = meta.row_group(rg).column(i)
+            stats = chunk.statistics
+            if stats is None or not stats.has_min_max:
+                if chunk.num_values and (stats is None or stats.null_count != chunk.num_values):
+                    unknown.append(col)
+                    break
+                continue
+            for value in (stats.min, stats.max):
+                if value < S.DROPPED_EXPERT or value >= num_experts:
+                    raise expert_id_error(part, col, int(value), num_experts)
+    if unknown:  # no statistics (not written by moetrace): read just those columns
+        try:
+            table = pq.read_table(part, columns=unknown)
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+        check_expert_columns(part, table, num_experts)
+
+
+def check_expert_columns(part: Path, table: pa.Table, num_experts: int) -> None:
+    """Raise :func:`expert_id_error` for the first out-of-range id in ``table``'s columns."""
+    for col in table.column_names:
+        values = table.column(col).drop_null().to_numpy()
+        bad = _bad_id(values, num_experts)
+        if bad is not None:
+            raise expert_id_error(part, col, bad, num_experts)
+
+
+def _check_unique_requests(parts: Sequence[Path]) -> None:
+    """Raise TraceFormatError when a request id is in two requests parts (or twice in one).
+
+    The writer never commits an id twice (it refuses ids already in the trace, under the
+    trace lock), so a repeated id means a part pair was copied: counting it would count
+    its requests twice.
+    """
+    seen: dict[str, Path] = {}
+    for part in parts:
+        try:
+            ids = pq.read_table(part, columns=["request_id"]).column(0).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+        mine: set[str] = set()
+        for rid in ids:
+            if rid in mine:
+                raise TraceFormatError(f"{part}: request {rid!r} is listed twice in this part")
+            mine.add(rid)
+        clash = [rid for rid in ids if rid in seen]
+        if clash:
+            other = seen[clash[0]]
+            raise TraceFormatError(
+                f"{part}: request {clash[0]!r} is also in {other} ({len(clash)} of this "
+                f"part's {len(ids)} request ids repeat; a copied part? remove one of the two "
+                f"part pairs, {part.name} or {other.name}, from both requests/ and activations/)"
+            )
+        seen.update(dict.fromkeys(ids, part))
 
 
 @dataclass(frozen=True)
@@ -117,12 +214,16 @@ class Trace:
         parts = []
         for act, req in committed_parts(self.path):
             if validate:
-                n_act = _check_part(act, self._act_schema)
-                n_req = _check_part(req, S.REQUESTS_SCHEMA)
+                act_meta = _check_part(act, self._act_schema)
+                _check_expert_ids(act, act_meta, self.manifest)
+                n_act = act_meta.num_rows
+                n_req = _check_part(req, S.REQUESTS_SCHEMA).num_rows
             else:
                 n_act = pq.read_metadata(act).num_rows
                 n_req = pq.read_metadata(req).num_rows
             parts.append(PartInfo(act, req, n_act, n_req, act.stat().st_size + req.stat().st_size))
+        if validate:
+            _check_unique_requests([p.requests for p in parts])
         self.parts: tuple[PartInfo, ...] = tuple(parts)
 
     # ------------------------------------------------------------------ facts
@@ -193,6 +294,17 @@ class Trace:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
+    def check_expert_ids(self) -> None:
+        """Read the expert id columns of every part and raise TraceFormatError naming the
+        first part holding an id outside ``[-1, num_experts)``.
+
+        :func:`open_trace` checks the same from the parts' footer statistics; this reads
+        the data (for ``validate=False`` opens and for callers that found a bad id)."""
+        cols = expert_id_columns(self.manifest)
+        for p in self.parts:
+            table = self._read(p.activations, cols)
+            check_expert_columns(p.activations, table, self.manifest.model.num_experts)
+
     # ------------------------------------------------------------------ SQL
     @cached_property
     def _connection(self):  # type: ignore[no-untyped-def]
@@ -208,5 +320,12 @@ class Trace:
 
 
 def open_trace(path: str | os.PathLike[str], *, validate: bool = True) -> Trace:
-    """Open a trace directory, checking its manifest and every part's schema."""
+    """Open a trace directory, checking its manifest and every part.
+
+    With ``validate`` (the default) each committed part's footer and schema are checked,
+    the expert ids of each activations part against ``model.num_experts`` (from the
+    footer's min/max statistics), and that no request id is in two requests parts (a
+    copied part pair); each problem is a TraceFormatError naming the file. Without it only
+    the manifest is checked and the part footers are read for their row counts.
+    """
     return Trace(path, validate=validate)

@@ -37,6 +37,8 @@ PHASES = ("prefill", "decode")
 PHASE_CODE = {name: code for code, name in enumerate(PHASES)}
 DROPPED_EXPERT = -1
 """Expert id recorded when the router dropped the token (capacity overflow)."""
+MAX_EXPERTS = 1 << 15
+"""Most routed experts a trace can hold: expert ids are int16 (0..32767)."""
 WEIGHT_DTYPES = ("float32", "float16")
 SOURCE_KINDS = ("recorded", "imported", "synthetic")
 
@@ -79,6 +81,11 @@ class ModelInfo:
             f"model.moe_layers {list(self.moe_layers)} must lie in [0, {self.num_layers})",
         )
         _require(self.num_experts >= 1, f"model.num_experts must be >= 1, got {self.num_experts}")
+        _require(
+            self.num_experts <= MAX_EXPERTS,
+            f"model.num_experts must be <= {MAX_EXPERTS} (expert ids are stored as int16), "
+            f"got {self.num_experts}",
+        )
         _require(
             1 <= self.top_k <= self.num_experts,
             f"model.top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}",

@@ -8,21 +8,43 @@ Views (see docs/trace-format.md):
 ``requests``          one row per request
 ``manifest``          one row with the manifest's scalar fields
 ``moe_layers``        one row per MoE layer: ``layer``, ``layer_index``
+
+``connect(trace, read_only=True)`` and :func:`open_read_only` (what ``moetrace sql`` uses)
+lock the connection down for untrusted SQL: see :func:`lock_down` and :func:`check_read_only`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+import os
+import re
+from functools import cached_property
 
 import duckdb
 import pyarrow as pa
 
 from moetrace.errors import QueryError
 from moetrace.store import schema as S
+from moetrace.store.reader import Trace
 
-if TYPE_CHECKING:
-    from moetrace.store.reader import Trace
+READ_ONLY = "moetrace sql is read-only"
+
+# Applied in this order after the views exist; lock_configuration last, so that no later
+# statement can SET (or RESET) any of them back.
+READ_ONLY_SETTINGS = (
+    ("enable_external_access", "false"),
+    ("autoinstall_known_extensions", "false"),
+    ("autoload_known_extensions", "false"),
+    ("allow_community_extensions", "false"),
+    ("allow_unsigned_extensions", "false"),
+    ("python_enable_replacements", "false"),
+    ("lock_configuration", "true"),
+)
+
+# EXPLAIN [(options)] [ANALYZE] [(options)], before the explained statement.
+_EXPLAIN = re.compile(
+    r"\s*explain\s*(?:\([^)]*\)\s*)?(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?", re.IGNORECASE
+)
 
 
 def _files_sql(files: list[str]) -> str:
@@ -38,9 +60,14 @@ def _source(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema:
 
 
 def connect(
-    trace: Trace, con: duckdb.DuckDBPyConnection | None = None
+    trace: Trace, con: duckdb.DuckDBPyConnection | None = None, *, read_only: bool = False
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the trace's views defined."""
+    """A DuckDB connection with the trace's views defined.
+
+    ``read_only=True`` then locks it down with :func:`lock_down` (for users' SQL; the
+    connection can read nothing but the trace's own parts afterwards, so do not pass a shared
+    ``con``). Run queries on it with ``run_query(con, query, read_only=True)``.
+    """
     con = con or duckdb.connect()
     k = trace.top_k
     act_src = _source(con, "activations", trace.activation_files, trace.activation_schema)
@@ -103,7 +130,80 @@ def connect(
     )
     con.register("_moe_layers_tbl", layers_tbl)
     con.execute("CREATE OR REPLACE VIEW moe_layers AS SELECT * FROM _moe_layers_tbl")
+    if read_only:
+        lock_down(con, trace.activation_files + trace.request_files)
     return con
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """Make ``con`` unable to touch anything outside ``files`` (the views' part files).
+
+    ``allowed_paths`` keeps the views' ``read_parquet`` working (DuckDB 2.x refuses even
+    already-defined views over local files once ``enable_external_access`` is off); every
+    other file, directory, network access and extension install/load is refused, and
+    ``lock_configuration`` stops a query from changing any setting back. ``allowed_paths``
+    also lets DuckDB *write* those files (``COPY ... TO '<part>' (USE_TMP_FILE false)``), so
+    :func:`check_read_only` must vet each query too; :func:`run_query` does with
+    ``read_only=True``.
+    """
+    if files:
+        con.execute(f"SET allowed_paths = {_files_sql(files)}")
+    for name, value in READ_ONLY_SETTINGS:
+        con.execute(f"SET {name} = {value}")
+
+
+def _refusal(con: duckdb.DuckDBPyConnection, query: str) -> str | None:
+    """Why ``query`` may not run on a read-only connection, or None when every statement is
+    a query (SELECT, WITH, FROM, VALUES, DESCRIBE, SUMMARIZE, SHOW; EXPLAIN [ANALYZE] of one).
+    """
+    for stmt in con.extract_statements(query):
+        if stmt.type == duckdb.StatementType.SELECT:
+            continue
+        if stmt.type == duckdb.StatementType.EXPLAIN:
+            head = _EXPLAIN.match(stmt.query)
+            try:
+                inner = con.extract_statements(stmt.query[head.end() :]) if head else []
+            except duckdb.Error:
+                inner = []
+            if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+                continue
+            return "EXPLAIN is allowed only of a SELECT query"
+        kind = stmt.type.name.replace("_", " ")
+        if stmt.type == duckdb.StatementType.MULTI:
+            kind = "multi-part (e.g. PIVOT without an IN list)"
+        return f"{kind} statements are not allowed, only queries (SELECT, WITH, ...)"
+    return None
+
+
+def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Raise :class:`QueryError` unless every statement of ``query`` only reads.
+
+    A parse error is raised as the usual ``SQL error: ...``.
+    """
+    try:
+        why = _refusal(con, query)
+    except duckdb.Error as exc:
+        raise QueryError(f"SQL error: {_first_line(exc)}") from None
+    if why is not None:
+        raise QueryError(f"{READ_ONLY}: {why}")
+
+
+class _ReadOnlyTrace(Trace):
+    """A trace whose :meth:`sql` runs on its own locked-down connection."""
+
+    @cached_property
+    def _read_only_connection(self) -> duckdb.DuckDBPyConnection:
+        return connect(self, read_only=True)
+
+    def sql(self, query: str) -> pa.Table:
+        """Run a read-only query (see :func:`check_read_only`) against the trace's views."""
+        return run_query(self._read_only_connection, query, read_only=True)
+
+
+def open_read_only(path: str | os.PathLike[str]) -> Trace:
+    """Open a trace for untrusted SQL: its ``sql()`` can read the trace's views and nothing
+    else, and can write nothing (``moetrace sql`` runs users' queries through this)."""
+    return _ReadOnlyTrace(path)
 
 
 def coactivation_sql(top_k: int, source: str = "activations_raw") -> str:
@@ -153,12 +253,25 @@ def transitions_sql(top_k: int, source: str = "activations_long") -> str:
     """
 
 
-def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table:
+def _first_line(exc: duckdb.Error) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str, *, read_only: bool = False) -> pa.Table:
+    """Run ``query`` on ``con``; DuckDB errors become one-line :class:`QueryError` s.
+
+    ``read_only=True`` (for a :func:`connect` ``(read_only=True)`` connection) first refuses
+    anything but queries (:func:`check_read_only`), and reports DuckDB's permission errors
+    (a file outside the trace) as ``moetrace sql is read-only: ...``.
+    """
+    if read_only:
+        check_read_only(con, query)
     try:
         rel = con.sql(query)
         if rel is None:  # a statement without a result (CREATE, SET...)
             return pa.table({})
         return rel.to_arrow_table()
     except duckdb.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QueryError(f"SQL error: {first}") from None
+        refused = read_only and isinstance(exc, duckdb.PermissionException)
+        raise QueryError(f"{READ_ONLY if refused else 'SQL error'}: {_first_line(exc)}") from None

@@ -139,3 +139,20 @@ def test_layer_subset_is_renumbered_and_equals_the_full_rows(batched: Path) -> N
     assert np.array_equal(only.request, full.request[mask])
     with pytest.raises(AnalysisError, match="out of range"):
         load_routing(trace, layers=[2])
+
+
+def test_out_of_range_ids_in_an_unvalidated_trace_name_the_part(batched: Path) -> None:
+    """load_routing checks the ids it hands out even when the trace was opened without
+    validation (the dashboard does that)."""
+    import json
+
+    from moetrace.errors import TraceFormatError
+
+    target = batched / "manifest.json"
+    data = json.loads(target.read_text())
+    data["model"]["num_experts"] = 16  # e0 holds 10..22
+    target.write_text(json.dumps(data))
+    trace = open_trace(batched, validate=False)
+    with pytest.raises(TraceFormatError, match=r"expert id 2\d in column e0 .*num_experts=16") as e:
+        load_routing(trace)
+    assert str(trace.parts[0].activations) in str(e.value)

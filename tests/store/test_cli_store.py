@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,101 @@ def test_help_has_example(runner: CliRunner, command: str) -> None:
     res = runner.invoke(main, [command, "--help"])
     assert res.exit_code == 0
     assert re.search(rf"Example:\n\s+moetrace {command} \S+", res.stdout), res.stdout
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (empty when it does not exist)."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_import_again_from_a_copied_folder_imports_nothing(
+    tmp_path: Path, imported: Path, runner: CliRunner
+) -> None:
+    src = tmp_path / "tiny-moe" / "mmlu-x"
+    shutil.copytree(src, tmp_path / "tiny-moe" / "mmlu-y")
+    before = _hashes(imported)
+    res = runner.invoke(
+        main,
+        ["import", "patterns-behind-chaos", str(tmp_path / "tiny-moe" / "mmlu-y"), str(imported)],
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "0 imported, 2 skipped (already present; 2 of them the same files from another path)"
+        in res.stdout
+    )
+    assert _hashes(imported) == before
+    assert re.search(r"^requests +2$", runner.invoke(main, ["inspect", str(imported)]).stdout, re.M)
+
+
+@pytest.mark.parametrize("command", ["inspect", "import", "analyze"])
+def test_copied_part_pair_is_refused(
+    tmp_path: Path, imported: Path, runner: CliRunner, command: str
+) -> None:
+    act = next((imported / "activations").glob("part-*.parquet"))
+    req = imported / "requests" / act.name
+    copy = "part-copy-000000.parquet"
+    shutil.copy(act, imported / "activations" / copy)
+    shutil.copy(req, imported / "requests" / copy)
+    write_json(tmp_path / "tiny-moe" / "mmlu-z" / "5.json", pbc_steps(2, 2, seed=5))
+    args = {
+        "inspect": ["inspect", str(imported)],
+        "import": [
+            "import",
+            "patterns-behind-chaos",
+            str(tmp_path / "tiny-moe" / "mmlu-z"),
+            str(imported),
+        ],
+        "analyze": ["analyze", str(imported)],
+    }[command]
+    before = _hashes(imported)
+    line = _one_error_line(runner.invoke(main, args))
+    assert str(req) in line and str(imported / "requests" / copy) in line
+    assert "is also in" in line
+    assert _hashes(imported) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "analyze", "sql"])
+def test_manifest_with_too_few_experts_is_refused(
+    imported: Path, runner: CliRunner, command: str
+) -> None:
+    target = imported / "manifest.json"
+    data = json.loads(target.read_text())
+    data["model"]["num_experts"] = 2  # the parts hold ids up to 7
+    target.write_text(json.dumps(data))
+    before = _hashes(imported)
+    args = [command, str(imported)] + (["SELECT 1"] if command == "sql" else [])
+    line = _one_error_line(runner.invoke(main, args))
+    assert re.search(r"activations/part-\S+\.parquet: expert id \d+ in column e\d", line), line
+    assert "num_experts=2" in line
+    assert _hashes(imported) == before
+
+
+def test_import_refuses_to_infer_experts_from_a_stray_id(tmp_path: Path, runner: CliRunner) -> None:
+    src = tmp_path / "tiny-ds" / "p"
+    for i in range(1, 9):
+        write_csv(src / f"prompt_{i}_data.csv", mb_rows(["a", "b", "c"], seed=i))
+    bad = src / "prompt_3_data.csv"
+    lines = bad.read_text(encoding="utf-8").splitlines()
+    lines[2] = re.sub(r"\[(\d+)", "[999", lines[2], count=1)
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        res = runner.invoke(main, ["import", "moe-beyond", str(src), str(out), "--skip-bad"])
+        line = _one_error_line(res)
+        assert "prompt_3_data.csv: line 3: expert id 999 is far above" in line
+        assert "--num-experts" in line
+    assert not (tmp_path / "new").exists() and _hashes(empty) == {}
+    res = runner.invoke(
+        main, ["import", "moe-beyond", str(src), str(empty), "--num-experts", "16", "--skip-bad"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "bad files    1" in res.stdout
+    assert "prompt_3_data.csv: line 3: expert id 999 out of range [0, 16)" in res.stdout

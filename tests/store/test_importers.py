@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from importkit import mb_rows, pbc_experts, pbc_steps, write_csv, write_json
 from moetrace.errors import ConfigError, ImportFormatError, TraceWriteError
 from moetrace.store import open_trace
 from moetrace.store.importers import IMPORT_MARKER, available_formats, import_trace
+from moetrace.store.importers.facts import expert_id_gap
 from moetrace.store.summary import summarize
 
 PBC = "patterns-behind-chaos"
@@ -353,3 +358,115 @@ def test_bad_out_and_src(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"top_k must be a positive integer, got 0"):
         import_trace(PBC, tmp_path / "a", tmp_path / "o", top_k=0, progress=False)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- same files, other path
+
+
+def test_same_files_from_a_renamed_folder_are_skipped_by_content(tmp_path: Path) -> None:
+    root = tmp_path / "tiny"
+    for i in range(3):
+        write_json(root / "s" / f"{i}.json", pbc_steps(2, 1, seed=i))
+    out = tmp_path / "out"
+    first = import_trace(PBC, root / "s", out, num_experts=8, progress=False)
+    assert first.requests_imported == 3
+    shutil.copytree(root / "s", root / "s-copy")  # request ids s-copy/0.. are new
+    write_json(root / "s-copy" / "2.json", pbc_steps(2, 1, seed=7))  # changed: new content
+    again = import_trace(PBC, root / "s-copy", out, progress=False)
+    assert (again.requests_imported, again.requests_skipped_existing) == (1, 2)
+    assert again.requests_skipped_same_content == 2
+    trace = open_trace(out)
+    ids = trace.sql("SELECT request_id FROM requests ORDER BY arrival").column(0).to_pylist()
+    assert ids == ["s/0", "s/1", "s/2", "s-copy/2"]
+    tags = dict(trace.requests().column("tags")[0].as_py())
+    assert tags["source_sha256"] == hashlib.sha256((root / "s" / "0.json").read_bytes()).hexdigest()
+    # the whole tree (both folders) again: everything is already present
+    tree = import_trace(PBC, root, out, progress=False)
+    assert (tree.requests_imported, tree.requests_skipped_existing) == (0, 6)
+    assert open_trace(out).num_requests == 4
+
+
+def test_identical_files_under_other_names_are_distinct_requests(tmp_path: Path) -> None:
+    """The Puffin prompt list repeats: byte-identical CSVs of different prompts are kept."""
+    src = tmp_path / "m" / "p"
+    rows = mb_rows(["a", "b"], seed=1)
+    write_csv(src / "prompt_1_data.csv", rows)
+    write_csv(src / "prompt_2_data.csv", rows)
+    write_csv(src / "prompt_3_data.csv", mb_rows(["c"], seed=2))
+    out = tmp_path / "out"
+    assert (
+        import_trace(MB, tmp_path / "m", out, num_experts=16, progress=False).requests_imported == 3
+    )
+    shutil.copytree(src, tmp_path / "m" / "q")  # ids q/prompt_* are new, the files are not
+    again = import_trace(MB, tmp_path / "m", out, progress=False)
+    assert (again.requests_imported, again.requests_skipped_existing) == (0, 6)
+    assert again.requests_skipped_same_content == 3
+    assert open_trace(out).num_requests == 3
+
+
+# ---------------------------------------------------------------- stray expert ids
+
+
+def _mb_with_stray(src: Path, n: int = 8, stray: int = 999, **kw: object) -> Path:
+    for i in range(1, n + 1):
+        write_csv(src / f"prompt_{i}_data.csv", mb_rows(["a", "b", "c"], seed=i, **kw))  # type: ignore[arg-type]
+    bad = src / "prompt_5_data.csv"
+    lines = bad.read_text(encoding="utf-8").splitlines()
+    lines[3] = re.sub(r"\[(\d+)", f"[{stray}", lines[3], count=1)  # line 4 of the file
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return bad
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_stray_expert_id_does_not_define_the_inferred_count(tmp_path: Path, skip_bad: bool) -> None:
+    src = tmp_path / "tiny-ds" / "p"
+    _mb_with_stray(src)
+    out = tmp_path / "out"
+    with pytest.raises(
+        ImportFormatError,
+        match=r"prompt_5_data\.csv: line 4: expert id 999 is far above .*dense up to 15.*"
+        r"--num-experts \(16 makes",
+    ):
+        import_trace(MB, src, out, skip_bad=skip_bad, progress=False)
+    assert not out.exists()
+    res = import_trace(MB, src, out, num_experts=16, skip_bad=True, progress=False)
+    assert res.requests_imported == 7
+    assert [Path(b.path).name for b in res.bad_files] == ["prompt_5_data.csv"]
+    assert "line 4: expert id 999 out of range [0, 16)" in res.bad_files[0].reason
+
+
+def test_high_ids_that_are_not_strays_are_inferred(tmp_path: Path) -> None:
+    src = tmp_path / "tiny-ds" / "p"
+    _mb_with_stray(src, stray=31, num_experts=24)  # 0..23 and one 31: plausible, not flagged
+    res = import_trace(MB, src, tmp_path / "out", progress=False)
+    assert res.requests_imported == 8
+    assert open_trace(tmp_path / "out").manifest.model.num_experts == 32
+
+
+def test_stray_expert_id_with_known_model_is_a_bad_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tmp_path / "deepseek-v2-lite-chat" / "p"
+    bad = _mb_with_stray(src, n=6, moe_layers=tuple(range(1, 27)), k=6, num_experts=64)
+    with caplog.at_level(logging.WARNING, logger="moetrace.store.importers.driver"):
+        res = import_trace(MB, src, tmp_path / "out", skip_bad=True, progress=False)
+    assert res.requests_imported == 5 and len(res.bad_files) == 1
+    assert open_trace(tmp_path / "out").manifest.model.num_experts == 64
+    assert f"{bad}: line 4: expert id 999 out of range [0, 64)" in caplog.text
+    with pytest.raises(ImportFormatError, match=r"prompt_5_data\.csv: line 4: expert id 999"):
+        import_trace(MB, src, tmp_path / "out2", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("ids", "core"),
+    [
+        (list(range(64)) + [999], 63),
+        (list(range(64)) + [500, 999], 63),
+        (list(range(7)), None),
+        (list(range(0, 121, 10)), None),  # sparse but even: a small sample, not strays
+        ([0, 5], None),
+        (list(range(6)) + [99], 5),
+    ],
+)
+def test_expert_id_gap(ids: list[int], core: int | None) -> None:
+    assert expert_id_gap(np.array(ids)) == core

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moetrace.store import open_trace
 from moetrace.store.importers import import_trace
+from moetrace.store.importers.facts import expert_id_gap
 from moetrace.store.summary import summarize
 
 pytestmark = pytest.mark.shared
@@ -57,3 +60,39 @@ def test_deepseek_v2_lite_folder(deepseek_dir: Path, tmp_path: Path) -> None:
     text = trace.sql("SELECT prompt_text FROM requests WHERE request_id = 'prompt_1'")
     assert text.column(0)[0].as_py().startswith("How do I center a text element vertically")
     assert res.seconds < 60
+
+
+def test_deepseek_same_files_from_another_folder(deepseek_dir: Path, tmp_path: Path) -> None:
+    """Puffin repeats prompts: byte-identical files of different prompts stay distinct
+    requests; the same files again under another folder are skipped by content."""
+    files = sorted(deepseek_dir.glob("*.csv"))
+    tree = tmp_path / "deepseek-v2-lite-chat"
+    for sub in ("a", "b"):
+        (tree / sub).mkdir(parents=True)
+        for f in files:
+            (tree / sub / f.name).symlink_to(f)
+    out = tmp_path / "ds"
+    first = import_trace("moe-beyond", tree / "a", out, progress=False)
+    assert first.requests_imported == 999
+    digests = {hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert len(digests) < 999  # the upstream set holds byte-identical prompts
+    trace = open_trace(out)
+    distinct = trace.sql("SELECT count(DISTINCT tags['source_sha256']) FROM requests")
+    assert distinct.column(0)[0].as_py() == len(digests)
+    again = import_trace("moe-beyond", tree, out, progress=False)  # ids a/..., b/... are new
+    assert (again.requests_imported, again.requests_skipped_same_content) == (0, 2 * 999)
+    assert open_trace(out).num_requests == 999
+    ids = trace.sql(
+        "SELECT DISTINCT e0 AS e FROM activations_raw UNION SELECT DISTINCT e5 FROM activations_raw"
+    )
+    assert expert_id_gap(np.array(ids.column(0).to_pylist())) is None
+
+
+def test_llama4_inferred_expert_count_is_not_flagged(llama4_dir: Path, tmp_path: Path) -> None:
+    """With an unknown model name the expert count comes from the data; the real ids show
+    no stray-id gap."""
+    res = import_trace(
+        "patterns-behind-chaos", llama4_dir, tmp_path / "l4", model_name="some-moe", progress=False
+    )
+    assert res.inferred["num_experts"] == "highest expert id + 1 over all files"
+    assert open_trace(tmp_path / "l4").manifest.model.num_experts == 128

@@ -191,3 +191,77 @@ def test_validate_false_skips_schema_check(trace_path: Path) -> None:
     part = _first_part(trace_path)
     pq.write_table(pq.read_table(part).drop_columns(["w1"]), part)
     assert open_trace(trace_path, validate=False).num_activations == 60
+
+
+# ---------------------------------------------------------------- copied parts, expert ids
+
+
+def _copy_pair(path: Path, name: str = "part-copy-000000.parquet") -> tuple[Path, Path]:
+    """Copy the first committed part pair under another name (as a careless user would)."""
+    act = _first_part(path)
+    req = path / "requests" / act.name
+    (path / "activations" / name).write_bytes(act.read_bytes())
+    (path / "requests" / name).write_bytes(req.read_bytes())
+    return req, path / "requests" / name
+
+
+def test_copied_part_pair_is_an_error_naming_both_parts(trace_path: Path) -> None:
+    original, copy = _copy_pair(trace_path)
+    with pytest.raises(TraceFormatError) as err:
+        open_trace(trace_path)
+    msg = str(err.value)
+    assert str(original) in msg and str(copy) in msg
+    assert "is also in" in msg and "\n" not in msg
+    assert open_trace(trace_path, validate=False).num_requests == 6  # unchecked: counted twice
+
+
+def test_request_listed_twice_in_one_part(trace_path: Path) -> None:
+    part = _first_part(trace_path, "requests")
+    table = pq.read_table(part)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), part)
+    _raises(trace_path, part, r"request 'r0' is listed twice in this part")
+
+
+def _set_expert(part: Path, value: int, column: str = "e1", **write_options: object) -> None:
+    table = pq.read_table(part)
+    col = table.column(column).to_numpy().copy()
+    col[3] = value
+    i = table.schema.get_field_index(column)
+    table = table.set_column(i, table.schema.field(i), pa.array(col, pa.int16()))
+    pq.write_table(table, part, **write_options)  # type: ignore[arg-type]
+
+
+def test_manifest_num_experts_below_the_data(trace_path: Path) -> None:
+    target = trace_path / "manifest.json"
+    data = json.loads(target.read_text())
+    data["model"]["num_experts"] = 4  # the parts hold ids up to 7
+    target.write_text(json.dumps(data))
+    with pytest.raises(TraceFormatError, match=r"expert id \d+ in column e\d") as err:
+        open_trace(trace_path)
+    msg = str(err.value)
+    assert "activations/part-" in msg and "num_experts=4" in msg
+    assert int(msg.split("expert id ")[1].split()[0]) >= 4
+
+
+@pytest.mark.parametrize("value", [999, -2])
+def test_part_with_expert_id_out_of_range(trace_path: Path, value: int) -> None:
+    part = _first_part(trace_path)
+    _set_expert(part, value)
+    _raises(trace_path, part, rf"expert id {value} in column e1 .*num_experts=8")
+
+
+def test_part_without_statistics_is_still_checked(trace_path: Path) -> None:
+    part = _first_part(trace_path)
+    _set_expert(part, 999, write_statistics=False)
+    assert pq.read_metadata(part).row_group(0).column(6).statistics is None
+    _raises(trace_path, part, r"expert id 999 in column e1 .*num_experts=8")
+
+
+def test_speculative_expert_ids_are_checked(tmp_path: Path) -> None:
+    m = make_manifest(top_k=2, num_experts=8, speculative=True)
+    rng = np.random.default_rng(1)
+    write_trace(tmp_path / "t", m, [synth_request(m, rng, "r0")])
+    assert open_trace(tmp_path / "t").num_requests == 1
+    part = _first_part(tmp_path / "t")
+    _set_expert(part, 8, column="s0")
+    _raises(tmp_path / "t", part, r"expert id 8 in column s0")

@@ -4,12 +4,15 @@ Flow: find the files, resolve the model facts (caller > trace already in OUT > k
 models > data; a pre-scan of all files only when the number of experts must come from the
 data), then parse, check and write request by request with the store's TraceWriter, which
 commits whole requests in batched parts. Requests already in OUT are skipped, so a failed
-or interrupted import can be rerun; while an import runs (and after one failed) OUT holds
+or interrupted import can be rerun: by request id, and by content (each request is tagged
+with the sha256 of its source file, so the same files imported again from a renamed or
+copied folder are found too); while an import runs (and after one failed) OUT holds
 an ``.import-incomplete.json`` marker that ``moetrace inspect`` reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from moetrace import __version__
@@ -32,9 +36,14 @@ from moetrace.store.importers.base import (
     get_importer,
     require_source,
 )
-from moetrace.store.importers.facts import ModelOverrides, check_request, resolve_model
+from moetrace.store.importers.facts import (
+    ModelOverrides,
+    check_request,
+    expert_id_gap,
+    resolve_model,
+)
 from moetrace.store.importers.known_models import find_known_model
-from moetrace.store.reader import open_trace, read_manifest
+from moetrace.store.reader import Trace, open_trace, read_manifest
 from moetrace.store.schema import MANIFEST_NAME, Manifest, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
 
@@ -42,6 +51,14 @@ log = logging.getLogger(__name__)
 
 SCAN_CACHE_BYTES = 512 << 20
 """Parsed requests kept in memory between the pre-scan and the write pass."""
+
+SOURCE_HASH_TAG = "source_sha256"
+"""Request tag: sha256 (hex) of the bytes of the source file the request was imported from.
+
+With the file's name (the ``source_file`` tag) it identifies the file, wherever it lies:
+a file whose name and content match a request already in OUT is skipped as already
+present even when its path (hence its request id) differs."""
+SOURCE_FILE_TAG = "source_file"
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,9 @@ class ImportResult:
     inferred: Mapping[str, str] = field(default_factory=dict)
     """Model fields not given by the caller -> where their value came from."""
     seconds: float = 0.0
+    requests_skipped_same_content: int = 0
+    """Of ``requests_skipped_existing``, those whose request id is new but whose source
+    file (name and sha256) is already in OUT: the same files from another path."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -77,6 +97,7 @@ class ImportResult:
             "decode_tokens",
             "activations",
             "forwards",
+            "requests_skipped_same_content",
         ):
             if getattr(self, name) < 0:
                 raise ImportFormatError(
@@ -139,6 +160,52 @@ def _write_marker(out: Path, info: dict[str, Any]) -> None:
     tmp = out / f".tmp-{IMPORT_MARKER}-{os.getpid()}"
     tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / IMPORT_MARKER)
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 (hex) of a file's bytes, or None when it cannot be read (parsing reports it)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+_ContentKey = tuple[str, str]
+"""(file name, sha256 of its bytes) of a source file."""
+
+
+def _present_contents(trace: Trace) -> dict[_ContentKey, str]:
+    """The trace's requests by source file: (file name, sha256) -> first request id.
+
+    Requests imported before the sha256 tag existed (or not imported) have no key."""
+    table = trace.requests().select(["request_id", "tags"])
+    out: dict[_ContentKey, str] = {}
+    for rid, tags in zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True):
+        tag = dict(tags or ())
+        digest, name = tag.get(SOURCE_HASH_TAG), tag.get(SOURCE_FILE_TAG)
+        if digest and name:
+            out.setdefault((Path(name).name, digest), rid)
+    return out
+
+
+def _gap_error(
+    files: list[tuple[SourceFile, int, str]], ids: np.ndarray, core_top: int
+) -> ImportFormatError:
+    """The error for expert ids far above the others while num_experts is inferred."""
+    stray = [(f, top, where) for f, top, where in files if top > core_top]
+    f, top, where = stray[0]
+    stray_ids = int((ids > core_top).sum())
+    more = f", {len(stray)} files hold such ids" if len(stray) > 1 else ""
+    return ImportFormatError(
+        f"{f.path}: {where}: expert id {top} is far above the bulk of the ids (dense up to "
+        f"{core_top}, then {stray_ids} stray id(s) up to {int(ids.max())}{more}), so the "
+        f"number of experts cannot be inferred from the data: pass --num-experts "
+        f"({core_top + 1} makes such files bad files, see --skip-bad) or the model's real count"
+    )
 
 
 def _progress(items: list[SourceFile], desc: str, enabled: bool) -> Any:
@@ -204,12 +271,33 @@ def import_trace(
         seen[f.request_id] = f.path
     have: set[str] = set()
     forward = 0
+    digests: dict[str, str | None] = {}
+
+    def digest_of(f: SourceFile) -> str | None:
+        if f.request_id not in digests:
+            digests[f.request_id] = file_sha256(f.path)
+        return digests[f.request_id]
+
+    present: dict[_ContentKey, str] = {}
     if existing is not None:
         trace = open_trace(out_path)
         have = set(trace.sql("SELECT request_id FROM requests").column(0).to_pylist())
         top = trace.sql("SELECT max(forward) FROM activations_raw").column(0)[0].as_py()
         forward = 0 if top is None else int(top) + 1
+        present = _present_contents(trace)
     todo = [f for f in files if f.request_id not in have]
+    same_content = 0
+    if present:  # the same file (name and bytes) already imported, from another path
+        kept = []
+        for f in todo:
+            digest = digest_of(f)
+            twin = present.get((f.path.name, digest)) if digest else None
+            if twin is None:
+                kept.append(f)
+                continue
+            log.debug("skipping %s: the same file as request %r already in %s", f.path, twin, out)
+            same_content += 1
+        todo = kept
     skipped = len(files) - len(todo)
     bad = _BadFiles(skip_bad)
 
@@ -219,16 +307,25 @@ def import_trace(
     scan = existing is None and given.num_experts is None and find_known_model(name) is None
     if scan:  # the number of experts must come from the data: look at every file first
         max_expert, cached = -1, 0
+        distinct = np.zeros(0, np.int64)
+        tops: list[tuple[SourceFile, int, str]] = []  # per file: highest id, where
         for f in _progress(todo, f"scan {format}", progress):
             parsed = bad.parse(importer, f)
             if parsed is None:
                 continue
             first = first or parsed
             if parsed.experts.size:
-                max_expert = max(max_expert, int(parsed.experts.max()))
+                top_row = int(np.argmax(parsed.experts.max(axis=1)))
+                top = int(parsed.experts[top_row].max())
+                max_expert = max(max_expert, top)
+                tops.append((f, top, parsed.locate(top_row)))
+                distinct = np.union1d(distinct, np.unique(parsed.experts))
             if cached + parsed.nbytes <= SCAN_CACHE_BYTES:
                 cache[f.request_id] = parsed
                 cached += parsed.nbytes
+        core_top = expert_id_gap(distinct)
+        if core_top is not None:  # one stray id must not define the number of experts
+            raise _gap_error(tops, distinct, core_top)
     elif existing is None:  # layers and top-k come from the first good file
         for f in todo:
             parsed = bad.parse(importer, f)
@@ -270,7 +367,7 @@ def import_trace(
                 except ImportFormatError as exc:
                     bad.add(f, exc)
                     continue
-                _write(writer, parsed, forward)
+                _write(writer, parsed, forward, digest_of(f))
                 forward += parsed.num_forwards
                 counts["requests"] += 1
                 counts["prefill"] += parsed.prompt_tokens
@@ -288,6 +385,7 @@ def import_trace(
         model_name=model.name,
         requests_imported=counts["requests"],
         requests_skipped_existing=skipped,
+        requests_skipped_same_content=same_content,
         prefill_tokens=counts["prefill"],
         decode_tokens=counts["decode"],
         activations=counts["activations"],
@@ -297,9 +395,11 @@ def import_trace(
         seconds=time.perf_counter() - started,
     )
     log.info(
-        "imported %d requests (%d skipped as present, %d bad) into %s in %.1f s",
+        "imported %d requests (%d skipped as present, %d of them by content, %d bad) "
+        "into %s in %.1f s",
         result.requests_imported,
         skipped,
+        same_content,
         len(result.bad_files),
         out_path,
         result.seconds,
@@ -307,15 +407,18 @@ def import_trace(
     return result
 
 
-def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int) -> None:
+def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int, digest: str | None) -> None:
     src = parsed.source
+    tags = {SOURCE_FILE_TAG: src.path.name, **src.tags}
+    if digest:
+        tags[SOURCE_HASH_TAG] = digest
     writer.write_request(
         RequestRecord(
             request_id=src.request_id,
             prompt_tokens=parsed.prompt_tokens,
             generated_tokens=parsed.generated_tokens,
             prompt_text=parsed.prompt_text,
-            tags=src.tags,
+            tags=tags,
         ),
         token=parsed.token,
         step=parsed.step,

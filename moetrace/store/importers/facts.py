@@ -158,3 +158,27 @@ def check_request(parsed: ParsedRequest, model: ModelInfo) -> None:
             f"{path}: {parsed.locate(int(bad))}: expert id {int(value)} out of range "
             f"[0, {model.num_experts})"
         )
+
+
+def expert_id_gap(ids: np.ndarray) -> int | None:
+    """The highest id of the dense core of ``ids`` when the ids above it look like stray
+    values rather than experts; None when the ids give no such sign.
+
+    ``ids`` are the distinct expert ids seen over all files of an import that must infer
+    the number of experts from the data (highest id + 1), where one corrupt value (a 999
+    among ids 0..63) would make that 1000. Flagged when the ids seen cover under half of
+    ``[0, highest id]`` and, going up, some id more than doubles the range of the ids below
+    it (``next >= 2 * (id + 1)``) while those ids cover at least half of their own range
+    and the ids above the jump are at most a quarter of all (a few strays, not a sparse
+    sample of a large expert count); the returned id is the last one before that jump.
+    """
+    u = np.unique(np.asarray(ids, dtype=np.int64))
+    u = u[u >= 0]
+    if u.size < 2 or 2 * u.size >= u[-1] + 1:
+        return None
+    for j in np.flatnonzero(u[1:] >= 2 * (u[:-1] + 1)).tolist():
+        dense = 2 * (j + 1) >= u[j] + 1  # j + 1 distinct ids in [0, u[j]]
+        few_strays = 4 * (u.size - j - 1) <= u.size
+        if dense and few_strays:
+            return int(u[j])
+    return None
