@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from moetrace.dashboard.inputs import DashboardInputs
-from moetrace.errors import ConfigError, DashboardError
+from moetrace.errors import ConfigError, DashboardError, MoetraceError, PlanError
 from moetrace.store.reader import open_trace
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,17 @@ def check_inputs(inputs: DashboardInputs) -> None:
         for p in paths:
             if not Path(p).is_file():
                 raise ConfigError(f"{p}: no such {kind} file")
-    for loaded in (*load_plans(inputs.plans), *load_stats(inputs.stats)):
+    plans = load_plans(inputs.plans)
+    for loaded in (*plans, *load_stats(inputs.stats)):
         if loaded.error is not None:
             raise ConfigError(loaded.error)
+    from moetrace.tuner.policy import check_plan_policies
+
+    for lp in plans:
+        try:
+            check_plan_policies(lp.plan)
+        except MoetraceError as exc:
+            raise PlanError(f"{lp.path}: {exc}") from None
 
 
 def streamlit_command(inputs: DashboardInputs, host: str, port: int) -> list[str]:

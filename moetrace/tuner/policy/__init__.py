@@ -5,6 +5,7 @@ subpackage imports only numpy/numba/scikit-learn and ``moetrace.store.plan``; ne
 DuckDB or trace-mining code.
 """
 
+from moetrace.store.plan import Plan
 from moetrace.tuner.policy import similarity as _similarity  # noqa: F401  (registers)
 from moetrace.tuner.policy.cache import ExpertCache, Partitions, partitions, slot_key
 from moetrace.tuner.policy.events import Events, build_events, expert_frequency
@@ -27,6 +28,7 @@ from moetrace.tuner.policy.prefetch import (
 )
 
 __all__ = [
+    "check_plan_policies",
     "POLICIES",
     "PREFETCHERS",
     "Events",
@@ -44,3 +46,11 @@ __all__ = [
     "partitions",
     "slot_key",
 ]
+
+
+def check_plan_policies(plan: Plan) -> None:
+    """Raise ConfigError/PlanError unless the plan's eviction policy (with its parameters,
+    pins and tables) and its prefetcher compile for the plan's own routing shape."""
+    L, E = len(plan.routing.moe_layers), plan.routing.num_experts
+    eviction_spec(plan.eviction, L, E, plan.phase_overrides)
+    get_prefetcher(plan.prefetch, L, E)
