@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from moetrace.cli_params import plain_progress
+
 
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -47,6 +49,7 @@ def demo_cmd(
     rep = run_demo(
         DemoConfig(out=Path(out), quick=quick, budget=budget, hardware=hardware, seed=seed),
         progress=not no_progress,
+        on_progress=plain_progress("demo", "stages"),
     )
     echo = click.echo
     echo(f"\nTrace   {rep.trace}: {rep.requests} requests, {rep.tokens} generated tokens, "

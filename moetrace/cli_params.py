@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -33,3 +34,14 @@ def write_output(path: str, text: str) -> None:
     from moetrace.store.files import write_text_atomic
 
     write_text_atomic(path, text)
+
+
+def plain_progress(label: str, unit: str) -> Callable[[int, int, float], None]:
+    """The ``on_progress`` callback of long commands: one plain line on stderr (used only
+    when stderr is not a terminal; on a terminal the library shows a bar)."""
+    from moetrace.progress import format_progress
+
+    def echo(done: int, total: int, elapsed: float) -> None:
+        click.echo(format_progress(label, done, total, elapsed, unit=unit), err=True)
+
+    return echo

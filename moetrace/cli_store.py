@@ -10,6 +10,7 @@ from typing import Any
 import click
 import pyarrow as pa
 
+from moetrace.cli_params import plain_progress
 from moetrace.store.importers import import_trace
 from moetrace.store.query import query_trace
 from moetrace.store.summary import summarize
@@ -150,6 +151,7 @@ def import_cmd(
         bytes_per_expert=bytes_per_expert,
         skip_bad=skip_bad,
         progress=not no_progress,
+        on_progress=plain_progress("import", "files"),
     )
     same = result.requests_skipped_same_content
     items: list[tuple[str, Any]] = [

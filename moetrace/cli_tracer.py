@@ -63,11 +63,8 @@ def record_cmd(
       moetrace record --model ./my-olmoe --prompts prompts.jsonl --out traces/olmoe \\
           --batch-size 8 --max-new-tokens 64 --speculative
     """
-    from moetrace.progress import format_progress
+    from moetrace.cli_params import plain_progress
     from moetrace.tracer.record import RecordConfig, record
-
-    def echo_progress(done: int, total: int, elapsed: float) -> None:
-        click.echo(format_progress("record", done, total, elapsed, unit="requests"), err=True)
 
     cfg = RecordConfig(
         max_new_tokens=max_new_tokens,
@@ -78,7 +75,9 @@ def record_cmd(
         speculative=speculative,
         resume=resume,
     )
-    result = record(model, prompts, out, config=cfg, on_progress=echo_progress)
+    result = record(
+        model, prompts, out, config=cfg, on_progress=plain_progress("record", "requests")
+    )
     click.echo(
         f"{result.path}: recorded {result.requests_recorded} request(s), "
         f"skipped {result.requests_skipped} already present, "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moetrace.errors import ConfigError
+from moetrace.progress import OnProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +111,21 @@ class DemoReport:
 
 
 class _Stages:
-    """A progress bar over the demo's stages plus per-stage wall times."""
+    """Progress over the demo's stages plus per-stage wall times."""
 
-    def __init__(self, names: list[str], progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=len(names), desc="moetrace demo", unit="stage", disable=not progress)
+    def __init__(self, names: list[str], progress: bool, on_progress: OnProgress | None) -> None:
+        self.bar = Progress(len(names), label="demo", unit="stage", enabled=progress,
+                            on_progress=on_progress, interval=0)  # fmt: skip
         self.seconds: dict[str, float] = {}
         self._t = time.perf_counter()
 
     def start(self, name: str) -> None:
-        self.bar.set_postfix_str(name)
         self._t = time.perf_counter()
 
     def done(self, name: str) -> None:
         self.seconds[name] = round(time.perf_counter() - self._t, 2)
         log.info("demo: %s done in %.1fs", name, self.seconds[name])
-        self.bar.update(1)
+        self.bar.update(1, stage=name)
 
     def close(self) -> None:
         self.bar.close()
@@ -155,7 +154,9 @@ def _pick_prompts(n: int | None) -> list[Any]:
     return picked
 
 
-def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
+def run_demo(
+    config: DemoConfig, *, progress: bool = True, on_progress: OnProgress | None = None
+) -> DemoReport:
     """Run the whole loop into ``config.out`` (which must not hold an earlier demo)."""
     from moetrace.runtime.session import generate, open_engine
     from moetrace.store.plan import PrefetchConfig, save_plan
@@ -173,7 +174,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> DemoReport:
             raise ConfigError(f"{existing} exists: give the demo a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
 
-    stages = _Stages(["record", "analyze", "tune", "runtime"], progress)
+    stages = _Stages(["record", "analyze", "tune", "runtime"], progress, on_progress)
     try:
         stages.start("record")
         prompts = _pick_prompts(config.num_prompts)

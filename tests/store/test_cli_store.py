@@ -52,6 +52,7 @@ def test_import_prints_summary(tmp_path: Path, runner: CliRunner) -> None:
     args = ["import", "moe-beyond", str(src), str(out), "--num-experts", "16", "--skip-bad"]
     res = runner.invoke(main, [*args, "--no-progress"])
     assert res.exit_code == 0, res.output
+    assert "import:" not in res.stderr  # --no-progress
     lines = dict(
         line.split(None, 1) for line in res.stdout.splitlines() if not line.startswith(" ")
     )
@@ -226,3 +227,18 @@ def test_import_refuses_to_infer_experts_from_a_stray_id(tmp_path: Path, runner:
     assert res.exit_code == 0, res.output
     assert "bad files    1" in res.stdout
     assert "prompt_3_data.csv: line 3: expert id 999 out of range [0, 16)" in res.stdout
+
+
+def test_import_progress_is_plain_lines_off_a_terminal(
+    tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "tiny-ds" / "p"
+    for i in (1, 2, 3):
+        write_csv(src / f"prompt_{i}_data.csv", mb_rows(["a", "b"], seed=i))
+    monkeypatch.setenv("MOETRACE_PROGRESS_INTERVAL", "0")
+    args = ["import", "moe-beyond", str(src), str(tmp_path / "o"), "--num-experts", "16"]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("import: ")]
+    assert lines and lines[-1].startswith("import: 3/3 files (100%)"), res.stderr
+    assert "\x1b" not in res.stderr and "\r" not in res.stderr

@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from moetrace import __version__
 from moetrace.errors import ImportFormatError, TraceWriteError
+from moetrace.progress import OnProgress, track
 from moetrace.store.importers.base import (
     IMPORT_MARKER,
     Importer,
@@ -208,15 +207,11 @@ def _gap_error(
     )
 
 
-def _progress(items: list[SourceFile], desc: str, enabled: bool) -> Any:
-    return tqdm(
-        items,
-        desc=desc,
-        unit="file",
-        file=sys.stderr,
-        disable=not (enabled and sys.stderr.isatty()),
-        leave=False,
-    )
+def _progress(
+    items: list[SourceFile], desc: str, enabled: bool, on_progress: OnProgress | None
+) -> Any:
+    return track(items, len(items), label=desc, unit="file", enabled=enabled,
+                 on_progress=on_progress)  # fmt: skip
 
 
 def import_trace(
@@ -232,11 +227,14 @@ def import_trace(
     bytes_per_expert: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    on_progress: OnProgress | None = None,
 ) -> ImportResult:
     """Import the published trace files at ``src`` (format ``format``) into trace ``out``.
 
     Raises ImportFormatError naming file and line for a malformed file unless
     ``skip_bad``, in which case bad files are skipped and listed in the result.
+    ``progress``: a bar when stderr is a terminal, else ``on_progress(done, total,
+    elapsed)`` every few seconds (see :mod:`moetrace.progress`).
     """
     started = time.perf_counter()
     importer = get_importer(format)
@@ -309,7 +307,7 @@ def import_trace(
         max_expert, cached = -1, 0
         distinct = np.zeros(0, np.int64)
         tops: list[tuple[SourceFile, int, str]] = []  # per file: highest id, where
-        for f in _progress(todo, f"scan {format}", progress):
+        for f in _progress(todo, f"scan {format}", progress, on_progress):
             parsed = bad.parse(importer, f)
             if parsed is None:
                 continue
@@ -356,7 +354,7 @@ def import_trace(
     _write_marker(out_path, marker)
     try:
         with TraceWriter(out_path, manifest) as writer:
-            for f in _progress(todo, f"import {format}", progress):
+            for f in _progress(todo, f"import {format}", progress, on_progress):
                 if f.request_id in bad.files:
                     continue
                 parsed = cache.pop(f.request_id, None) or bad.parse(importer, f)
