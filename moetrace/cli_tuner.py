@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from moetrace.cli_params import OutputFile, write_output
+from moetrace.cli_params import OutputFile, plain_progress, write_output
 
 
 def register(group: click.Group) -> None:
@@ -323,7 +323,9 @@ def _add_tune(group: click.Group) -> None:
         from moetrace.store.plan import save_plan
         from moetrace.tuner.tune import TuneConfig, tune
 
-        result = tune(list(traces), TuneConfig(**kw))
+        result = tune(
+            list(traces), TuneConfig(**kw), on_progress=plain_progress("tune", "candidates")
+        )
         save_plan(result.plan, out)
         p = result.plan
         pf = p.prefetch

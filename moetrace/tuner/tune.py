@@ -19,6 +19,7 @@ import numpy as np
 
 from moetrace import __version__
 from moetrace.errors import AnalysisError, ConfigError
+from moetrace.progress import OnProgress, Progress
 from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import (
     CacheLayout,
@@ -129,6 +130,7 @@ class _Search:
     ):
         self.loaded, self.fit, self.select, self.hw, self.bpe = loaded, fit, select, hw, bpe
         self.log: list[dict[str, Any]] = []
+        self.progress: Progress | None = None
 
     def score(
         self,
@@ -147,6 +149,8 @@ class _Search:
         res = simulate(self.select, plan, self.hw, bytes_per_expert=self.bpe)
         row = _row(name, res)
         self.log.append(row)
+        if self.progress is not None:
+            self.progress.update()
         log.info(
             "candidate %s: hit %.4f stall/token %.4f ms",
             name,
@@ -162,8 +166,18 @@ def _best(options: Sequence[Any], score: Callable[[Any], float]) -> tuple[Any, f
     return options[i], s
 
 
-def tune(traces: Sequence[str | os.PathLike[str]], config: TuneConfig) -> TuneResult:
-    """Tune a plan on part of the traces' requests; validate it on the rest."""
+def tune(
+    traces: Sequence[str | os.PathLike[str]],
+    config: TuneConfig,
+    *,
+    progress: bool = True,
+    on_progress: OnProgress | None = None,
+) -> TuneResult:
+    """Tune a plan on part of the traces' requests; validate it on the rest.
+
+    ``progress``: a bar over the candidates scored when stderr is a terminal, else
+    ``on_progress(done, total, elapsed)`` every few seconds (:mod:`moetrace.progress`).
+    """
     t0 = time.perf_counter()
     hw = load_hardware(config.hardware)
     loaded = load_traces(traces, order=config.order)
@@ -186,6 +200,10 @@ def tune(traces: Sequence[str | os.PathLike[str]], config: TuneConfig) -> TuneRe
     tune_ev, val_ev, fit_ev, sel_ev = ev(tune_idx), ev(val_idx), ev(fit_idx), ev(sel_idx)
     search = _Search(loaded, fit_ev, sel_ev, hw, bpe)
     none = PrefetchConfig()
+    n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
+    total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
+    search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
+                               on_progress=on_progress)  # fmt: skip
 
     layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_ev), pool_layout(slots, L, E)]
 
@@ -228,6 +246,8 @@ def tune(traces: Sequence[str | os.PathLike[str]], config: TuneConfig) -> TuneRe
         ):
             overrides = more
 
+    search.progress.update(total - search.progress.done)  # steps the search skipped
+    search.progress.close()
     provenance = Provenance(
         traces=loaded.paths,
         seed=config.seed,

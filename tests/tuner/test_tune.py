@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,15 @@ def test_speculative_prefetch_from_trace_columns(spec_trace: Path) -> None:
     assert s["prefetch_issued"] > 0 and s["prefetch_precision"] > 0.3
     assert s["stall_s"] < without.summary()["stall_s"]
     assert np.isfinite(s["tokens_per_s"])
+
+
+def test_tune_progress_is_plain_lines_off_a_terminal(tmp_path: Path, monkeypatch) -> None:
+    trace = write_synthetic_trace(tmp_path / "t", requests=6, decode_tokens=6)
+    monkeypatch.setenv("MOETRACE_PROGRESS_INTERVAL", "0")
+    res = CliRunner().invoke(
+        main, ["tune", str(trace), "--budget", "25%", "--out", str(tmp_path / "p.json")]
+    )
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("tune: ")]
+    assert len(lines) >= 10 and re.match(r"tune: (\d+)/\1 candidates \(100%\)", lines[-1])
+    assert "\x1b" not in res.stderr
