@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from moetrace.cli_params import plain_progress
+from moetrace.cli_tuner import splits_table
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -62,6 +63,11 @@ def demo_cmd(
     for row in rep.validation:
         echo(f"  {row['name']:<46} {_fmt(row['hit_rate']):>8} "
              f"{_fmt(row['stall_per_token_ms']):>15} {_fmt(row['tokens_per_s'], 1):>10}")  # fmt: skip
+    echo("\nUnder drift (moetrace tune --split-by time --split-by tag:domain), hit rates:")
+    echo(splits_table(rep.splits))
+    if rep.fallback is not None:
+        echo(f"  fallback: {rep.fallback['from']!r} lost to LRU on {rep.fallback['reason']}; "
+             f"wrote {rep.fallback['to']!r}")  # fmt: skip
     echo(f"\nRuntime: the plan run on {rep.runtime_prompts} held-out prompts, next to the "
          "simulator replaying that run's own trace:")  # fmt: skip
     for r in rep.runtime:

@@ -177,6 +177,28 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def splits_table(splits: list[dict[str, Any]]) -> str:
+    """One line per split: hit rates of the plan, LRU and Belady, gap closed, stall vs LRU."""
+    head = (f"  {'split':<24} {'requests':>9} {'plan':>6} {'no pf':>6} {'lru':>6} "
+            f"{'belady':>6} {'gap closed':>10} {'stall/LRU':>9}")  # fmt: skip
+    out = [head]
+    for sp in splits:
+        rows = {r["name"]: r for r in sp["rows"]}
+        plan, no_pf, lru = sp["rows"][0], sp["rows"][1], sp["rows"][2]
+        bel = rows["belady (oracle bound, no prefetch)"]
+        gap = no_pf.get("gap_closed_vs_lru_belady")
+        gap_s = "-" if gap is None else f"{100 * gap:.0f}%"
+        req = f"{sp['tune_requests']}/{sp['validation_requests']}"
+        r = plan.get("stall_vs_lru")
+        ratio = "-" if r is None else f"{r:.2f}x"
+        out.append(
+            f"  {sp['name'][:24]:<24} {req:>9} {_fmt(plan['hit_rate'])[:6]:>6} "
+            f"{_fmt(no_pf['hit_rate'])[:6]:>6} {_fmt(lru['hit_rate'])[:6]:>6} "
+            f"{_fmt(bel['hit_rate'])[:6]:>6} {gap_s:>10} {ratio:>9}"
+        )
+    return "\n".join(out)
+
+
 def _param(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> tuple[tuple[str, float], ...]:
@@ -311,21 +333,34 @@ def _add_tune(group: click.Group) -> None:
         "--granularity", type=click.Choice(["pass", "token"]), default="pass", show_default=True
     )
     @click.option("--bytes-per-expert", type=int, help="Override the manifest's bytes_per_expert.")
-    def tune_cmd(traces: tuple[str, ...], out: str, **kw: Any) -> None:
+    @click.option(
+        "--split-by",
+        "split_by",
+        multiple=True,
+        metavar="SPLIT",
+        help="Drift splits besides the random one (repeatable): time, tag:KEY, source. "
+        "Default: time.",
+    )
+    def tune_cmd(traces: tuple[str, ...], out: str, split_by: tuple[str, ...], **kw: Any) -> None:
         """Tune an offloading plan on part of the requests of TRACES and report it against
-        LRU, LFU, MoE-Infinity-style prefetch and the Belady/oracle bounds on the rest.
+        LRU, LFU, the peers' released policies and the Belady/oracle bounds on the rest.
+
+        Besides a random split, the plan is judged on splits that model drift (early vs
+        late requests; one tag value or source held out): candidates are chosen by their
+        worst split, and a plan that loses to LRU on any split by more than half a point is
+        replaced by a safer fallback (said in the output). See docs/simulator.md.
 
         \b
         Example:
           moetrace tune out/llama4 --budget 12.5% --out plan.json
+          moetrace tune out/demo --budget 25% --split-by time --split-by tag:domain --out p.json
           moetrace tune out/ds --budget 24GiB --hardware pcie5-x16 --seed 1 --out plan.json
         """
         from moetrace.store.plan import save_plan
         from moetrace.tuner.tune import TuneConfig, tune
 
-        result = tune(
-            list(traces), TuneConfig(**kw), on_progress=plain_progress("tune", "candidates")
-        )
+        config = TuneConfig(**kw, splits=split_by or ("time",))
+        result = tune(list(traces), config, on_progress=plain_progress("tune", "candidates"))
         save_plan(result.plan, out)
         p = result.plan
         pf = p.prefetch
@@ -346,4 +381,12 @@ def _add_tune(group: click.Group) -> None:
         ratio = result.validation[0].get("stall_vs_lru")
         if ratio is not None:
             click.echo(f"stall per token vs LRU on demand: {ratio:.2f}x")
+        click.echo("\nevery split (plan fitted on the split's tune requests, judged on the rest):")
+        click.echo(splits_table(result.splits))
+        if result.fallback is not None:
+            fb = result.fallback
+            click.echo(
+                f"fallback: the search chose {fb['from']!r}, which loses to LRU on "
+                f"{fb['reason']}; wrote {fb['to']!r} instead"
+            )
         click.echo(f"wrote {out} ({result.seconds:.1f}s)")

@@ -88,6 +88,8 @@ class DemoReport:
     runtime_prompts: int
     runtime: tuple[RuntimeCheck, ...]
     seconds: dict[str, float] = field(default_factory=dict)
+    splits: list[dict[str, Any]] = field(default_factory=list)
+    fallback: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,8 @@ class DemoReport:
             "activations": self.activations,
             "verdict": list(self.verdict),
             "validation": self.validation,
+            "splits": self.splits,
+            "fallback": self.fallback,
             "runtime_prompts": self.runtime_prompts,
             "runtime": [r.to_dict() for r in self.runtime],
             "seconds": self.seconds,
@@ -197,7 +201,12 @@ def run_demo(
         stages.start("tune")
         tuned = tune(
             [trace_dir],
-            TuneConfig(budget=config.budget, hardware=config.hardware, seed=config.seed),
+            TuneConfig(
+                budget=config.budget,
+                hardware=config.hardware,
+                seed=config.seed,
+                splits=("time", "tag:domain"),  # the demo prompts carry a domain tag
+            ),
         )
         save_plan(tuned.plan, plan_path)
         stages.done("tune")
@@ -255,6 +264,8 @@ def run_demo(
         runtime_prompts=len(run_prompts),
         runtime=tuple(runs),
         seconds=stages.seconds,
+        splits=tuned.splits,
+        fallback=tuned.fallback,
     )
     (out / "demo-report.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     return result

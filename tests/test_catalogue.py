@@ -640,7 +640,7 @@ def test_sigkill_during_record_keeps_finished_requests_and_resume_completes(
     proc = _record_proc(out, prompts)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "requests").is_dir() and any((out / "requests").iterdir()):
+        if committed_parts(out):  # one request committed (not a temporary file)
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

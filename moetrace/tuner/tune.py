@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from moetrace import __version__
-from moetrace.errors import AnalysisError, ConfigError
+from moetrace.errors import ConfigError
 from moetrace.progress import OnProgress, Progress
 from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import (
@@ -34,8 +34,13 @@ from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
 from moetrace.tuner.sim.trace import LoadedTraces, events_for, load_traces, parse_budget
+from moetrace.tuner.splits import make_splits
 
 log = logging.getLogger(__name__)
+
+TOLERANCE = 0.005
+"""The most a written plan may lose to LRU on a validation split: hit rate (absolute) and
+stall per token (relative)."""
 
 EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("lru", {}),
@@ -66,7 +71,14 @@ PREFETCH_GRID: tuple[tuple[str, float], ...] = (
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Options of ``moetrace tune``."""
+    """Options of ``moetrace tune``.
+
+    ``splits``: the validation splits besides the random one (always first; the written
+    plan's tables are fitted on its tune part): ``time``, ``tag:KEY``, ``source`` (see
+    :mod:`moetrace.tuner.splits`). Candidates are chosen by their worst case over all
+    splits, and the plan written is never worse than LRU on any validation split by more
+    than ``tolerance`` (hit rate without prefetch, and relative stall per token).
+    """
 
     budget: str
     hardware: str | None = None
@@ -75,6 +87,8 @@ class TuneConfig:
     order: str = "arrival"
     granularity: str = "pass"
     bytes_per_expert: int | None = None
+    splits: tuple[str, ...] = ("time",)
+    tolerance: float = TOLERANCE
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
@@ -83,25 +97,29 @@ class TuneConfig:
             )
         if self.bytes_per_expert is not None and self.bytes_per_expert <= 0:
             raise ConfigError(f"bytes_per_expert must be > 0, got {self.bytes_per_expert}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        object.__setattr__(self, "splits", tuple(self.splits))
 
 
 @dataclass(frozen=True)
 class TuneResult:
-    """The chosen plan, the validation table (plan vs baselines) and the search log."""
+    """The chosen plan, the validation table (plan vs baselines) on the random split, the
+    same table on every split, the fallback taken (if any) and the search log."""
 
     plan: Plan
     validation: list[dict[str, Any]]
     search: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    splits: list[dict[str, Any]] = field(default_factory=list)
+    fallback: dict[str, Any] | None = None
 
 
 def split_requests(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of request indices 0..n-1 into (tune, validation), both non-empty."""
-    if n < 2:
-        raise AnalysisError(f"tuning needs at least 2 requests to split, the traces have {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_val = min(n - 1, max(1, int(round(n * fraction))))
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    ids = [str(i) for i in range(n)]
+    sp = make_splits(["random"], ids, fraction=fraction, seed=seed)[0]
+    return sp.tune, sp.validation
 
 
 def _row(name: str, res: SimResult) -> dict[str, Any]:
@@ -117,53 +135,146 @@ def _row(name: str, res: SimResult) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A plan configuration: what the search chooses, refitted on each split."""
+
+    name: str
+    layout: CacheLayout
+    policy: str
+    params: dict[str, float]
+    prefetch: PrefetchConfig
+    overrides: dict[str, PhaseOverride] = field(default_factory=dict)
+
+    def plan(self, ev: Events, shape: Any, bpe: int | None, fit: Events, **kw: Any) -> Plan:
+        return make_plan(
+            ev, shape, self.layout, self.policy, dict(self.params), self.prefetch,
+            bytes_per_expert=bpe, fit_events=fit, phase_overrides=self.overrides, **kw,
+        )  # fmt: skip
+
+
 class _Search:
-    """Scores candidate plans: tables fitted on ``fit``, scored on ``select``."""
+    """Scores candidates on every split: tables fitted on the split's ``fit`` requests,
+    scored on its ``select`` requests, as stall per token relative to uniform LRU there;
+    a candidate's score is its worst split."""
 
     def __init__(
         self,
         loaded: LoadedTraces,
-        fit: Events,
-        select: Events,
+        splits: Sequence[tuple[str, Events, Events]],
         hw: HardwareProfile,
         bpe: int | None,
+        slots: int,
     ):
-        self.loaded, self.fit, self.select, self.hw, self.bpe = loaded, fit, select, hw, bpe
+        self.loaded, self.splits, self.hw, self.bpe = loaded, splits, hw, bpe
         self.log: list[dict[str, Any]] = []
         self.progress: Progress | None = None
+        L, E = len(loaded.model.moe_layers), loaded.model.num_experts
+        lru = _Candidate("lru", uniform_layout(slots, L, E), "lru", {}, PrefetchConfig())
+        self.lru = [self._stall(lru, fit, sel) for _, fit, sel in splits]
 
-    def score(
-        self,
-        name: str,
-        layout: CacheLayout,
-        policy: str,
-        params: dict[str, float],
-        pf: PrefetchConfig,
-        overrides: dict[str, PhaseOverride] | None = None,
-    ) -> float:
-        plan = make_plan(
-            self.select, self.loaded.shape, layout, policy, params, pf,
-            bytes_per_expert=self.bpe, fit_events=self.fit,
-            phase_overrides=overrides or {},
-        )  # fmt: skip
-        res = simulate(self.select, plan, self.hw, bytes_per_expert=self.bpe)
-        row = _row(name, res)
-        self.log.append(row)
+    def _stall(self, c: _Candidate, fit: Events, sel: Events) -> dict[str, Any]:
+        plan = c.plan(sel, self.loaded.shape, self.bpe, fit)
+        return _row(c.name, simulate(sel, plan, self.hw, bytes_per_expert=self.bpe))
+
+    def score(self, c: _Candidate) -> float:
+        worst = -np.inf
+        for (name, fit, sel), lru in zip(self.splits, self.lru, strict=True):
+            row = self._stall(c, fit, sel)
+            base = lru["stall_per_token_ms"]
+            rel = row["stall_per_token_ms"] / base if base else row["stall_per_token_ms"] + 1.0
+            worst = max(worst, rel)
+            self.log.append({**row, "split": name, "stall_vs_lru": rel})
+            log.info("candidate %s on %s: hit %.4f stall %.3fx LRU", c.name, name,
+                     row["hit_rate"], rel)  # fmt: skip
         if self.progress is not None:
             self.progress.update()
-        log.info(
-            "candidate %s: hit %.4f stall/token %.4f ms",
-            name,
-            row["hit_rate"],
-            row["stall_per_token_ms"],
-        )
-        return float(row["stall_per_token_ms"])
+        return float(worst)
 
 
 def _best(options: Sequence[Any], score: Callable[[Any], float]) -> tuple[Any, float]:
     scored = [(score(o), i) for i, o in enumerate(options)]
     s, i = min(scored)
     return options[i], s
+
+
+def _search(
+    search: _Search, slots: int, L: int, E: int, k: int, fit_all: Events, speculative: bool
+) -> _Candidate:
+    """Layout, then eviction, then layout again, then prefetch: each by worst split."""
+    none = PrefetchConfig()
+    layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_all), pool_layout(slots, L, E)]
+
+    def lname(lay: CacheLayout) -> str:
+        return f"{lay.kind} {list(lay.capacities[:4])}..."
+
+    layout, _ = _best(
+        layouts, lambda lay: search.score(_Candidate(f"lru {lname(lay)}", lay, "lru", {}, none))
+    )
+    (policy, params), _ = _best(
+        EVICTION_GRID[1:],
+        lambda c: search.score(
+            _Candidate(f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none)
+        ),
+    )
+    layout, base = _best(
+        layouts,
+        lambda lay: search.score(
+            _Candidate(f"{policy} {params} {lname(lay)}", lay, policy, dict(params), none)
+        ),
+    )
+    best = _Candidate(f"{policy} {params} {layout.kind}", layout, policy, dict(params), none)
+    prefetches = [
+        PrefetchConfig(name, lookahead=1, fetch=max(1, int(mult * k)))
+        for name, mult in PREFETCH_GRID
+    ]
+    if speculative:
+        prefetches.append(PrefetchConfig("speculative", lookahead=1, fetch=0))
+    with_pf = [replace(best, name=f"{best.name} + {p.name} fetch={p.fetch}", prefetch=p)
+               for p in prefetches]  # fmt: skip
+    cand, pf_score = _best(with_pf, search.score)
+    if pf_score >= 0.99 * base:  # a prefetcher must earn its link time and tables
+        return best
+    more = {"prefill": PhaseOverride(prefetch_fetch=min(E, 4 * max(cand.prefetch.fetch, 1)))}
+    boosted = replace(cand, name=f"{cand.name}, prefill fetch x4", overrides=more)
+    if search.score(boosted) < pf_score:
+        return boosted
+    return cand
+
+
+def _fallbacks(chosen: _Candidate, slots: int, L: int, E: int) -> list[_Candidate]:
+    """What to write instead when the chosen plan loses to LRU on a validation split:
+    the same without prefetch, LRU on its layout (with, then without its prefetcher), and
+    finally uniform LRU itself (the baseline, which cannot lose to itself)."""
+    none = PrefetchConfig()
+    out = [chosen]
+    if chosen.prefetch.name != "none":
+        out.append(replace(chosen, name=f"{chosen.name} without prefetch", prefetch=none,
+                           overrides={}))  # fmt: skip
+    lru = replace(chosen, policy="lru", params={}, overrides={})
+    if chosen.prefetch.name != "none":
+        out.append(replace(lru, name=f"lru {chosen.layout.kind} + {chosen.prefetch.name}"))
+    out.append(replace(lru, name=f"lru {chosen.layout.kind}", prefetch=none))
+    out.append(_Candidate("lru uniform", uniform_layout(slots, L, E), "lru", {}, none))
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for c in out:
+        key = (c.layout, c.policy, str(sorted(c.params.items())), str(c.prefetch), str(c.overrides))
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
+def _loses(rows: list[dict[str, Any]], tolerance: float) -> str | None:
+    """Why the plan's rows lose to LRU on this split (None when they do not)."""
+    plan, no_pf, lru = rows[0], rows[1], rows[2]
+    if no_pf["hit_rate"] < lru["hit_rate"] - tolerance:
+        return f"hit rate {no_pf['hit_rate']:.3f} < LRU {lru['hit_rate']:.3f}"
+    base = lru["stall_per_token_ms"]
+    if base and plan["stall_per_token_ms"] > base * (1.0 + tolerance) + 1e-12:
+        return f"stall {plan['stall_per_token_ms'] / base:.3f}x LRU"
+    return None
 
 
 def tune(
@@ -173,7 +284,7 @@ def tune(
     progress: bool = True,
     on_progress: OnProgress | None = None,
 ) -> TuneResult:
-    """Tune a plan on part of the traces' requests; validate it on the rest.
+    """Tune a plan on part of the traces' requests; validate it on the rest, on every split.
 
     ``progress``: a bar over the candidates scored when stderr is a terminal, else
     ``on_progress(done, total, elapsed)`` every few seconds (:mod:`moetrace.progress`).
@@ -185,138 +296,142 @@ def tune(
     L, E, k = len(model.moe_layers), model.num_experts, model.top_k
     bpe = config.bytes_per_expert or model.bytes_per_expert
     slots = parse_budget(config.budget, L, E, bpe)
-    n_req = len(loaded.routing.request_ids)
-    tune_idx, val_idx = split_requests(n_req, config.validation_fraction, config.seed)
-    if len(tune_idx) >= 3:
-        inner = np.random.default_rng(config.seed + 1).permutation(tune_idx)
-        n_sel = max(1, len(inner) // 3)
-        fit_idx, sel_idx = np.sort(inner[n_sel:]), np.sort(inner[:n_sel])
-    else:
-        fit_idx = sel_idx = tune_idx
+    splits = make_splits(
+        ("random", *config.splits),
+        loaded.routing.request_ids,
+        paths=loaded.paths,
+        fraction=config.validation_fraction,
+        seed=config.seed,
+    )
+
+    cache: dict[tuple[int, ...], Events] = {}
 
     def ev(idx: np.ndarray) -> Events:
-        return events_for(loaded, idx, order=config.order, granularity=config.granularity)
+        key = tuple(int(i) for i in idx)
+        if key not in cache:
+            cache[key] = events_for(loaded, idx, order=config.order,
+                                    granularity=config.granularity)  # fmt: skip
+        return cache[key]
 
-    tune_ev, val_ev, fit_ev, sel_ev = ev(tune_idx), ev(val_idx), ev(fit_idx), ev(sel_idx)
-    search = _Search(loaded, fit_ev, sel_ev, hw, bpe)
-    none = PrefetchConfig()
+    primary = splits[0]
+    search = _Search(loaded, [(sp.name, ev(sp.fit), ev(sp.select)) for sp in splits], hw, bpe,
+                     slots)  # fmt: skip
     n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
     total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
     search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
                                on_progress=on_progress)  # fmt: skip
-
-    layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_ev), pool_layout(slots, L, E)]
-
-    def layout_name(lay: CacheLayout) -> str:
-        return f"{lay.kind} {list(lay.capacities[:4])}..."
-
-    layout, _ = _best(
-        layouts, lambda lay: search.score(f"lru {layout_name(lay)}", lay, "lru", {}, none)
-    )
-    (policy, params), _ = _best(
-        EVICTION_GRID[1:],
-        lambda c: search.score(f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none),
-    )
-    layout, base_stall = _best(
-        layouts,
-        lambda lay: search.score(
-            f"{policy} {params} {layout_name(lay)}", lay, policy, dict(params), none
-        ),
-    )
-    prefetches = [
-        PrefetchConfig(name, lookahead=1, fetch=max(1, int(mult * k)))
-        for name, mult in PREFETCH_GRID
-    ]
-    if loaded.routing.speculative is not None:
-        prefetches.append(PrefetchConfig("speculative", lookahead=1, fetch=0))
-    pf, pf_stall = _best(
-        prefetches,
-        lambda p: search.score(
-            f"{policy} + {p.name} fetch={p.fetch}", layout, policy, dict(params), p
-        ),
-    )
-    overrides: dict[str, PhaseOverride] = {}
-    if pf_stall >= 0.99 * base_stall:  # a prefetcher must earn its link time and tables
-        pf = none
-    elif fit_ev.tokens_by_phase[0] > 0 and sel_ev.tokens_by_phase[0] > 0:
-        more = {"prefill": PhaseOverride(prefetch_fetch=min(E, 4 * max(pf.fetch, 1)))}
-        if (
-            search.score(f"{pf.name} prefill fetch x4", layout, policy, dict(params), pf, more)
-            < pf_stall
-        ):
-            overrides = more
-
+    chosen = _search(search, slots, L, E, k, ev(primary.fit),
+                     loaded.routing.speculative is not None)  # fmt: skip
     search.progress.update(total - search.progress.done)  # steps the search skipped
     search.progress.close()
+
+    baselines: dict[str, list[dict[str, Any]]] = {}
+    fallback = None
+    for cand in _fallbacks(chosen, slots, L, E):
+        per_split = []
+        for sp in splits:
+            plan_s = cand.plan(ev(sp.tune), loaded.shape, bpe, ev(sp.tune))
+            rows = validate(plan_s, ev(sp.tune), ev(sp.validation), hw, bpe,
+                            baselines=baselines.get(sp.name))  # fmt: skip
+            baselines[sp.name] = rows[2:]
+            per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
+                              "validation_requests": len(sp.validation), "rows": rows})  # fmt: skip
+        losing = [(s["name"], why) for s in per_split
+                  if (why := _loses(s["rows"], config.tolerance)) is not None]  # fmt: skip
+        if not losing:
+            break
+        name, why = losing[0]
+        fallback = {"from": chosen.name, "to": None, "reason": f"split {name}: {why}"}
+        log.warning("plan %r loses to LRU on split %s (%s); trying the next fallback",
+                    cand.name, name, why)  # fmt: skip
+    assert not losing, "uniform LRU cannot lose to itself"
+    if fallback is not None:
+        fallback["to"] = cand.name
+
     provenance = Provenance(
         traces=loaded.paths,
         seed=config.seed,
         validation_fraction=config.validation_fraction,
-        tune_requests=tuple(loaded.routing.request_ids[i] for i in tune_idx),
-        validation_requests=tuple(loaded.routing.request_ids[i] for i in val_idx),
+        tune_requests=tuple(loaded.routing.request_ids[i] for i in primary.tune),
+        validation_requests=tuple(loaded.routing.request_ids[i] for i in primary.validation),
         tool_version=__version__,
     )
-    plan = make_plan(
-        tune_ev, loaded.shape, layout, policy, dict(params), pf,
-        bytes_per_expert=bpe, phase_overrides=overrides, provenance=provenance,
-    )  # fmt: skip
-    validation = validate(plan, tune_ev, val_ev, hw, bpe)
+    plan = cand.plan(ev(primary.tune), loaded.shape, bpe, ev(primary.tune),
+                     provenance=provenance)  # fmt: skip
+    validation = per_split[0]["rows"]
     expected = {
         "split": "validation",
         "granularity": config.granularity,
         "order": config.order,
         "hardware": hw.name,
         "rows": validation,
+        "splits": per_split,
+        "tolerance": config.tolerance,
+        "fallback": fallback,
     }
     plan = replace(plan, expected=expected)
-    return TuneResult(plan, validation, search.log, time.perf_counter() - t0)
+    return TuneResult(plan, validation, search.log, time.perf_counter() - t0, per_split,
+                      fallback)  # fmt: skip
 
 
 def validate(
-    plan: Plan, tune_ev: Events, val_ev: Events, hw: HardwareProfile, bpe: int | None
+    plan: Plan,
+    tune_ev: Events,
+    val_ev: Events,
+    hw: HardwareProfile,
+    bpe: int | None,
+    *,
+    baselines: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The plan and the baselines on the validation events (baselines' tables from tune)."""
+    """The plan and the baselines on the validation events (baselines' tables from tune).
+
+    ``baselines`` (the rows after the plan's two, from an earlier call on the same events)
+    are reused instead of replayed again.
+    """
     L, E = val_ev.num_layers, val_ev.num_experts
     uniform = uniform_layout(plan.layout.total_slots, L, E)
     k = plan.routing.top_k
 
-    def base(policy: str, pf: PrefetchConfig | None = None) -> Plan:
-        return make_plan(
-            val_ev,
-            plan.routing,
-            uniform,
-            policy,
-            None,
-            pf,
-            bytes_per_expert=bpe,
-            fit_events=tune_ev,
-        )
+    def base(policy: str, pf: PrefetchConfig | None = None, layout: CacheLayout = uniform) -> Plan:
+        return make_plan(val_ev, plan.routing, layout, policy, None, pf,
+                         bytes_per_expert=bpe, fit_events=tune_ev)  # fmt: skip
 
     no_pf = replace(plan, prefetch=PrefetchConfig(), phase_overrides={})
-    runs = [
-        ("plan", plan),
-        ("plan, no prefetch", no_pf),
-        ("lru", base("lru")),
-        ("lfu", base("lfu")),
-        (
-            "lru + activation_matrix (MoE-Infinity-style)",
-            base("lru", PrefetchConfig("activation_matrix", fetch=2 * k)),
-        ),
-        ("belady (oracle bound, no prefetch)", base("belady")),
-        ("belady + oracle prefetch (bound)", base("belady", PrefetchConfig("oracle", fetch=0))),
-    ]
-    if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
-        runs.append(
-            ("belady on the plan's layout", replace(no_pf, eviction=EvictionConfig("belady")))
-        )
+    runs = [("plan", plan), ("plan, no prefetch", no_pf)]
+    if baselines is None:
+        runs += [
+            ("lru", base("lru")),
+            ("lfu", base("lfu")),
+            ("MoE-Infinity as released (pool LFU)",
+             base("lfu", layout=pool_layout(plan.layout.total_slots, L, E))),
+            ("lru + kNN prefetch (after MoE-Infinity paper)",
+             base("lru", PrefetchConfig("activation_matrix", fetch=2 * k))),
+            ("belady (oracle bound, no prefetch)", base("belady")),
+            ("belady + oracle prefetch (bound)", base("belady", PrefetchConfig("oracle", fetch=0))),
+        ]  # fmt: skip
     rows = [_row(name, simulate(val_ev, p, hw, bytes_per_expert=bpe)) for name, p in runs]
-    lru, bel, mine = rows[2]["hit_rate"], rows[5]["hit_rate"], rows[1]["hit_rate"]
+    if baselines is None:
+        # mixtral-offloading's released cache is per-layer LRU with the current layer's
+        # experts protected: exactly the "lru" row's replay, named for the peer
+        mixtral = {**rows[2], "name": "mixtral-offloading as released (per-layer LRU)"}
+        baselines = [dict(r) for r in rows[2:4]] + [mixtral] + [dict(r) for r in rows[4:]]
+    rows = rows[:2] + [dict(r) for r in baselines]
+    if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
+        bound = replace(no_pf, eviction=EvictionConfig("belady"))
+        rows.append(
+            _row("belady on the plan's layout", simulate(val_ev, bound, hw, bytes_per_expert=bpe))
+        )
+    names = [r["name"] for r in rows]
+    lru = rows[2]["hit_rate"]
+    bel = rows[names.index("belady (oracle bound, no prefetch)")]["hit_rate"]
+    mine = rows[1]["hit_rate"]
     # Belady is only a bound while every pass's experts fit (no streaming); a gap of
     # under half a point is noise.
     gap = None
     if bel is not None and lru is not None and bel - lru > 0.005:
         gap = (mine - lru) / (bel - lru)
     rows[1]["gap_closed_vs_lru_belady"] = gap
+    rows[0]["stall_vs_lru"] = None
     if rows[2]["stall_per_token_ms"]:
         rows[0]["stall_vs_lru"] = rows[0]["stall_per_token_ms"] / rows[2]["stall_per_token_ms"]
     return rows
