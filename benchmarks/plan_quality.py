@@ -1,10 +1,12 @@
 """Plan quality and simulator speed on the shared reference traces.
 
 For each trace and cache size (12.5%, 25%, 50% of the experts per layer) this tunes a plan
-on half of the requests and reports, on the other half: hit rate without prefetch and
-modeled stall per token with prefetch (PCIe 4.0 x16 profile) for LRU, LFU, MoE-Infinity-
-style prefetch, the tuned plan and the Belady/oracle bounds. It also measures replay
-speed (expert accesses per second) per policy, interleaving policies (A B A B ...).
+and reports, on every validation split (the random half, and the drift splits of
+``--split-by``, default ``time``: early requests tune, late ones validate): hit rate without
+prefetch and modeled stall per token with prefetch (PCIe 4.0 x16 profile) for LRU, LFU,
+the peers' released policies, kNN prefetch after the MoE-Infinity paper, the tuned plan and
+the Belady/oracle bounds, and any fallback the tuner took. It also measures replay speed
+(expert accesses per second) per policy, interleaving policies (A B A B ...).
 
     python benchmarks/plan_quality.py --traces ../shared/traces --out plan_quality.json
 """
@@ -85,7 +87,14 @@ def main() -> int:
     ap.add_argument("--fractions", default="0.125,0.25,0.5")
     ap.add_argument("--only", choices=sorted(TRACES), action="append")
     ap.add_argument("--speed-repeats", type=int, default=5)
+    ap.add_argument(
+        "--split-by",
+        action="append",
+        default=None,
+        help="drift splits besides the random one (repeatable; default: time)",
+    )
     args = ap.parse_args()
+    args.split_by = args.split_by or ["time"]
     if not args.traces.is_dir():
         print(f"reference traces not found at {args.traces}", file=sys.stderr)
         return 1
@@ -102,6 +111,7 @@ def main() -> int:
             "fractions": fractions,
             "hardware": "pcie4-x16",
             "validation_fraction": 0.5,
+            "splits": ["random", *args.split_by],
             "seed": 0,
         },
         "versions": {
@@ -123,8 +133,13 @@ def main() -> int:
             res = tune(
                 [path],
                 TuneConfig(
-                    budget=f"{100 * frac}%", granularity=granularity, hardware="pcie4-x16", seed=0
+                    budget=f"{100 * frac}%",
+                    granularity=granularity,
+                    hardware="pcie4-x16",
+                    seed=0,
+                    splits=tuple(args.split_by),
                 ),
+                progress=False,
             )
             rows = {r["name"]: r for r in res.validation}
             p = res.plan
@@ -138,6 +153,8 @@ def main() -> int:
                 },
                 "tune_seconds": time.perf_counter() - t,
                 "rows": rows,
+                "splits": res.splits,
+                "fallback": res.fallback,
             }
             report["results"][name]["budgets"][str(frac)] = entry
             print(
@@ -152,6 +169,18 @@ def main() -> int:
             print(
                 f"  gap LRU->Belady closed (no prefetch): {'-' if gap is None else f'{100 * gap:.1f}%'}; stall vs LRU: {ratio:.2f}x"
             )
+            for sp in res.splits:
+                r = {x["name"]: x for x in sp["rows"]}
+                g = r["plan, no prefetch"].get("gap_closed_vs_lru_belady")
+                print(
+                    f"  split {sp['name']:<22} plan {r['plan, no prefetch']['hit_rate']:.4f}  "
+                    f"lru {r['lru']['hit_rate']:.4f}  belady "
+                    f"{r['belady (oracle bound, no prefetch)']['hit_rate']:.4f}  gap closed "
+                    f"{'-' if g is None else f'{100 * g:.1f}%'}  stall vs LRU "
+                    f"{r['plan']['stall_vs_lru']:.2f}x"
+                )
+            if res.fallback:
+                print(f"  fallback: {res.fallback}")
         report["results"][name]["speed"] = sp = speed(path, granularity, args.speed_repeats)
         print(
             f"  speed ({sp['accesses']} accesses): "
