@@ -598,8 +598,22 @@ def test_the_harness_fails_when_it_should(tmp_path: Path) -> None:
         lambda t, out: ["simulate", str(t), "--policy", "lru", "--cache", "2", "--json", str(out)],
         lambda t, out: ["tune", str(t), "--budget", "25%", "--out", str(out)],
         lambda t, out: ["run", "--prompt", "x", "--max-new-tokens", "2", "--stats-json", str(out)],
+        lambda t, out: ["profile", "--repeats", "1", "--bytes", "1MiB", "--out", str(out)],
+        lambda t, out: [
+            "bench",
+            "--plan",
+            str(t.parent / "demo-plan.json"),
+            "--repeats",
+            "1",
+            "--max-new-tokens",
+            "1",
+            "--prompt",
+            "x",
+            "--out",
+            str(out),
+        ],  # fmt: skip
     ],
-    ids=["analyze", "simulate", "tune", "run"],
+    ids=["analyze", "simulate", "tune", "run", "profile", "bench"],
 )
 def test_outputs_into_missing_folders_are_created(argv: Any, base: Path, tmp_path: Path) -> None:
     out = tmp_path / "new" / "deeper" / "out.json"
