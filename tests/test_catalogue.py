@@ -11,7 +11,6 @@ below, as do the crash cases (SIGKILL during ``record``) that need a real proces
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from treekit import tree_digest
 
 from moetrace.cli import main
 from moetrace.store.reader import committed_parts
@@ -43,11 +43,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic trace, a plan tuned on it, a plan for the demo model, prompts."""
     root = tmp_path_factory.mktemp("catalogue-base")
     write_synthetic_trace(root / "trace", requests=8, decode_tokens=8, seed=3)
-    plan = {
-        "format": "moetrace-plan",
-        "format_version": 1,
-        "routing": json.loads((root / "trace" / "manifest.json").read_text())["model"],
-    }
     res = CliRunner().invoke(
         main, ["tune", str(root / "trace"), "--budget", "25%", "--out", str(root / "plan.json")]
     )
@@ -56,7 +51,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     plan["eviction"] = {"policy": "lru", "params": {}, "pinned": [], "tables": {}}
     plan["prefetch"] = {"name": "none", "lookahead": 1, "fetch": 0, "params": {}, "tables": {}}
     (root / "plan.json").write_text(json.dumps(plan))
-    from moetrace.runtime import OffloadEngine
     from moetrace.runtime.session import open_engine
 
     engine, _ = open_engine(None, None, budget_bytes="25%")
@@ -64,20 +58,10 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / "demo-plan.json").write_text(engine.plan.dumps())
     finally:
         engine.close()
-    assert isinstance(engine, OffloadEngine)
     (root / "prompts.jsonl").write_text(
         '{"id": "a", "prompt": "def f(x):"}\n{"id": "b", "prompt": "The river"}\n'
     )
     return root
-
-
-def digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (relative path -> hash)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 # ------------------------------------------------------------------ bad traces
@@ -554,9 +538,9 @@ def test_bad_input(name: str, base: Path, tmp_path: Path, monkeypatch: pytest.Mo
         case.prepare(work)
     monkeypatch.chdir(work)
     monkeypatch.setenv("MOETRACE_CACHE_DIR", str(tmp_path / "cache"))
-    before = digest(work)
+    before = tree_digest(work)
     res = CliRunner().invoke(main, case.argv(work / "trace", work))
-    check_refusal(res, before, digest(work), case.match)
+    check_refusal(res, before, tree_digest(work), case.match)
 
 
 @dataclass
@@ -571,8 +555,8 @@ def test_the_harness_fails_when_it_should(tmp_path: Path) -> None:
     """Each of check_refusal's conditions, broken once, makes it fail."""
     ok = _FakeResult(2, "moetrace: error: bad budget\n", "moetrace: error: bad budget\n")
     (tmp_path / "f").write_text("a")
-    before = digest(tmp_path)
-    check_refusal(ok, before, digest(tmp_path), "budget")
+    before = tree_digest(tmp_path)
+    check_refusal(ok, before, tree_digest(tmp_path), "budget")
     broken = [
         _FakeResult(1, ok.stderr, ok.output),
         _FakeResult(2, "Traceback (most recent call last):\n", "Traceback (most"),
@@ -582,10 +566,10 @@ def test_the_harness_fails_when_it_should(tmp_path: Path) -> None:
     ]
     for res in broken:
         with pytest.raises(AssertionError):
-            check_refusal(res, before, digest(tmp_path), "budget")
+            check_refusal(res, before, tree_digest(tmp_path), "budget")
     (tmp_path / "f").write_text("b")  # a file changed
     with pytest.raises(AssertionError, match="changed files"):
-        check_refusal(ok, before, digest(tmp_path), "budget")
+        check_refusal(ok, before, tree_digest(tmp_path), "budget")
 
 
 # ------------------------------------------------------------------ documented behaviours

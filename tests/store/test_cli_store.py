@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from importkit import mb_rows, pbc_steps, write_csv, write_json
+from treekit import tree_digest
 
 from moetrace.cli import main
 
@@ -134,21 +134,12 @@ def test_help_has_example(runner: CliRunner, command: str) -> None:
 # ---------------------------------------------------------------- hostile input
 
 
-def _hashes(path: Path) -> dict[str, str]:
-    """sha256 of every file under ``path`` (empty when it does not exist)."""
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_import_again_from_a_copied_folder_imports_nothing(
     tmp_path: Path, imported: Path, runner: CliRunner
 ) -> None:
     src = tmp_path / "tiny-moe" / "mmlu-x"
     shutil.copytree(src, tmp_path / "tiny-moe" / "mmlu-y")
-    before = _hashes(imported)
+    before = tree_digest(imported)
     res = runner.invoke(
         main,
         ["import", "patterns-behind-chaos", str(tmp_path / "tiny-moe" / "mmlu-y"), str(imported)],
@@ -158,7 +149,7 @@ def test_import_again_from_a_copied_folder_imports_nothing(
         "0 imported, 2 skipped (already present; 2 of them the same files from another path)"
         in res.stdout
     )
-    assert _hashes(imported) == before
+    assert tree_digest(imported) == before
     assert re.search(r"^requests +2$", runner.invoke(main, ["inspect", str(imported)]).stdout, re.M)
 
 
@@ -182,11 +173,11 @@ def test_copied_part_pair_is_refused(
         ],
         "analyze": ["analyze", str(imported)],
     }[command]
-    before = _hashes(imported)
+    before = tree_digest(imported)
     line = _one_error_line(runner.invoke(main, args))
     assert str(req) in line and str(imported / "requests" / copy) in line
     assert "is also in" in line
-    assert _hashes(imported) == before
+    assert tree_digest(imported) == before
 
 
 @pytest.mark.parametrize("command", ["inspect", "analyze", "sql"])
@@ -197,12 +188,12 @@ def test_manifest_with_too_few_experts_is_refused(
     data = json.loads(target.read_text())
     data["model"]["num_experts"] = 2  # the parts hold ids up to 7
     target.write_text(json.dumps(data))
-    before = _hashes(imported)
+    before = tree_digest(imported)
     args = [command, str(imported)] + (["SELECT 1"] if command == "sql" else [])
     line = _one_error_line(runner.invoke(main, args))
     assert re.search(r"activations/part-\S+\.parquet: expert id \d+ in column e\d", line), line
     assert "num_experts=2" in line
-    assert _hashes(imported) == before
+    assert tree_digest(imported) == before
 
 
 def test_import_refuses_to_infer_experts_from_a_stray_id(tmp_path: Path, runner: CliRunner) -> None:
@@ -220,7 +211,7 @@ def test_import_refuses_to_infer_experts_from_a_stray_id(tmp_path: Path, runner:
         line = _one_error_line(res)
         assert "prompt_3_data.csv: line 3: expert id 999 is far above" in line
         assert "--num-experts" in line
-    assert not (tmp_path / "new").exists() and _hashes(empty) == {}
+    assert not (tmp_path / "new").exists() and tree_digest(empty) == {}
     res = runner.invoke(
         main, ["import", "moe-beyond", str(src), str(empty), "--num-experts", "16", "--skip-bad"]
     )

@@ -3,7 +3,6 @@ connection behind ``moetrace sql``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from storekit import make_manifest, synth_request, write_trace
+from treekit import tree_digest
 
 from moetrace.cli import main
 from moetrace.errors import QueryError
@@ -190,14 +190,6 @@ def test_doc_queries_agree(trace_and_reqs) -> None:
 # connection, so a WITH clause does the same job).
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    """Every file and directory under ``root``, files with their sha256."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "/"
-        for p in sorted(root.rglob("*"))
-    }
-
-
 @pytest.fixture()
 def hostile_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """A small trace under a fresh cwd (so relative paths land in the snapshot too)."""
@@ -238,13 +230,13 @@ HOSTILE = {
 
 @pytest.mark.parametrize("query", HOSTILE.values(), ids=HOSTILE.keys())
 def test_cli_sql_is_read_only(hostile_env: dict[str, str], query: str) -> None:
-    before = _snapshot(Path(hostile_env["tmp"]))
+    before = tree_digest(Path(hostile_env["tmp"]))
     res = CliRunner().invoke(main, ["sql", hostile_env["trace"], query.format(**hostile_env)])
     assert res.exit_code == 2, res.output
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moetrace: error: moetrace sql is read-only: ")
     assert res.stdout == "" and "Traceback" not in res.output
-    assert _snapshot(Path(hostile_env["tmp"])) == before  # nothing created, trace unchanged
+    assert tree_digest(Path(hostile_env["tmp"])) == before  # nothing created, trace unchanged
     assert open_trace(hostile_env["trace"]).sql("SELECT count(*) FROM activations").num_rows == 1
 
 
@@ -254,11 +246,11 @@ WRITERS = ["copy-csv", "copy-relative", "copy-new-part", "copy-over-part", "atta
 @pytest.mark.parametrize("name", WRITERS)
 def test_unlocked_connection_does_write(hostile_env: dict[str, str], name: str) -> None:
     """The check above can fail: the same statements on the unlocked connection write."""
-    before = _snapshot(Path(hostile_env["tmp"]))
+    before = tree_digest(Path(hostile_env["tmp"]))
     con = connect(open_trace(hostile_env["trace"]))
     run_query(con, HOSTILE[name].format(**hostile_env))
     con.close()
-    assert _snapshot(Path(hostile_env["tmp"])) != before
+    assert tree_digest(Path(hostile_env["tmp"])) != before
 
 
 def test_read_only_settings_are_locked(hostile_env: dict[str, str]) -> None:
@@ -337,10 +329,10 @@ def test_read_only_empty_trace(tmp_path: Path) -> None:
 
 
 def test_cli_sql_relative_trace_path(hostile_env: dict[str, str]) -> None:
-    before = _snapshot(Path(hostile_env["tmp"]))
+    before = tree_digest(Path(hostile_env["tmp"]))
     res = CliRunner().invoke(
         main, ["sql", "t", "SELECT count(*) AS n FROM activations", "--format", "json"]
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == [{"n": 15 * 3}]
-    assert _snapshot(Path(hostile_env["tmp"])) == before
+    assert tree_digest(Path(hostile_env["tmp"])) == before

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from treekit import tree_digest
 
 from moetrace.cli import main
 from moetrace.errors import ModelError, TraceWriteError
@@ -243,15 +243,6 @@ def test_draining_early_gives_the_same_rows(tmp_path, monkeypatch) -> None:
 # ------------------------------------------------------------ hostile input, checked up front
 
 
-def _hashes(directory: Path) -> dict[str, str]:
-    """sha256 of every file (and the set of directories) under ``directory``."""
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        rel = str(path.relative_to(directory))
-        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
-    return out
-
-
 def _refused(res, *needles: str) -> str:
     """Assert a CLI refusal: exit 2, exactly one line of output, naming the problem."""
     assert res.exit_code == 2, res.output
@@ -350,7 +341,7 @@ def test_cli_resume_with_other_settings_is_refused_and_leaves_the_trace(
     tags = open_trace(out).manifest.tags
     assert tags["record.max_new_tokens"] == "3" and tags["record.batch_size"] == "2"
     assert tags["record.dtype"] == "float32" and tags["record.speculative"] == "false"
-    before = _hashes(out)
+    before = tree_digest(out)
     assert any(name.startswith("activations/part-") for name in before)
 
     more = write_prompts(tmp_path / "b.jsonl", 4)
@@ -369,10 +360,10 @@ def test_cli_resume_with_other_settings_is_refused_and_leaves_the_trace(
         res = runner.invoke(main, _record_args(model_dir, more, out, *args, "--resume"))
         line = _refused(res, str(out), "other generation settings", *needles)
         assert "seed" not in line
-        assert _hashes(out) == before, args
+        assert tree_digest(out) == before, args
     res = runner.invoke(main, _record_args(model_dir, blank, out, *settings, "--resume"))
     _refused(res, f"{blank}:5", "empty")
-    assert _hashes(out) == before
+    assert tree_digest(out) == before
     # the same settings (the seed does not matter for greedy decoding) resume
     res = runner.invoke(
         main, _record_args(model_dir, more, out, *settings, "--seed", "7", "--resume")
