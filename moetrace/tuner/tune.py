@@ -235,6 +235,8 @@ def _search(
     cand, pf_score = _best(with_pf, search.score)
     if pf_score >= 0.99 * base:  # a prefetcher must earn its link time and tables
         return best
+    if not all(f.tokens_by_phase[0] > 0 and s.tokens_by_phase[0] > 0 for _, f, s in search.splits):
+        return cand  # no prefill on some split: a prefill override cannot be judged there
     more = {"prefill": PhaseOverride(prefetch_fetch=min(E, 4 * max(cand.prefetch.fetch, 1)))}
     boosted = replace(cand, name=f"{cand.name}, prefill fetch x4", overrides=more)
     if search.score(boosted) < pf_score:
@@ -328,9 +330,10 @@ def tune(
     baselines: dict[str, list[dict[str, Any]]] = {}
     fallback = None
     for cand in _fallbacks(chosen, slots, L, E):
-        per_split = []
+        per_split, plans = [], []
         for sp in splits:
             plan_s = cand.plan(ev(sp.tune), loaded.shape, bpe, ev(sp.tune))
+            plans.append(plan_s)
             rows = validate(plan_s, ev(sp.tune), ev(sp.validation), hw, bpe,
                             baselines=baselines.get(sp.name))  # fmt: skip
             baselines[sp.name] = rows[2:]
@@ -356,8 +359,7 @@ def tune(
         validation_requests=tuple(loaded.routing.request_ids[i] for i in primary.validation),
         tool_version=__version__,
     )
-    plan = cand.plan(ev(primary.tune), loaded.shape, bpe, ev(primary.tune),
-                     provenance=provenance)  # fmt: skip
+    plan = replace(plans[0], provenance=provenance)  # the random split's fit, judged above
     validation = per_split[0]["rows"]
     expected = {
         "split": "validation",
