@@ -98,7 +98,7 @@ class OffloadEngine:
         self.plan = plan
         self.footprint: Footprint = check_plan(plan, self.info, self.device, budget_bytes)
         L, E = len(self.layers), self.info.num_experts
-        spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides)
+        spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
         try:
             self.cache = ExpertCache(plan.layout, spec, E)
             self.prefetcher = get_prefetcher(plan.prefetch, L, E) if prefetch else None
@@ -134,9 +134,8 @@ class OffloadEngine:
         self._phase = PREFILL
         self._handles: list[Any] = []
         self._previous: str | None = None
-        for slot, key in enumerate(self.cache.slots):
-            if key is not None:
-                self.pool.load(slot, *key)
+        for (layer, expert), slot in sorted(self.cache.slot_of.items(), key=lambda kv: kv[1]):
+            self.pool.load(slot, layer, expert)
         self._install()
 
     # ------------------------------------------------------------ constructors
@@ -242,7 +241,8 @@ class OffloadEngine:
             st.add("accesses", layer, ph)
             if res:
                 st.add("hits", layer, ph)
-                slot = self.cache.slot_of[(layer, e)]
+                slot = self.cache.slot(layer, e)
+                assert slot is not None
                 if slot in self._prefetched:
                     self._prefetched.discard(slot)
                     st.add("prefetch_used", layer, ph)
@@ -250,7 +250,8 @@ class OffloadEngine:
             else:
                 st.add("misses", layer, ph)
         for e, evicted in loaded.items():
-            slot = self.cache.slot_of[(layer, e)]
+            slot = self.cache.slot(layer, e)
+            assert slot is not None
             self._evicted(slot, evicted, ph)
             t0 = time.perf_counter()
             moved = self.pool.load(slot, layer, e)
@@ -259,9 +260,8 @@ class OffloadEngine:
         st.add("streamed", layer, ph, len(streamed))
         if st.accesses_log is not None:
             st.accesses_log.append((layer, ph, tuple(need), tuple(was_resident)))
-        protect = {self.cache.slot_of[(layer, e)] for e in need if e not in streamed}
         if self.prefetcher is not None:
-            self._issue_prefetch(ref, hidden, uniq, counts, ph, protect)
+            self._issue_prefetch(ref, hidden, uniq, counts, ph)
         self._check_budget()
         t0 = time.perf_counter()
         if streamed:
@@ -281,7 +281,7 @@ class OffloadEngine:
         self._prefetched.discard(slot)
 
     def _check_budget(self) -> None:
-        resident = len(self.cache.slot_of) * self.pool.bytes_per_slot
+        resident = self.cache.num_resident * self.pool.bytes_per_slot
         if resident > self.pool.slot_bytes:
             raise RuntimeEngineError(
                 f"resident expert bytes {resident} exceed the slot budget {self.pool.slot_bytes}"
@@ -296,7 +296,6 @@ class OffloadEngine:
         uniq: torch.Tensor,
         counts: torch.Tensor,
         ph: int,
-        protect: set[int],
     ) -> None:
         assert self.prefetcher is not None
         target = ref.index + self.prefetcher.lookahead
@@ -324,7 +323,7 @@ class OffloadEngine:
                 fetch=fetch,
             ).tolist()
         predicted = [int(e) for e in predicted]
-        issued = self.cache.prefetch(target, predicted, ph, protect)
+        issued = self.cache.prefetch(target, predicted, ph)
         placed = {e for e, _, _ in issued}
         for e in predicted:
             if e not in placed and not self.cache.resident(target, e):
@@ -350,7 +349,7 @@ class OffloadEngine:
         """The model's own experts implementation over the ``need`` experts (ascending)."""
         layer = ref.index
         slots = [
-            extra_slots[e] if e in extra_slots else self.cache.slot_of[(layer, e)] for e in need
+            extra_slots[e] if e in extra_slots else self.cache.slot(layer, e) for e in need
         ]
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         num_experts = int(module.num_experts)

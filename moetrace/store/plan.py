@@ -1,9 +1,11 @@
-"""Plan format v1: the single schema of offloading plan files (docs/plan-format.md).
+"""Plan format v2: the single schema of offloading plan files (docs/plan-format.md).
 
 A plan is a JSON file the tuner writes and the runtime reads: which model it is for, the
 expert-slot budget and its layout, pinned experts, the eviction policy and prefetcher with
 their parameters and tables, per-phase overrides, the worst-case memory it needs, where it
-came from and the metrics expected on the validation split. Every dataclass validates on
+came from, the metrics expected on the validation splits and (since v2) how the cache
+adapts when the traffic drifts. v1 files still load (no drift detection). Every dataclass
+validates on
 construction; :func:`load_plan` turns any malformed file into a :class:`PlanError` that
 names the file and the field.
 """
@@ -25,7 +27,8 @@ from moetrace.store.files import write_text_atomic
 from moetrace.store.schema import PHASES, Manifest, ModelInfo
 
 PLAN_FORMAT = "moetrace-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 LAYOUT_KINDS = ("per_layer", "pool")
 
 
@@ -194,6 +197,31 @@ class PhaseOverride:
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """What the cache does when the traffic drifts (format v2).
+
+    Over windows of ``window`` demand accesses the cache compares its hit rate with a
+    shadow LRU directory's; the first window in which the plan is behind by more than
+    ``margin`` switches it, for good, to the online policy ``fallback`` (pins released).
+    ``window`` 0 turns detection off (what every v1 plan does)."""
+
+    fallback: str = "lru"
+    window: int = 0
+    margin: float = 0.01
+
+    def __post_init__(self) -> None:
+        _require(bool(self.fallback), "adaptation.fallback must not be empty")
+        _require(
+            isinstance(self.window, int) and self.window >= 0,
+            f"adaptation.window must be an integer >= 0, got {self.window!r}",
+        )
+        _require(
+            math.isfinite(self.margin) and 0.0 <= self.margin < 1.0,
+            f"adaptation.margin must be in [0, 1), got {self.margin}",
+        )
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a plan came from: traces, the request split, seed and tool version."""
 
@@ -224,7 +252,7 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Plan:
-    """An offloading plan (format v1)."""
+    """An offloading plan (format v2; v1 files load with adaptation off)."""
 
     routing: RoutingShape
     budget: Budget
@@ -236,12 +264,14 @@ class Plan:
     provenance: Provenance = field(default_factory=Provenance)
     expected: Mapping[str, Any] = field(default_factory=dict)
     """Metrics measured on the validation split: the plan's and the baselines'."""
+    adaptation: Adaptation = field(default_factory=Adaptation)
     format_version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
         _require(
             self.format_version == PLAN_VERSION,
-            f"plan format version {self.format_version} is not supported (this moetrace reads {PLAN_VERSION})",
+            f"plan format version {self.format_version} is not the current one ({PLAN_VERSION}); "
+            "older files are read with load_plan / Plan.from_json",
         )
         object.__setattr__(self, "phase_overrides", dict(self.phase_overrides))
         object.__setattr__(self, "expected", _json_value(dict(self.expected), "expected"))
@@ -350,9 +380,13 @@ class Plan:
                 f"not a moetrace plan (format={data.get('format')!r})",
             )
             _require(
-                data.get("format_version") == PLAN_VERSION,
+                data.get("format_version") in READABLE_VERSIONS,
                 f"plan format version {data.get('format_version')!r} is not supported "
-                f"(this moetrace reads {PLAN_VERSION})",
+                f"(this moetrace reads {', '.join(map(str, READABLE_VERSIONS))})",
+            )
+            _require(
+                data["format_version"] >= 2 or "adaptation" not in data,
+                "field 'adaptation' needs format_version 2",
             )
             known = {f.name for f in dataclasses.fields(cls)} | {"format"}
             extra = sorted(set(data) - known)
@@ -371,7 +405,9 @@ class Plan:
                 worst_case_bytes=data.get("worst_case_bytes"),
                 provenance=_build(Provenance, data, "provenance", optional=True),
                 expected=_obj(data.get("expected", {}), "expected"),
-                format_version=data["format_version"],
+                adaptation=_build(Adaptation, data, "adaptation", optional=True)
+                if data["format_version"] >= 2
+                else Adaptation(),
             )
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from moetrace.errors import PlanError
 from moetrace.store.plan import (
+    Adaptation,
     Budget,
     CacheLayout,
     EvictionConfig,
@@ -73,6 +74,12 @@ caps = st.lists(st.integers(0, 8), min_size=1, max_size=5)
     fetch=st.integers(0, 8),
     table=st.lists(st.lists(st.floats(-1e3, 1e3, allow_nan=False), max_size=4), max_size=3),
     seed=st.integers(0, 2**31),
+    adaptation=st.builds(
+        Adaptation,
+        fallback=st.sampled_from(["lru", "arc"]),
+        window=st.integers(0, 10**6),
+        margin=st.floats(0, 0.99),
+    ),
 )
 def test_round_trip_hypothesis(
     caps: list[int],
@@ -82,6 +89,7 @@ def test_round_trip_hypothesis(
     fetch: int,
     table: list[list[float]],
     seed: int,
+    adaptation: Adaptation,
 ) -> None:
     L = len(caps)
     layout = (
@@ -97,10 +105,17 @@ def test_round_trip_hypothesis(
         eviction=EvictionConfig(policy, params, pinned=pinned, tables={"t": table}),
         prefetch=PrefetchConfig("learned", 2, fetch, {}, {"w": table}),
         provenance=Provenance(seed=seed),
+        adaptation=adaptation,
     )
     again = Plan.from_json(json.loads(p.dumps()))
     assert again == p
     assert again.to_json() == p.to_json()
+    v1 = json.loads(p.dumps())  # the same plan as format v1 wrote it: no adaptation section
+    v1["format_version"] = 1
+    del v1["adaptation"]
+    old = Plan.from_json(v1)
+    assert old.adaptation == Adaptation() and old.adaptation.window == 0
+    assert replace(old, adaptation=adaptation) == p
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -121,7 +136,12 @@ def write(tmp_path: Path, data: object) -> Path:
             r"pinned\[0\] pins 5 experts > layer capacity 4",
         ),
         (lambda d: d["eviction"].update(pinned=[[9], []]), "out of range"),
-        (lambda d: d.update(format_version=2), "format version 2 is not supported"),
+        (lambda d: d.update(format_version=3), "format version 3 is not supported"),
+        (lambda d: d.update(format_version=1), "'adaptation' needs format_version 2"),
+        (lambda d: d["adaptation"].update(window=-1), "adaptation.window must be"),
+        (lambda d: d["adaptation"].update(margin=1.5), r"adaptation.margin must be in \[0, 1\)"),
+        (lambda d: d["adaptation"].update(fallback=""), "adaptation.fallback must not be"),
+        (lambda d: d["adaptation"].update(every=3), "unknown field adaptation.every"),
         (lambda d: d.update(format="other"), "not a moetrace plan"),
         (lambda d: d.update(extra=1), "unknown field 'extra'"),
         (lambda d: d["prefetch"].update(lookahead=0), "prefetch.lookahead must be >= 1"),

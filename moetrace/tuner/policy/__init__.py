@@ -7,7 +7,7 @@ DuckDB or trace-mining code.
 
 from moetrace.store.plan import Plan
 from moetrace.tuner.policy import similarity as _similarity  # noqa: F401  (registers)
-from moetrace.tuner.policy.cache import ExpertCache, Partitions, partitions, slot_key
+from moetrace.tuner.policy.cache import ExpertCache, Partitions, build_cache, partitions, slot_key
 from moetrace.tuner.policy.events import Events, build_events, expert_frequency
 from moetrace.tuner.policy.eviction import (
     REGISTRY as POLICIES,
@@ -36,6 +36,7 @@ __all__ = [
     "ExpertCache",
     "Partitions",
     "Prefetcher",
+    "build_cache",
     "build_events",
     "eviction_spec",
     "expert_frequency",
@@ -52,5 +53,5 @@ def check_plan_policies(plan: Plan) -> None:
     """Raise ConfigError/PlanError unless the plan's eviction policy (with its parameters,
     pins and tables) and its prefetcher compile for the plan's own routing shape."""
     L, E = len(plan.routing.moe_layers), plan.routing.num_experts
-    eviction_spec(plan.eviction, L, E, plan.phase_overrides)
+    eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
     get_prefetcher(plan.prefetch, L, E)

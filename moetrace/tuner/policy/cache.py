@@ -1,55 +1,28 @@
-"""The expert-slot cache mechanism, shared by the simulator's kernel and the runtime.
+"""The expert-slot cache as the runtime holds it, and the state both users build.
 
-:func:`slot_key` is the one definition of an eviction priority (compiled with numba for
-the simulator; called as plain Python by :class:`ExpertCache`). Slots are grouped into
-partitions: one per layer (per-layer caches) or a single pool where each layer keeps a
-guaranteed minimum share. Experts the current layer needs are protected from eviction;
-when no slot can be freed the expert is *streamed* (loaded, used, not cached).
+Slots are grouped into partitions: one per layer (per-layer caches) or a single pool
+where each layer keeps a guaranteed minimum share. :func:`build_cache` turns a layout and
+a compiled policy into the arrays of :mod:`.cachestate`; the simulator's kernel and
+:class:`ExpertCache` (the runtime's residency decisions) then call the same functions of
+:mod:`.core` on them: one implementation of the cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numba
 import numpy as np
 
 from moetrace.errors import ConfigError
 from moetrace.store.plan import CacheLayout
+from moetrace.tuner.policy import core
+from moetrace.tuner.policy import cachestate as C
 from moetrace.tuner.policy.eviction import EvictionSpec
+from moetrace.tuner.policy.linear import slot_key, slot_key_jit
 
-NO_NEXT_USE = 1e18
+__all__ = ["ExpertCache", "Partitions", "build_cache", "partitions", "slot_key", "slot_key_jit"]
 
-
-def slot_key(
-    w: np.ndarray,
-    last: float,
-    inserted: float,
-    freq: float,
-    gap: float,
-    next_use: float,
-    inc: float,
-    trans: float,
-) -> float:
-    """Priority of a resident expert under weights ``w``; the smallest is evicted.
-
-    ``freq`` is the decayed use count scaled by the current increment ``inc`` (a growing
-    number, so plain LFU never rescales); ``freq / inc`` is the decayed count itself, in
-    uses, which can be mixed with time-valued terms (weight ``w[5]``). ``trans`` is the
-    fitted chance that the layer's next pass needs the expert, given what the layer's last
-    pass used (weight ``w[6]``)."""
-    return (
-        w[0] * last
-        + w[1] * inserted
-        + w[2] * freq
-        + w[3] * gap
-        + w[4] * next_use
-        + w[5] * (freq / inc)
-        + w[6] * trans
-    )
-
-
-slot_key_jit = numba.njit(cache=True, inline="always")(slot_key)
+NO_NEXT_USE = C.NO_NEXT_USE
 
 
 @dataclass(frozen=True)
@@ -82,6 +55,71 @@ def partitions(layout: CacheLayout) -> Partitions:
     raise ConfigError(f"unknown cache layout kind {layout.kind!r}")
 
 
+def shadow_capacities(layout: CacheLayout, num_experts: int) -> np.ndarray:
+    """Per layer, the slots of the drift detector's shadow LRU: the layer's own slots, or
+    in a pool its even share (at least its guaranteed one)."""
+    caps = np.asarray(layout.capacities, dtype=np.float64)
+    if layout.kind == "pool":
+        share = min(num_experts, int(layout.total_slots) // max(len(caps), 1))
+        caps = np.maximum(caps, share)
+    return caps
+
+
+def build_cache(
+    layout: CacheLayout,
+    spec: EvictionSpec,
+    num_experts: int,
+    occ: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[C.State, C.Config, int]:
+    """The state and config of an empty cache with its pinned experts installed, and how
+    many pinned experts found no slot. ``occ`` is the next-use index (Belady only)."""
+    parts = partitions(layout)
+    L = len(layout.capacities)
+    E = num_experts
+    if spec.pinned.shape != (L, E):
+        raise ConfigError(f"pinned table has shape {spec.pinned.shape}, the cache is {L} x {E}")
+    prm = spec.params.copy()
+    prm[C.PR_USE_NEXT] = 1.0 if spec.oracle else 0.0
+    occ_ptr, occ_ev = occ if occ is not None else (np.zeros(L * E + 1, np.int64), np.zeros(1))
+    cfg = C.Config(
+        kinds=np.asarray([spec.kind, spec.fallback_kind], dtype=np.int64),
+        part_of_layer=parts.part_of_layer,
+        part_lo=parts.lo,
+        part_hi=parts.hi,
+        min_share=parts.min_share,
+        weights=np.stack([spec.weights, spec.fallback_weights]).astype(np.float64),
+        gap=np.ascontiguousarray(spec.gap.reshape(2, L * E), dtype=np.float64),
+        trans=np.ascontiguousarray(spec.trans.reshape(-1, spec.trans.shape[-1]), dtype=np.float64),
+        prm=prm,
+        occ_ptr=occ_ptr.astype(np.int64),
+        occ_ev=occ_ev.astype(np.float64),
+        num_experts=E,
+    )
+    st = C.new_state(L, E, parts.num_slots, len(parts.lo))
+    st.cursor[:] = cfg.occ_ptr[:-1]
+    missing = core.setup(
+        st, cfg, spec.pinned.reshape(-1).copy(), shadow_capacities(layout, E)
+    )
+    return st, cfg, int(missing)
+
+
+def drift_report(st: C.State, cfg: C.Config) -> dict[str, float | int | bool | None]:
+    """What the drift detector saw: whether and when (demand accesses) it switched, the
+    two hit rates of the deciding window, and LRU's shadow hits in all."""
+    g = st.glob
+    switched = g[C.G_ACTIVE] != 0.0
+    return {
+        "enabled": bool(cfg.prm[C.PR_DRIFT_WINDOW] > 0),
+        "window": int(cfg.prm[C.PR_DRIFT_WINDOW]),
+        "switched": bool(switched),
+        "switched_at_access": int(g[C.G_SWITCH_AT]) if switched else None,
+        "plan_hit_rate": float(g[C.G_SWITCH_PLAN]) if switched else None,
+        "lru_hit_rate": float(g[C.G_SWITCH_LRU]) if switched else None,
+        "accesses": int(g[C.G_ACCESSES]),
+        "shadow_lru_hits": int(g[C.G_SHADOW_HITS]),
+    }
+
+
 @dataclass
 class ExpertCache:
     """Online cache state for the runtime: which experts are resident in which slot.
@@ -95,86 +133,35 @@ class ExpertCache:
     num_experts: int
     time: int = 0
     parts: Partitions = field(init=False)
-    slot_of: dict[tuple[int, int], int] = field(init=False, default_factory=dict)
-    slots: list[tuple[int, int] | None] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.spec.oracle:
             raise ConfigError("an oracle eviction policy (belady) cannot run online")
         self.parts = partitions(self.layout)
-        n = self.parts.num_slots
-        self.slots = [None] * n
-        self._last = np.zeros(n)
-        self._ins = np.zeros(n)
-        self._freq = np.zeros(self.spec.pinned.shape)
-        self._inc = 1.0
-        self._last_set: dict[int, tuple[int, ...]] = {}  # per layer: its last pass's experts
-        self._inc_prev = 1.0  # the increment of the last access (prefetch ranks with it)
-        self._t = 0.0
-        self._count = np.zeros(len(self.layout.capacities), dtype=np.int64)
-        for layer, row in enumerate(self.spec.pinned):
-            for e in np.flatnonzero(row):
-                slot = self._free_slot(layer)
-                if slot is None:
-                    raise ConfigError(f"layer {layer}: pinned experts exceed its slots")
-                self._install(slot, layer, int(e))
+        self.state, self.config, missing = build_cache(self.layout, self.spec, self.num_experts)
+        if missing:
+            raise ConfigError(f"{missing} pinned experts do not fit their layers' slots")
 
-    def _free_slot(self, layer: int) -> int | None:
-        p = int(self.parts.part_of_layer[layer])
-        for s in range(int(self.parts.lo[p]), int(self.parts.hi[p])):
-            if self.slots[s] is None:
-                return s
-        return None
+    @property
+    def slot_of(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) -> slot, for every resident expert."""
+        E = self.num_experts
+        return {
+            (int(k) // E, int(k) % E): s
+            for s, k in enumerate(self.state.slot_key.tolist())
+            if k >= 0 and s < self.parts.num_slots
+        }
 
-    def _install(self, slot: int, layer: int, expert: int) -> None:
-        old = self.slots[slot]
-        if old is not None:
-            del self.slot_of[old]
-            self._count[old[0]] -= 1
-        self.slots[slot] = (layer, expert)
-        self.slot_of[(layer, expert)] = slot
-        self._count[layer] += 1
-        self._ins[slot] = self._t
-        self._last[slot] = self._t
-
-    def _victim(
-        self, layer: int, phase: int, protect: set[int], inc: float | None = None
-    ) -> int | None:
-        free = self._free_slot(layer)
-        if free is not None:
-            return free
-        p = int(self.parts.part_of_layer[layer])
-        w = self.spec.weights[phase]
-        best: tuple[float, float] | None = None
-        victim = None
-        for s in range(int(self.parts.lo[p]), int(self.parts.hi[p])):
-            ls, es = self.slots[s]  # type: ignore[misc]
-            if s in protect or self.spec.pinned[ls, es]:
-                continue
-            if ls != layer and self._count[ls] <= self.parts.min_share[ls]:
-                continue
-            key = slot_key(
-                w,
-                self._last[s],
-                self._ins[s],
-                self._freq[ls, es],
-                self.spec.gap[phase, ls, es],
-                0.0,
-                self._inc if inc is None else inc,
-                self._trans_score(ls, es) if w[6] != 0.0 else 0.0,
-            )
-            if best is None or (key, self._last[s]) < best:
-                best, victim = (key, self._last[s]), s
-        return victim
-
-    def _trans_score(self, layer: int, expert: int) -> float:
-        score = 0.0
-        for e in self._last_set.get(layer, ()):
-            score += self.spec.trans[layer, e, expert]
-        return score
+    def slot(self, layer: int, expert: int) -> int | None:
+        s = int(self.state.where[layer * self.num_experts + expert])
+        return None if s < 0 else s
 
     def resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.slot_of
+        return bool(self.state.where[layer * self.num_experts + expert] >= 0)
+
+    @property
+    def num_resident(self) -> int:
+        return int((self.state.slot_key[: self.parts.num_slots] >= 0).sum())
 
     def access(
         self, layer: int, experts: list[int], phase: int = 1
@@ -182,53 +169,41 @@ class ExpertCache:
         """Mark ``experts`` of ``layer`` used; return ``(expert, evicted)`` for each load
         (``evicted`` is None for a free slot; an expert with no slot is streamed and
         listed with evicted ``(-1, -1)``)."""
-        self._last_set[layer] = tuple(sorted(set(experts)))  # the kernel's event order
-        protect = {self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of}
+        E = self.num_experts
+        i = self.time
+        st, cfg = self.state, self.config
+        core.begin_event(st, cfg, layer, np.asarray(experts, dtype=np.int64), i)
         loads: list[tuple[int, tuple[int, int] | None]] = []
         for j, e in enumerate(experts):
-            self._t = self.time + j / (self.num_experts + 1)  # use order breaks ties
-            self._freq[layer, e] += self._inc
-            slot = self.slot_of.get((layer, e))
-            if slot is None:
-                slot = self._victim(layer, phase, protect)
-                if slot is None:
-                    loads.append((e, (-1, -1)))
-                    continue
-                loads.append((e, self.slots[slot]))
-                self._install(slot, layer, e)
-                protect.add(slot)
-            self._last[slot] = self._t
+            t = i + j / (E + 1)  # use order breaks ties
+            s, old, status, _, _, _ = core.access(st, cfg, layer, phase, layer * E + e, i, t)
+            if status == core.STREAMED:
+                loads.append((e, (-1, -1)))
+            elif status == core.LOADED:
+                loads.append((e, None if old < 0 else (old // E, old % E)))
+        core.end_event(st, cfg)
         self.time += 1
-        self._inc_prev = self._inc
-        self._inc *= 1.0 / self.spec.decay  # the kernel's arithmetic, bit for bit
-        if self._inc > 1e100:
-            self._freq *= 1e-100
-            self._inc *= 1e-100
-            self._inc_prev *= 1e-100
         return loads
 
     def prefetch(
-        self, layer: int, experts: list[int], phase: int, protect: set[int]
+        self, layer: int, experts: list[int], phase: int, protect: set[int] | None = None
     ) -> list[tuple[int, int, tuple[int, int] | None]]:
-        """Give predicted ``experts`` of ``layer`` slots, as the simulator's kernel does
-        after an access: predicted experts already resident and each newly prefetched one
-        are protected (with ``protect``, the slots the current layer uses) from the rest
-        of the batch. Returns ``(expert, slot, evicted)`` per issued prefetch; an expert
-        for which no slot can be freed is left out (dropped)."""
-        stamp = float(max(self.time - 1, 0))  # the event that issues the prefetch
-        guard = set(protect)
-        guard.update(self.slot_of[(layer, e)] for e in experts if (layer, e) in self.slot_of)
+        """Give predicted ``experts`` of ``layer`` slots after the last access, as the
+        simulator's kernel does: the slots that access uses, predicted experts already
+        resident and each newly prefetched one are protected from the rest of the batch.
+        Returns ``(expert, slot, evicted)`` per issued prefetch; an expert for which no slot
+        can be freed is left out (dropped)."""
+        E = self.num_experts
+        i = max(self.time - 1, 0)  # the event that issues the prefetch
+        st, cfg = self.state, self.config
+        for e in experts:
+            core.protect(st, layer * E + e, i)
         issued: list[tuple[int, int, tuple[int, int] | None]] = []
         for e in experts:
-            if (layer, e) in self.slot_of:
-                continue
-            slot = self._victim(layer, phase, guard, self._inc_prev)
-            if slot is None:
-                continue
-            evicted = self.slots[slot]
-            self._install(slot, layer, e)
-            self._ins[slot] = stamp
-            self._last[slot] = stamp
-            guard.add(slot)
-            issued.append((e, slot, evicted))
+            s, old, _ = core.prefetch(st, cfg, layer, phase, layer * E + e, i)
+            if s >= 0:
+                issued.append((e, s, None if old < 0 else (old // E, old % E)))
         return issued
+
+    def drift(self) -> dict[str, float | int | bool | None]:
+        return drift_report(self.state, self.config)

@@ -1,16 +1,26 @@
-"""Eviction policies: a registry of names mapped to priority weights and fitted tables.
+"""Eviction policies: a registry of names mapped to a policy kind, its parameters and
+fitted tables.
 
-Mechanism (slot tables, residency, accounting) lives in :mod:`.cache` and the simulator's
-kernel; a policy only says how to rank resident experts. Every policy is a linear priority
+Mechanism (slot tables, residency, protection, pins, accounting) lives in :mod:`.core`,
+which the simulator's kernel and the runtime both call; a policy says how to choose a
+victim through its kind's hooks. Kinds:
 
-    key = w_last * last_use + w_insert * inserted + w_freq * frequency
-          + w_gap * gap[phase, layer, expert] + w_next * next_use + w_count * count
+* **linear** (:mod:`.linear`): one priority key per resident expert,
 
-with ties broken by ``last_use``; the resident, unpinned, unprotected slot with the smallest
-key is evicted. Weights are per phase (prefill, decode), so phase overrides are weights.
-Frequencies decay by ``decay`` per replayed event (1.0 = perfect LFU). ``frequency`` is
-kept scaled by a growing increment (only its order matters); ``count`` is the same decayed
-number of uses unscaled, so it can be traded against time (``lrfu``).
+      key = w_last * last_use + w_insert * inserted + w_freq * frequency
+            + w_gap * gap[phase, layer, expert] + w_next * next_use + w_count * count
+            + w_trans * trans
+
+  ties broken by ``last_use``; weights are per phase (prefill, decode), so phase overrides
+  are weights. Frequencies decay by ``decay`` per replayed event (1.0 = perfect LFU);
+  ``frequency`` is kept scaled by a growing increment (only its order matters), ``count``
+  is the same decayed number of uses unscaled, so it can be traded against time (``lrfu``).
+* **arc**, **wtinylfu**, **lecar** (:mod:`.arc`, :mod:`.tinylfu`, :mod:`.lecar`): adaptive
+  policies with their own state (ghost lists, an admission filter and a self-sizing
+  window, learned weights) that need no fitted table.
+
+A plan's :class:`~moetrace.store.plan.Adaptation` adds the drift detector and the online
+fallback policy it switches to (:mod:`.drift`).
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ import numba
 import numpy as np
 
 from moetrace.errors import ConfigError, PlanError
-from moetrace.store.plan import EvictionConfig, PhaseOverride
+from moetrace.store.plan import Adaptation, EvictionConfig, PhaseOverride
+from moetrace.tuner.policy import cachestate as C
 from moetrace.tuner.policy.events import Events, expert_frequency
 from moetrace.tuner.policy.params import check_params
 
@@ -44,6 +55,12 @@ class EvictionSpec:
     trans: np.ndarray = field(default_factory=lambda: np.zeros((1, 1, 1)))
     """float64 (L, E, E): P(layer's next pass needs b | its last pass used a); (1, 1, 1)
     when the policy has no ``trans`` weight."""
+    kind: int = C.KIND_LINEAR
+    params: np.ndarray = field(default_factory=lambda: default_params())
+    """float64 (NUM_PR,): the kind's parameters by cachestate.PR_* index."""
+    fallback_kind: int = C.KIND_LINEAR
+    fallback_weights: np.ndarray = field(default_factory=lambda: np.zeros((2, NUM_WEIGHTS)))
+    """The drift fallback's kind and (for a linear one) weights; see Adaptation."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay <= 1.0:
@@ -52,6 +69,34 @@ class EvictionSpec:
             raise ConfigError(
                 f"eviction weights must have shape (2, {NUM_WEIGHTS}), got {self.weights.shape}"
             )
+
+
+PARAM_INDEX = {
+    "decay": C.PR_DECAY,
+    "window": C.PR_WINDOW,
+    "protected": C.PR_PROTECTED,
+    "sample": C.PR_SAMPLE,
+    "step": C.PR_STEP,
+    "climb": C.PR_CLIMB,
+    "learning_rate": C.PR_LEARNING_RATE,
+    "discount": C.PR_DISCOUNT,
+    "seed": C.PR_SEED,
+}
+"""Policy parameters the cache mechanism reads, by their slot in ``EvictionSpec.params``."""
+
+
+def default_params() -> np.ndarray:
+    prm = np.zeros(C.NUM_PR)
+    prm[C.PR_DECAY] = 1.0
+    prm[C.PR_WINDOW] = 0.01
+    prm[C.PR_PROTECTED] = 0.8
+    prm[C.PR_SAMPLE] = 10.0
+    prm[C.PR_STEP] = 0.0625
+    prm[C.PR_CLIMB] = 1.0
+    prm[C.PR_LEARNING_RATE] = 0.45
+    prm[C.PR_DISCOUNT] = 0.005
+    prm[C.PR_DRIFT_MARGIN] = 0.01
+    return prm
 
 
 Fitter = Callable[
@@ -73,6 +118,13 @@ class PolicyDef:
     oracle: bool = False
     accepts: tuple[str, ...] = ()
     """Parameters beyond ``defaults`` the policy (or its fitter) reads."""
+    kind: int = C.KIND_LINEAR
+    """The cache mechanism's policy kind (cachestate.KIND_*)."""
+
+    @property
+    def online(self) -> bool:
+        """Runs with no fitted table and no future: a possible drift fallback."""
+        return self.fit is None and not self.oracle
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, float]:
         """``params`` validated against what this policy reads (ConfigError otherwise)."""
@@ -261,6 +313,39 @@ register_policy(
 )
 register_policy(
     PolicyDef(
+        "arc",
+        "ARC after Megiddo & Modha 2003: recency list T1 and frequency list T2 whose split "
+        "adapts to misses on ghosts of recently evicted experts; no fitted table",
+        lambda p, L: _w(last=1.0),
+        {},
+        kind=C.KIND_ARC,
+    )
+)
+register_policy(
+    PolicyDef(
+        "wtinylfu",
+        "W-TinyLFU after Caffeine: an LRU window (initial share `window`) before a segmented "
+        "LRU main area (`protected` share), admission by recent use counts (halved every "
+        "`sample` x slots accesses), window resized by hill climbing (`step`; `climb` 0 "
+        "keeps it fixed); no fitted table",
+        lambda p, L: _w(last=1.0),
+        {"window": 0.01, "protected": 0.8, "sample": 10.0, "step": 0.0625, "climb": 1.0},
+        kind=C.KIND_TINYLFU,
+    )
+)
+register_policy(
+    PolicyDef(
+        "lecar",
+        "LeCaR after Vietri et al. 2018: LRU and LFU mixed by weights learnt from regret "
+        "(misses on each one's eviction history; `learning_rate`, `discount`, seeded "
+        "draws); no fitted table",
+        lambda p, L: _w(last=1.0),
+        {"learning_rate": 0.45, "discount": 0.005, "decay": 1.0, "seed": 0.0},
+        kind=C.KIND_LECAR,
+    )
+)
+register_policy(
+    PolicyDef(
         "belady",
         "Belady-MIN: evict the expert needed furthest in the future (oracle bound)",
         lambda p, L: _w(next=-1.0),
@@ -287,8 +372,10 @@ def eviction_spec(
     num_layers: int,
     num_experts: int,
     overrides: Mapping[str, PhaseOverride] | None = None,
+    adaptation: Adaptation | None = None,
 ) -> EvictionSpec:
-    """Compile a config (and per-phase parameter overrides) into an EvictionSpec."""
+    """Compile a config (per-phase parameter overrides, the drift adaptation) into an
+    EvictionSpec."""
     policy = get_policy(config.policy)
     policy.check_params(config.params)
     for ov in (overrides or {}).values():
@@ -328,6 +415,30 @@ def eviction_spec(
                 f"{config.policy!r}, got {None if arr is None else list(arr.shape)}"
             )
         trans = arr
+    prm = default_params()
+    for name, value in {**policy.defaults, **config.params}.items():
+        if name in PARAM_INDEX:
+            prm[PARAM_INDEX[name]] = float(value)
+    prm[C.PR_DECAY] = decay
+    fallback = get_policy((adaptation or Adaptation()).fallback)
+    if not fallback.online:
+        raise PlanError(
+            f"adaptation.fallback {fallback.name!r} needs fitted tables or the future; "
+            f"use an online policy ({', '.join(sorted(n for n, p in REGISTRY.items() if p.online))})"
+        )
+    fb_weights = np.asarray([fallback.weights(fallback.defaults, num_layers)] * 2, dtype=np.float64)
+    if adaptation is not None and adaptation.window > 0:
+        prm[C.PR_DRIFT_WINDOW] = float(adaptation.window)
+        prm[C.PR_DRIFT_MARGIN] = float(adaptation.margin)
     return EvictionSpec(
-        weights=weights, decay=decay, pinned=pinned, gap=gap, oracle=policy.oracle, trans=trans
+        weights=weights,
+        decay=decay,
+        pinned=pinned,
+        gap=gap,
+        oracle=policy.oracle,
+        trans=trans,
+        kind=policy.kind,
+        params=prm,
+        fallback_kind=fallback.kind,
+        fallback_weights=fb_weights,
     )

@@ -18,7 +18,7 @@ from moetrace.store.plan import (
     PrefetchConfig,
     RoutingShape,
 )
-from moetrace.tuner.policy.cache import partitions
+from moetrace.tuner.policy.cache import build_cache, drift_report, partitions
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.policy.eviction import eviction_spec, fit_eviction
 from moetrace.tuner.policy.prefetch import fetch_per_event, get_prefetcher
@@ -109,26 +109,23 @@ def simulate(
         log.warning("bytes_per_expert unknown; assuming %d bytes per expert", bpe)
     if bpe <= 0:
         raise ConfigError(f"bytes_per_expert must be > 0, got {bpe}")
-    spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides)
+    spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
     parts = partitions(plan.layout)
     if parts.num_slots == 0 and plan.layout.kind == "pool":
         raise ConfigError("the cache has no slots")
     prefetcher = get_prefetcher(plan.prefetch, L, E)
     fetch = fetch_per_event(events, plan.prefetch, plan.phase_overrides, prefetcher.fetch_all)
     pf_ptr, pf_layer, pf_exp = prefetcher.candidates(events, fetch)
-    if spec.oracle:
-        occ_ptr, occ_ev = next_use_index(events)
-    else:
-        occ_ptr, occ_ev = np.zeros(L * E + 1, np.int64), np.zeros(1, np.int64)
+    st, cfg, _ = build_cache(
+        plan.layout, spec, E, next_use_index(events) if spec.oracle else None
+    )
+    warm = float((st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
     stats = np.zeros((K.NUM_STATS, L, 2))
-    total, warm = K.replay(
+    total = K.replay(
         events.layer.astype(np.int64), events.phase.astype(np.int64),
         events.tokens.astype(np.int64), events.ptr, events.experts.astype(np.int64),
-        pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64),
-        parts.part_of_layer, parts.lo, parts.hi, parts.min_share,
-        spec.weights, spec.decay, spec.pinned.reshape(-1), spec.gap.reshape(2, L * E),
-        spec.trans.reshape(-1, spec.trans.shape[-1]), occ_ptr, occ_ev.astype(np.float64), spec.oracle,
-        L, E, float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
+        pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), st, cfg,
+        float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
         hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
     )  # fmt: skip
     return SimResult(
@@ -140,4 +137,5 @@ def simulate(
         bytes_per_expert=int(bpe),
         bytes_per_expert_assumed=assumed,
         moe_layers=plan.routing.moe_layers,
+        drift=drift_report(st, cfg),
     )

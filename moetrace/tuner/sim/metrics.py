@@ -26,6 +26,8 @@ class SimResult:
     bytes_per_expert: int
     bytes_per_expert_assumed: bool
     moe_layers: tuple[int, ...]
+    drift: dict[str, Any] | None = None
+    """The drift detector's report (see policy.cache.drift_report), if the plan has one."""
 
     def _sum(self, row: int, phase: int | None = None) -> float:
         s = self.stats[row]
@@ -59,6 +61,8 @@ class SimResult:
         out["warmup_bytes"] = int(self.warmup_bytes)
         out["bytes_per_expert"] = self.bytes_per_expert
         out["bytes_per_expert_assumed"] = self.bytes_per_expert_assumed
+        if self.drift is not None and self.drift.get("enabled"):
+            out["drift"] = dict(self.drift)
         for ph, name in enumerate(("prefill", "decode")):
             if self.tokens_by_phase[ph] > 0:
                 out[name] = self._metrics(ph)

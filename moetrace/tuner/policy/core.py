@@ -1,0 +1,293 @@
+"""The one expert-slot cache: residency, protection, pins, eviction, prefetch installs.
+
+The simulator's replay kernel calls these functions event by event and adds its timing
+model; the runtime's :class:`~moetrace.tuner.policy.cache.ExpertCache` calls the same
+functions and moves real weights. A policy is a *kind* with hooks (on hit, on miss,
+choose a victim, on evict, on insert) over its own columns of the state: linear priority
+keys (:mod:`.linear`), ARC (:mod:`.arc`), W-TinyLFU (:mod:`.tinylfu`) and LeCaR
+(:mod:`.lecar`). numba compiles one kernel for all of them, so the dispatch on the kind is
+a branch here; names map to kinds in the eviction registry (:mod:`.eviction`).
+
+Per demand access: count the use, then a hit updates recency and calls ``on_hit``; a miss
+calls ``on_miss``, asks the kind for a victim among the evictable slots (a free slot
+first; -1: none can be freed, -2: refused at admission), evicts it (``on_evict``) and
+installs the expert (``on_insert``); an expert with no slot is streamed. The drift
+detector (:mod:`.drift`) watches every demand access and, when the plan falls behind LRU,
+switches the cache to the fallback kind for good.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from moetrace.tuner.policy import arc, drift, lecar, linear, tinylfu
+from moetrace.tuner.policy.cachestate import (
+    G_ACCESSES,
+    G_ACTIVE,
+    G_INC,
+    G_INC_PREV,
+    KF_FREQ,
+    KF_GHOST,
+    KF_PIN,
+    KF_TSCORE,
+    KIND_ARC,
+    KIND_LECAR,
+    KIND_LINEAR,
+    KIND_TINYLFU,
+    LF_SH_CAP,
+    PF_AGE,
+    PF_CAP,
+    PF_DIR,
+    PF_FILL,
+    PF_N1,
+    PF_N2,
+    PF_P,
+    PF_PREV_RATE,
+    PF_SAMPLE_HITS,
+    PF_SAMPLE_N,
+    PF_SEG0,
+    PF_SEG1,
+    PF_SEG2,
+    PF_STEP,
+    PF_W,
+    PR_CLIMB,
+    PR_DECAY,
+    PR_SEED,
+    PR_STEP,
+    PR_USE_NEXT,
+    PR_WINDOW,
+    SF_INS,
+    SF_LAST,
+    SF_PF,
+    SF_PF_PHASE,
+    SF_SEG,
+    Config,
+    State,
+)
+
+STREAMED, LOADED, HIT = -1, 0, 1
+
+
+@numba.njit(cache=True, inline="always")
+def active_kind(st: State, cfg: Config) -> int:
+    return cfg.kinds[int(st.glob[G_ACTIVE])]
+
+
+@numba.njit(cache=True)
+def init_policy(st: State, cfg: Config, kind: int) -> None:
+    """Fresh per-partition policy state for ``kind``; resident experts start in its first
+    segment (T1 for ARC, probation for W-TinyLFU's main area)."""
+    st.key_f[:, KF_GHOST] = 0.0
+    for p in range(st.part_f.shape[0]):
+        c = st.part_f[p, PF_CAP]
+        st.part_f[p, PF_P] = 0.0
+        if kind == KIND_TINYLFU:
+            st.part_f[p, PF_P] = float(int(cfg.prm[PR_WINDOW] * c + 0.5))
+        st.part_f[p, PF_N1] = 0.0
+        st.part_f[p, PF_N2] = 0.0
+        st.part_f[p, PF_W] = 0.5
+        st.part_f[p, PF_AGE] = 0.0
+        st.part_f[p, PF_SAMPLE_N] = 0.0
+        st.part_f[p, PF_SAMPLE_HITS] = 0.0
+        st.part_f[p, PF_PREV_RATE] = -1.0
+        st.part_f[p, PF_STEP] = cfg.prm[PR_STEP] * c
+        st.part_f[p, PF_DIR] = 1.0
+        first = 1.0 if kind == KIND_TINYLFU else 0.0
+        st.part_f[p, PF_SEG0] = 0.0
+        st.part_f[p, PF_SEG1] = 0.0
+        st.part_f[p, PF_SEG2] = 0.0
+        for s in range(cfg.part_lo[p], cfg.part_hi[p]):
+            st.slot_f[s, SF_SEG] = first
+            if st.slot_key[s] >= 0:
+                st.part_f[p, PF_SEG0 + int(first)] += 1.0
+
+
+@numba.njit(cache=True)
+def setup(st: State, cfg: Config, pinned: np.ndarray, shadow_cap: np.ndarray) -> int:
+    """Fill a new state: partitions, policy state, shadow capacities, and the pinned
+    experts installed in key order. Returns how many pinned experts found no slot."""
+    E = cfg.num_experts
+    for p in range(st.part_f.shape[0]):
+        st.part_f[p, PF_FILL] = cfg.part_lo[p]
+        st.part_f[p, PF_CAP] = cfg.part_hi[p] - cfg.part_lo[p]
+    st.layer_f[:, LF_SH_CAP] = shadow_cap
+    st.rng[0] = np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(int(cfg.prm[PR_SEED]) + 1)
+    missing = 0
+    for key in range(pinned.shape[0]):
+        if not pinned[key]:
+            continue
+        st.key_f[key, KF_PIN] = 1.0
+        p = cfg.part_of_layer[key // E]
+        if st.part_f[p, PF_FILL] >= cfg.part_hi[p]:
+            missing += 1
+            continue
+        s = int(st.part_f[p, PF_FILL])
+        st.part_f[p, PF_FILL] += 1.0
+        st.slot_key[s] = key
+        st.where[key] = s
+        st.layer_count[key // E] += 1
+        st.slot_f[s, SF_LAST] = -1.0
+    init_policy(st, cfg, cfg.kinds[0])
+    return missing
+
+
+@numba.njit(cache=True)
+def begin_event(st: State, cfg: Config, layer: int, experts: np.ndarray, i: int) -> None:
+    """Start event ``i`` (one pass of ``layer`` needing ``experts``): transition scores
+    for the layer, and the resident experts it needs protected from eviction."""
+    E = cfg.num_experts
+    a = int(st.glob[G_ACTIVE])
+    if active_kind(st, cfg) == KIND_LINEAR and (
+        cfg.weights[a, 0, 6] != 0.0 or cfg.weights[a, 1, 6] != 0.0
+    ):
+        for x in range(E):
+            sc = 0.0
+            for q in range(experts.shape[0]):
+                sc += cfg.trans[layer * E + experts[q], x]
+            st.key_f[layer * E + x, KF_TSCORE] = sc
+    for q in range(experts.shape[0]):
+        s = st.where[layer * E + experts[q]]
+        if s >= 0:
+            st.slot_stamp[s] = i
+
+
+@numba.njit(cache=True)
+def _victim(st: State, cfg: Config, p: int, layer: int, i: int, ph: int, key: int, inc: float) -> int:
+    if st.part_f[p, PF_FILL] < cfg.part_hi[p]:
+        s = int(st.part_f[p, PF_FILL])
+        st.part_f[p, PF_FILL] += 1.0
+        return s
+    kind = active_kind(st, cfg)
+    if kind == KIND_LINEAR:
+        return linear.victim(st, cfg, p, layer, i, ph, cfg.weights[int(st.glob[G_ACTIVE]), ph], inc)
+    if kind == KIND_ARC:
+        return arc.victim(st, cfg, p, layer, i)
+    if kind == KIND_TINYLFU:
+        return tinylfu.victim(st, cfg, p, layer, i, key)
+    return lecar.victim(st, cfg, p, layer, i)
+
+
+@numba.njit(cache=True)
+def _install(
+    st: State, cfg: Config, p: int, s: int, key: int, t: float, prefetched: bool, i: int
+) -> tuple[int, bool]:
+    """Put ``key`` in slot ``s``; returns the key evicted (-1: a free slot) and whether
+    it was an unused prefetch."""
+    E = cfg.num_experts
+    kind = active_kind(st, cfg)
+    old = st.slot_key[s]
+    wasted = False
+    if old >= 0:
+        st.where[old] = -1
+        st.layer_count[old // E] -= 1
+        wasted = st.slot_f[s, SF_PF] == 1.0
+        if kind == KIND_ARC:
+            arc.on_evict(st, cfg, p, s, old)
+        elif kind == KIND_TINYLFU:
+            tinylfu.on_evict(st, cfg, p, s, old)
+        elif kind == KIND_LECAR:
+            lecar.on_evict(st, cfg, p, s, old, i)
+    st.slot_key[s] = key
+    st.where[key] = s
+    st.layer_count[key // E] += 1
+    st.slot_f[s, SF_INS] = t
+    st.slot_f[s, SF_LAST] = t
+    st.slot_f[s, SF_PF] = 0.0
+    st.slot_stamp[s] = i
+    st.key_f[key, KF_GHOST] = 0.0
+    if kind == KIND_ARC:
+        arc.on_insert(st, cfg, p, s, prefetched)
+    elif kind == KIND_TINYLFU:
+        tinylfu.on_insert(st, cfg, p, s, prefetched)
+    return old, wasted
+
+
+@numba.njit(cache=True)
+def access(
+    st: State, cfg: Config, layer: int, ph: int, key: int, i: int, t: float
+) -> tuple[int, int, int, bool, int, bool]:
+    """One demand access of ``key`` (in ``layer``) at event ``i``, time ``t``. Returns
+    (slot or -1, evicted key or -1, HIT/LOADED/STREAMED, served by a prefetch, the
+    prefetch's issuing phase, the evicted expert was an unused prefetch)."""
+    st.glob[G_ACCESSES] += 1.0
+    if cfg.prm[PR_USE_NEXT] != 0.0:
+        st.cursor[key] += 1
+    st.key_f[key, KF_FREQ] += st.glob[G_INC]
+    p = cfg.part_of_layer[layer]
+    kind = active_kind(st, cfg)
+    if kind == KIND_TINYLFU:
+        tinylfu.count(st, cfg, p, key)
+    s = st.where[key]
+    old = -1
+    served = False
+    pf_phase = 0
+    wasted = False
+    if s >= 0:
+        status = HIT
+        served = st.slot_f[s, SF_PF] == 1.0
+        pf_phase = int(st.slot_f[s, SF_PF_PHASE])
+        st.slot_f[s, SF_PF] = 0.0
+        st.slot_f[s, SF_LAST] = t
+        if kind == KIND_ARC:
+            arc.on_hit(st, cfg, p, s)
+        elif kind == KIND_TINYLFU:
+            tinylfu.on_hit(st, cfg, p, s)
+    else:
+        if kind == KIND_ARC:
+            arc.on_miss(st, cfg, p, key)
+        elif kind == KIND_TINYLFU:
+            tinylfu.on_miss(st, cfg, p, key)
+        elif kind == KIND_LECAR:
+            lecar.on_miss(st, cfg, p, key, i)
+        s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC])
+        if s < 0:
+            status = STREAMED
+            s = -1
+        else:
+            status = LOADED
+            old, wasted = _install(st, cfg, p, s, key, t, False, i)
+    if kind == KIND_TINYLFU and cfg.prm[PR_CLIMB] != 0.0:
+        tinylfu.climb(st, cfg, p, status == HIT)
+    drift.shadow_access(st, cfg, layer, key, t, status == HIT)
+    return s, old, status, served, pf_phase, wasted
+
+
+@numba.njit(cache=True)
+def end_event(st: State, cfg: Config) -> None:
+    """Close an event: age frequencies; let the drift detector switch the policy."""
+    st.glob[G_INC_PREV] = st.glob[G_INC]
+    st.glob[G_INC] *= 1.0 / cfg.prm[PR_DECAY]
+    if st.glob[G_INC] > 1e100:
+        st.key_f[:, KF_FREQ] *= 1e-100
+        st.glob[G_INC] *= 1e-100
+        st.glob[G_INC_PREV] *= 1e-100
+    if drift.check(st, cfg):
+        st.glob[G_ACTIVE] = 1.0
+        st.key_f[:, KF_PIN] = 0.0
+        init_policy(st, cfg, cfg.kinds[1])
+
+
+@numba.njit(cache=True)
+def protect(st: State, key: int, i: int) -> None:
+    """Keep ``key``, if resident, from eviction for the rest of event ``i``."""
+    s = st.where[key]
+    if s >= 0:
+        st.slot_stamp[s] = i
+
+
+@numba.njit(cache=True)
+def prefetch(st: State, cfg: Config, layer: int, ph: int, key: int, i: int) -> tuple[int, int, bool]:
+    """Install predicted ``key`` (of ``layer``) after event ``i`` (call after
+    :func:`end_event`). Returns (slot, evicted key or -1, it was an unused prefetch);
+    slot -2 if already resident, -1 if no slot could be freed (dropped)."""
+    if st.where[key] >= 0:
+        return -2, -1, False
+    p = cfg.part_of_layer[layer]
+    s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC_PREV])
+    if s < 0:
+        return -1, -1, False
+    old, wasted = _install(st, cfg, p, s, key, float(i), True, i)
+    st.slot_f[s, SF_PF] = 1.0
+    st.slot_f[s, SF_PF_PHASE] = float(ph)
+    return s, old, wasted
