@@ -15,8 +15,8 @@ import numpy as np
 
 from moetrace.errors import ConfigError
 from moetrace.store.plan import CacheLayout
-from moetrace.tuner.policy import core
 from moetrace.tuner.policy import cachestate as C
+from moetrace.tuner.policy import core
 from moetrace.tuner.policy.eviction import EvictionSpec
 from moetrace.tuner.policy.linear import slot_key, slot_key_jit
 
@@ -97,9 +97,7 @@ def build_cache(
     )
     st = C.new_state(L, E, parts.num_slots, len(parts.lo))
     st.cursor[:] = cfg.occ_ptr[:-1]
-    missing = core.setup(
-        st, cfg, spec.pinned.reshape(-1).copy(), shadow_capacities(layout, E)
-    )
+    missing = core.setup(st, cfg, spec.pinned.reshape(-1).copy(), shadow_capacities(layout, E))
     return st, cfg, int(missing)
 
 
@@ -170,37 +168,38 @@ class ExpertCache:
         (``evicted`` is None for a free slot; an expert with no slot is streamed and
         listed with evicted ``(-1, -1)``)."""
         E = self.num_experts
-        i = self.time
-        st, cfg = self.state, self.config
-        core.begin_event(st, cfg, layer, np.asarray(experts, dtype=np.int64), i)
+        out = np.zeros((max(len(experts), 1), 6), np.int64)
+        core.event(
+            self.state, self.config, layer, phase, np.asarray(experts, np.int64), self.time, out
+        )
+        self.time += 1
         loads: list[tuple[int, tuple[int, int] | None]] = []
         for j, e in enumerate(experts):
-            t = i + j / (E + 1)  # use order breaks ties
-            s, old, status, _, _, _ = core.access(st, cfg, layer, phase, layer * E + e, i, t)
+            old, status = int(out[j, 1]), int(out[j, 2])
             if status == core.STREAMED:
                 loads.append((e, (-1, -1)))
             elif status == core.LOADED:
                 loads.append((e, None if old < 0 else (old // E, old % E)))
-        core.end_event(st, cfg)
-        self.time += 1
         return loads
 
     def prefetch(
-        self, layer: int, experts: list[int], phase: int, protect: set[int] | None = None
+        self, layer: int, experts: list[int], phase: int
     ) -> list[tuple[int, int, tuple[int, int] | None]]:
         """Give predicted ``experts`` of ``layer`` slots after the last access, as the
         simulator's kernel does: the slots that access uses, predicted experts already
         resident and each newly prefetched one are protected from the rest of the batch.
         Returns ``(expert, slot, evicted)`` per issued prefetch; an expert for which no slot
         can be freed is left out (dropped)."""
+        if not experts:
+            return []
         E = self.num_experts
+        out = np.zeros((len(experts), 3), np.int64)
+        layers = np.full(len(experts), layer, np.int64)
         i = max(self.time - 1, 0)  # the event that issues the prefetch
-        st, cfg = self.state, self.config
-        for e in experts:
-            core.protect(st, layer * E + e, i)
+        core.prefetch(self.state, self.config, phase, layers, np.asarray(experts, np.int64), i, out)
         issued: list[tuple[int, int, tuple[int, int] | None]] = []
-        for e in experts:
-            s, old, _ = core.prefetch(st, cfg, layer, phase, layer * E + e, i)
+        for q, e in enumerate(experts):
+            s, old = int(out[q, 0]), int(out[q, 1])
             if s >= 0:
                 issued.append((e, s, None if old < 0 else (old // E, old % E)))
         return issued

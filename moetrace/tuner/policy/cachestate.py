@@ -107,16 +107,18 @@ occ_ptr/occ_ev the next-use index (Belady only)."""
 @numba.njit(cache=True, inline="always")
 def eligible(st: State, cfg: Config, s: int, layer: int, i: int) -> bool:
     """Whether slot ``s`` may be evicted for ``layer`` at event ``i``: not protected by the
-    current event, not pinned, and (in a pool) not below its layer's guaranteed share."""
-    if st.slot_stamp[s] == i:
-        return False
+    current event, not pinned, and (in a pool) not below its layer's guaranteed share.
+
+    Branch-free on purpose: numba prunes the reference counting of the state's arrays
+    around an inlined call only when its body is one basic block, and this runs for
+    every slot a victim search looks at."""
     key = st.slot_key[s]
-    if st.key_f[key, KF_PIN] != 0.0:
-        return False
     ls = key // cfg.num_experts
-    if ls != layer and st.layer_count[ls] <= cfg.min_share[ls]:
-        return False
-    return True
+    return (
+        (st.slot_stamp[s] != i)
+        & (st.key_f[key, KF_PIN] == 0.0)
+        & ((ls == layer) | (st.layer_count[ls] > cfg.min_share[ls]))
+    )
 
 
 @numba.njit(cache=True, inline="always")

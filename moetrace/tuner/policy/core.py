@@ -25,6 +25,7 @@ from moetrace.tuner.policy import arc, drift, lecar, linear, tinylfu
 from moetrace.tuner.policy.cachestate import (
     G_ACCESSES,
     G_ACTIVE,
+    G_DEST,
     G_INC,
     G_INC_PREV,
     KF_FREQ,
@@ -53,6 +54,7 @@ from moetrace.tuner.policy.cachestate import (
     PF_W,
     PR_CLIMB,
     PR_DECAY,
+    PR_DRIFT_WINDOW,
     PR_SEED,
     PR_STEP,
     PR_USE_NEXT,
@@ -132,28 +134,10 @@ def setup(st: State, cfg: Config, pinned: np.ndarray, shadow_cap: np.ndarray) ->
     return missing
 
 
-@numba.njit(cache=True)
-def begin_event(st: State, cfg: Config, layer: int, experts: np.ndarray, i: int) -> None:
-    """Start event ``i`` (one pass of ``layer`` needing ``experts``): transition scores
-    for the layer, and the resident experts it needs protected from eviction."""
-    E = cfg.num_experts
-    a = int(st.glob[G_ACTIVE])
-    if active_kind(st, cfg) == KIND_LINEAR and (
-        cfg.weights[a, 0, 6] != 0.0 or cfg.weights[a, 1, 6] != 0.0
-    ):
-        for x in range(E):
-            sc = 0.0
-            for q in range(experts.shape[0]):
-                sc += cfg.trans[layer * E + experts[q], x]
-            st.key_f[layer * E + x, KF_TSCORE] = sc
-    for q in range(experts.shape[0]):
-        s = st.where[layer * E + experts[q]]
-        if s >= 0:
-            st.slot_stamp[s] = i
-
-
-@numba.njit(cache=True)
-def _victim(st: State, cfg: Config, p: int, layer: int, i: int, ph: int, key: int, inc: float) -> int:
+@numba.njit(cache=True, inline="always")
+def _victim(
+    st: State, cfg: Config, p: int, layer: int, i: int, ph: int, key: int, inc: float
+) -> int:
     if st.part_f[p, PF_FILL] < cfg.part_hi[p]:
         s = int(st.part_f[p, PF_FILL])
         st.part_f[p, PF_FILL] += 1.0
@@ -168,7 +152,7 @@ def _victim(st: State, cfg: Config, p: int, layer: int, i: int, ph: int, key: in
     return lecar.victim(st, cfg, p, layer, i)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _install(
     st: State, cfg: Config, p: int, s: int, key: int, t: float, prefetched: bool, i: int
 ) -> tuple[int, bool]:
@@ -203,91 +187,139 @@ def _install(
     return old, wasted
 
 
-@numba.njit(cache=True)
-def access(
-    st: State, cfg: Config, layer: int, ph: int, key: int, i: int, t: float
-) -> tuple[int, int, int, bool, int, bool]:
-    """One demand access of ``key`` (in ``layer``) at event ``i``, time ``t``. Returns
-    (slot or -1, evicted key or -1, HIT/LOADED/STREAMED, served by a prefetch, the
-    prefetch's issuing phase, the evicted expert was an unused prefetch)."""
-    st.glob[G_ACCESSES] += 1.0
-    if cfg.prm[PR_USE_NEXT] != 0.0:
-        st.cursor[key] += 1
-    st.key_f[key, KF_FREQ] += st.glob[G_INC]
+@numba.njit(cache=True, inline="always")
+def event(
+    st: State, cfg: Config, layer: int, ph: int, experts: np.ndarray, i: int, out: np.ndarray
+) -> None:
+    """Event ``i``: one pass of ``layer`` needing ``experts`` (in use order), then
+    the end of the event (frequencies age, the drift detector may switch). Row j of ``out`` (int64, at least len(experts) x 6) tells what
+    happened to expert j: slot (-1 if streamed), evicted key (-1 if none), HIT / LOADED /
+    STREAMED, 1 if a prefetch served it, that prefetch's issuing phase, 1 if the evicted
+    expert was an unused prefetch. Use order breaks recency ties (time i + j / (E + 1)).
+
+    One call per event on purpose: numba reference-counts every array of the state around
+    a call it cannot flatten, so per-access work stays inside this loop."""
+    E = cfg.num_experts
+    # begin: transition scores for the layer; resident needed experts are protected
+    a = int(st.glob[G_ACTIVE])
+    if active_kind(st, cfg) == KIND_LINEAR and (
+        cfg.weights[a, 0, 6] != 0.0 or cfg.weights[a, 1, 6] != 0.0
+    ):
+        for x in range(E):
+            sc = 0.0
+            for q in range(experts.shape[0]):
+                sc += cfg.trans[layer * E + experts[q], x]
+            st.key_f[layer * E + x, KF_TSCORE] = sc
+    for q in range(experts.shape[0]):
+        s = st.where[layer * E + experts[q]]
+        if s >= 0:
+            st.slot_stamp[s] = i
     p = cfg.part_of_layer[layer]
     kind = active_kind(st, cfg)
-    if kind == KIND_TINYLFU:
-        tinylfu.count(st, cfg, p, key)
-    s = st.where[key]
-    old = -1
-    served = False
-    pf_phase = 0
-    wasted = False
-    if s >= 0:
-        status = HIT
-        served = st.slot_f[s, SF_PF] == 1.0
-        pf_phase = int(st.slot_f[s, SF_PF_PHASE])
-        st.slot_f[s, SF_PF] = 0.0
-        st.slot_f[s, SF_LAST] = t
-        if kind == KIND_ARC:
-            arc.on_hit(st, cfg, p, s)
-        elif kind == KIND_TINYLFU:
-            tinylfu.on_hit(st, cfg, p, s)
-    else:
-        if kind == KIND_ARC:
-            arc.on_miss(st, cfg, p, key)
-        elif kind == KIND_TINYLFU:
-            tinylfu.on_miss(st, cfg, p, key)
-        elif kind == KIND_LECAR:
-            lecar.on_miss(st, cfg, p, key, i)
-        s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC])
-        if s < 0:
-            status = STREAMED
-            s = -1
+    use_next = cfg.prm[PR_USE_NEXT] != 0.0
+    sub = 1.0 / (E + 1)
+    for j in range(experts.shape[0]):
+        key = layer * E + experts[j]
+        t = i + j * sub
+        st.glob[G_ACCESSES] += 1.0
+        if use_next:
+            st.cursor[key] += 1
+        st.key_f[key, KF_FREQ] += st.glob[G_INC]
+        if kind == KIND_TINYLFU:
+            tinylfu.count(st.key_f, st.part_f, cfg.part_of_layer, cfg.prm, E, p, key)
+        s = st.where[key]
+        old = -1
+        served = 0
+        pf_phase = 0
+        wasted = False
+        if s >= 0:
+            status = HIT
+            served = int(st.slot_f[s, SF_PF] == 1.0)
+            pf_phase = int(st.slot_f[s, SF_PF_PHASE])
+            st.slot_f[s, SF_PF] = 0.0
+            st.slot_f[s, SF_LAST] = t
+            if kind == KIND_ARC:
+                arc.on_hit(st, cfg, p, s)
+            elif kind == KIND_TINYLFU:
+                tinylfu.on_hit(st, cfg, p, s)
         else:
-            status = LOADED
-            old, wasted = _install(st, cfg, p, s, key, t, False, i)
-    if kind == KIND_TINYLFU and cfg.prm[PR_CLIMB] != 0.0:
-        tinylfu.climb(st, cfg, p, status == HIT)
-    drift.shadow_access(st, cfg, layer, key, t, status == HIT)
-    return s, old, status, served, pf_phase, wasted
-
-
-@numba.njit(cache=True)
-def end_event(st: State, cfg: Config) -> None:
-    """Close an event: age frequencies; let the drift detector switch the policy."""
+            if kind == KIND_ARC:
+                arc.on_miss(st, cfg, p, key)
+            elif kind == KIND_TINYLFU:
+                st.glob[G_DEST] = -1.0  # a free slot, unless the victim choice says otherwise
+            elif kind == KIND_LECAR:
+                lecar.on_miss(st, cfg, p, key, i)
+            s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC])
+            if s < 0:
+                status = STREAMED
+                s = -1
+            else:
+                status = LOADED
+                old, wasted = _install(st, cfg, p, s, key, t, False, i)
+        if kind == KIND_TINYLFU and cfg.prm[PR_CLIMB] != 0.0:
+            tinylfu.climb(st.part_f, cfg.prm, p, status == HIT)
+        if cfg.prm[PR_DRIFT_WINDOW] > 0.0:
+            drift.shadow_access(st.key_f, st.layer_f, st.glob, E, layer, key, t, status == HIT)
+        out[j, 0] = s
+        out[j, 1] = old
+        out[j, 2] = status
+        out[j, 3] = served
+        out[j, 4] = pf_phase
+        out[j, 5] = int(wasted)
+    # end: age frequencies; let the drift detector switch the policy
     st.glob[G_INC_PREV] = st.glob[G_INC]
     st.glob[G_INC] *= 1.0 / cfg.prm[PR_DECAY]
     if st.glob[G_INC] > 1e100:
         st.key_f[:, KF_FREQ] *= 1e-100
         st.glob[G_INC] *= 1e-100
         st.glob[G_INC_PREV] *= 1e-100
-    if drift.check(st, cfg):
-        st.glob[G_ACTIVE] = 1.0
-        st.key_f[:, KF_PIN] = 0.0
-        init_policy(st, cfg, cfg.kinds[1])
+    if drift.check(st.glob, cfg.prm):
+        switch(st, cfg)
 
 
 @numba.njit(cache=True)
-def protect(st: State, key: int, i: int) -> None:
-    """Keep ``key``, if resident, from eviction for the rest of event ``i``."""
-    s = st.where[key]
-    if s >= 0:
-        st.slot_stamp[s] = i
+def switch(st: State, cfg: Config) -> None:
+    """Switch the cache, for good, to the fallback policy: pins released, fresh state."""
+    st.glob[G_ACTIVE] = 1.0
+    st.key_f[:, KF_PIN] = 0.0
+    init_policy(st, cfg, cfg.kinds[1])
 
 
 @numba.njit(cache=True)
-def prefetch(st: State, cfg: Config, layer: int, ph: int, key: int, i: int) -> tuple[int, int, bool]:
-    """Install predicted ``key`` (of ``layer``) after event ``i`` (call after
-    :func:`end_event`). Returns (slot, evicted key or -1, it was an unused prefetch);
-    slot -2 if already resident, -1 if no slot could be freed (dropped)."""
-    if st.where[key] >= 0:
-        return -2, -1, False
-    p = cfg.part_of_layer[layer]
-    s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC_PREV])
-    if s < 0:
-        return -1, -1, False
-    old, wasted = _install(st, cfg, p, s, key, float(i), True, i)
-    st.slot_f[s, SF_PF] = 1.0
-    st.slot_f[s, SF_PF_PHASE] = float(ph)
-    return s, old, wasted
+def prefetch(
+    st: State,
+    cfg: Config,
+    ph: int,
+    layers: np.ndarray,
+    experts: np.ndarray,
+    i: int,
+    out: np.ndarray,
+) -> None:
+    """Install predicted experts (``layers[q]``, ``experts[q]``) after event ``i`` (after
+    :func:`event`, so with the frequency increment event ``i`` used). Predicted experts already resident and each newly installed one are
+    protected from the rest of the batch, as are the slots event ``i`` used. Row q of
+    ``out`` (int64, at least len x 3): slot (-2 already resident, -1 no slot could be freed:
+    dropped), evicted key (-1 if none), 1 if that was an unused prefetch."""
+    E = cfg.num_experts
+    for q in range(experts.shape[0]):
+        s = st.where[layers[q] * E + experts[q]]
+        if s >= 0:
+            st.slot_stamp[s] = i
+    for q in range(experts.shape[0]):
+        layer = layers[q]
+        key = layer * E + experts[q]
+        out[q, 1] = -1
+        out[q, 2] = 0
+        if st.where[key] >= 0:
+            out[q, 0] = -2
+            continue
+        p = cfg.part_of_layer[layer]
+        s = _victim(st, cfg, p, layer, i, ph, key, st.glob[G_INC_PREV])
+        out[q, 0] = s if s >= 0 else -1
+        if s < 0:
+            continue
+        old, wasted = _install(st, cfg, p, s, key, float(i), True, i)
+        st.slot_f[s, SF_PF] = 1.0
+        st.slot_f[s, SF_PF_PHASE] = float(ph)
+        out[q, 1] = old
+        out[q, 2] = int(wasted)

@@ -17,6 +17,7 @@ two hit rates over the window that decided it, G_SHADOW_HITS in all.
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 from moetrace.tuner.policy.cachestate import (
     G_ACCESSES,
@@ -34,52 +35,57 @@ from moetrace.tuner.policy.cachestate import (
     LF_SH_COUNT,
     PR_DRIFT_MARGIN,
     PR_DRIFT_WINDOW,
-    Config,
-    State,
 )
 
 
 @numba.njit(cache=True)
-def shadow_access(st: State, cfg: Config, layer: int, key: int, t: float, hit: bool) -> None:
-    """Record one demand access (``hit``: the plan's cache hit) in the shadow directory."""
-    if cfg.prm[PR_DRIFT_WINDOW] <= 0.0:
-        return
-    st.glob[G_WIN_N] += 1.0
+def shadow_access(
+    key_f: np.ndarray,
+    layer_f: np.ndarray,
+    glob: np.ndarray,
+    E: int,
+    layer: int,
+    key: int,
+    t: float,
+    hit: bool,
+) -> None:
+    """Record one demand access (``hit``: the plan's cache hit) in the shadow directory.
+    (Arrays, not the state: it runs per access, see core.event.)"""
+    glob[G_WIN_N] += 1.0
     if hit:
-        st.glob[G_WIN_HITS] += 1.0
-    if st.key_f[key, KF_SH_IN] != 0.0:
-        st.glob[G_WIN_SHADOW] += 1.0
-        st.glob[G_SHADOW_HITS] += 1.0
-    elif st.layer_f[layer, LF_SH_CAP] > 0.0:
-        if st.layer_f[layer, LF_SH_COUNT] >= st.layer_f[layer, LF_SH_CAP]:
-            E = cfg.num_experts
+        glob[G_WIN_HITS] += 1.0
+    if key_f[key, KF_SH_IN] != 0.0:
+        glob[G_WIN_SHADOW] += 1.0
+        glob[G_SHADOW_HITS] += 1.0
+    elif layer_f[layer, LF_SH_CAP] > 0.0:
+        if layer_f[layer, LF_SH_COUNT] >= layer_f[layer, LF_SH_CAP]:
             old = -1
             bl = 1e300
             for k in range(layer * E, (layer + 1) * E):
-                if st.key_f[k, KF_SH_IN] != 0.0 and st.key_f[k, KF_SH_LAST] < bl:
-                    bl = st.key_f[k, KF_SH_LAST]
+                if key_f[k, KF_SH_IN] != 0.0 and key_f[k, KF_SH_LAST] < bl:
+                    bl = key_f[k, KF_SH_LAST]
                     old = k
-            st.key_f[old, KF_SH_IN] = 0.0
+            key_f[old, KF_SH_IN] = 0.0
         else:
-            st.layer_f[layer, LF_SH_COUNT] += 1.0
-        st.key_f[key, KF_SH_IN] = 1.0
-    st.key_f[key, KF_SH_LAST] = t
+            layer_f[layer, LF_SH_COUNT] += 1.0
+        key_f[key, KF_SH_IN] = 1.0
+    key_f[key, KF_SH_LAST] = t
 
 
-@numba.njit(cache=True)
-def check(st: State, cfg: Config) -> bool:
+@numba.njit(cache=True, inline="always")
+def check(glob: np.ndarray, prm: np.ndarray) -> bool:
     """At the end of a window: whether to switch to the fallback (the plan is behind LRU)."""
-    window = cfg.prm[PR_DRIFT_WINDOW]
-    if window <= 0.0 or st.glob[G_WIN_N] < window:
+    window = prm[PR_DRIFT_WINDOW]
+    if window <= 0.0 or glob[G_WIN_N] < window:
         return False
-    n = st.glob[G_WIN_N]
-    plan, lru = st.glob[G_WIN_HITS] / n, st.glob[G_WIN_SHADOW] / n
-    st.glob[G_WIN_N] = 0.0
-    st.glob[G_WIN_HITS] = 0.0
-    st.glob[G_WIN_SHADOW] = 0.0
-    if st.glob[G_ACTIVE] != 0.0 or lru - plan <= cfg.prm[PR_DRIFT_MARGIN]:
+    n = glob[G_WIN_N]
+    plan, lru = glob[G_WIN_HITS] / n, glob[G_WIN_SHADOW] / n
+    glob[G_WIN_N] = 0.0
+    glob[G_WIN_HITS] = 0.0
+    glob[G_WIN_SHADOW] = 0.0
+    if glob[G_ACTIVE] != 0.0 or lru - plan <= prm[PR_DRIFT_MARGIN]:
         return False
-    st.glob[G_SWITCH_AT] = st.glob[G_ACCESSES]
-    st.glob[G_SWITCH_PLAN] = plan
-    st.glob[G_SWITCH_LRU] = lru
+    glob[G_SWITCH_AT] = glob[G_ACCESSES]
+    glob[G_SWITCH_PLAN] = plan
+    glob[G_SWITCH_LRU] = lru
     return True

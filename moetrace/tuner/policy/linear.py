@@ -59,7 +59,7 @@ def slot_key(
 slot_key_jit = numba.njit(cache=True, inline="always")(slot_key)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def victim(
     st: State, cfg: Config, p: int, layer: int, i: int, ph: int, w: np.ndarray, inc: float
 ) -> int:

@@ -25,6 +25,7 @@ key_f[KF_CNT] the counts; glob[G_DEST] the segment a missed expert enters.
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 from moetrace.tuner.policy.cachestate import (
     G_DEST,
@@ -56,47 +57,55 @@ STEP_DECAY = 0.98
 
 
 @numba.njit(cache=True)
-def count(st: State, cfg: Config, p: int, key: int) -> None:
-    """Count a use of ``key``; halve the partition's counts every sample."""
-    st.key_f[key, KF_CNT] += 1.0
-    st.part_f[p, PF_AGE] += 1.0
-    if st.part_f[p, PF_AGE] >= cfg.prm[PR_SAMPLE] * st.part_f[p, PF_CAP]:
-        st.part_f[p, PF_AGE] = 0.0
-        E = cfg.num_experts
-        for layer in range(cfg.part_of_layer.shape[0]):
-            if cfg.part_of_layer[layer] == p:
+def count(
+    key_f: np.ndarray,
+    part_f: np.ndarray,
+    part_of_layer: np.ndarray,
+    prm: np.ndarray,
+    E: int,
+    p: int,
+    key: int,
+) -> None:
+    """Count a use of ``key``; halve the partition's counts every sample. (Arrays, not
+    the state: it runs per access, see core.event.)"""
+    key_f[key, KF_CNT] += 1.0
+    part_f[p, PF_AGE] += 1.0
+    if part_f[p, PF_AGE] >= prm[PR_SAMPLE] * part_f[p, PF_CAP]:
+        part_f[p, PF_AGE] = 0.0
+        for layer in range(part_of_layer.shape[0]):
+            if part_of_layer[layer] == p:
                 for k in range(layer * E, (layer + 1) * E):
-                    st.key_f[k, KF_CNT] = float(int(st.key_f[k, KF_CNT]) // 2)
+                    key_f[k, KF_CNT] = float(int(key_f[k, KF_CNT]) // 2)
 
 
-@numba.njit(cache=True)
-def climb(st: State, cfg: Config, p: int, hit: bool) -> None:
+@numba.njit(cache=True, inline="always")
+def climb(part_f: np.ndarray, prm: np.ndarray, p: int, hit: bool) -> None:
     """Sample the hit rate; at the end of a sample move the window target."""
-    st.part_f[p, PF_SAMPLE_N] += 1.0
+    part_f[p, PF_SAMPLE_N] += 1.0
     if hit:
-        st.part_f[p, PF_SAMPLE_HITS] += 1.0
-    c = st.part_f[p, PF_CAP]
-    if st.part_f[p, PF_SAMPLE_N] < cfg.prm[PR_SAMPLE] * c:
+        part_f[p, PF_SAMPLE_HITS] += 1.0
+    c = part_f[p, PF_CAP]
+    if part_f[p, PF_SAMPLE_N] < prm[PR_SAMPLE] * c:
         return
-    rate = st.part_f[p, PF_SAMPLE_HITS] / st.part_f[p, PF_SAMPLE_N]
-    st.part_f[p, PF_SAMPLE_N] = 0.0
-    st.part_f[p, PF_SAMPLE_HITS] = 0.0
-    prev = st.part_f[p, PF_PREV_RATE]
-    st.part_f[p, PF_PREV_RATE] = rate
-    if prev < 0.0 or cfg.prm[PR_CLIMB] == 0.0:
+    rate = part_f[p, PF_SAMPLE_HITS] / part_f[p, PF_SAMPLE_N]
+    part_f[p, PF_SAMPLE_N] = 0.0
+    part_f[p, PF_SAMPLE_HITS] = 0.0
+    prev = part_f[p, PF_PREV_RATE]
+    part_f[p, PF_PREV_RATE] = rate
+    if prev < 0.0 or prm[PR_CLIMB] == 0.0:
         return
     delta = rate - prev
     if delta < 0.0:
-        st.part_f[p, PF_DIR] = -st.part_f[p, PF_DIR]
-    step = st.part_f[p, PF_STEP]
-    st.part_f[p, PF_P] = min(max(st.part_f[p, PF_P] + st.part_f[p, PF_DIR] * step, 0.0), c - 1.0)
+        part_f[p, PF_DIR] = -part_f[p, PF_DIR]
+    step = part_f[p, PF_STEP]
+    part_f[p, PF_P] = min(max(part_f[p, PF_P] + part_f[p, PF_DIR] * step, 0.0), c - 1.0)
     if abs(delta) >= RESTART:
-        st.part_f[p, PF_STEP] = cfg.prm[PR_STEP] * c
+        part_f[p, PF_STEP] = prm[PR_STEP] * c
     else:
-        st.part_f[p, PF_STEP] = step * STEP_DECAY
+        part_f[p, PF_STEP] = step * STEP_DECAY
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
     if st.slot_f[s, SF_SEG] != 1.0:
         return
@@ -113,7 +122,7 @@ def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
             set_segment(st, p, demote, 1.0)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def _main_victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     s = lru_in_segment(st, cfg, p, layer, i, 1.0)
     if s < 0:
@@ -121,7 +130,7 @@ def _main_victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     return s
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def victim(st: State, cfg: Config, p: int, layer: int, i: int, key: int) -> int:
     """The slot to free for ``key`` (which then enters glob[G_DEST]'s segment), -1 if none
     can be freed, -2 if ``key`` loses at the door (streamed)."""
@@ -145,17 +154,12 @@ def victim(st: State, cfg: Config, p: int, layer: int, i: int, key: int) -> int:
     return x
 
 
-@numba.njit(cache=True)
-def on_miss(st: State, cfg: Config, p: int, key: int) -> None:
-    st.glob[G_DEST] = -1.0  # a free slot, unless the victim choice says otherwise
-
-
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def on_evict(st: State, cfg: Config, p: int, s: int, old: int) -> None:
     st.part_f[p, PF_SEG0 + int(st.slot_f[s, SF_SEG])] -= 1.0
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def on_insert(st: State, cfg: Config, p: int, s: int, prefetched: bool) -> None:
     target = int(st.part_f[p, PF_P])
     seg = st.glob[G_DEST]

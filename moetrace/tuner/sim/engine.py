@@ -116,9 +116,7 @@ def simulate(
     prefetcher = get_prefetcher(plan.prefetch, L, E)
     fetch = fetch_per_event(events, plan.prefetch, plan.phase_overrides, prefetcher.fetch_all)
     pf_ptr, pf_layer, pf_exp = prefetcher.candidates(events, fetch)
-    st, cfg, _ = build_cache(
-        plan.layout, spec, E, next_use_index(events) if spec.oracle else None
-    )
+    st, cfg, _ = build_cache(plan.layout, spec, E, next_use_index(events) if spec.oracle else None)
     warm = float((st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
     stats = np.zeros((K.NUM_STATS, L, 2))
     total = K.replay(

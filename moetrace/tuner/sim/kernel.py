@@ -46,26 +46,25 @@ def replay(
     n_ev = ev_layer.shape[0]
     E = cfg.num_experts
     slot_ready = np.zeros(st.slot_key.shape[0])
+    out = np.zeros((E, 6), np.int64)
+    pf_out = np.zeros((max(pf_exp.shape[0], 1), 3), np.int64)
     xfer = bpe / bw
-    sub = 1.0 / (E + 1)
     now = 0.0
     link_free = 0.0
     for i in range(n_ev):
         lay = ev_layer[i]
         ph = ev_phase[i]
         lo, hi = ev_ptr[i], ev_ptr[i + 1]
-        core.begin_event(st, cfg, lay, ev_exp[lo:hi], i)
+        core.event(st, cfg, lay, ph, ev_exp[lo:hi], i, out)
         need = now
-        for j in range(lo, hi):
-            key = lay * E + ev_exp[j]
-            t = i + (j - lo) * sub  # order of use within the event breaks ties
+        for j in range(hi - lo):
+            s, old, status = out[j, 0], out[j, 1], out[j, 2]
             stats[S_ACCESS, lay, ph] += 1
-            s, old, status, served, pf_phase, wasted = core.access(st, cfg, lay, ph, key, i, t)
             if status == core.HIT:
                 stats[S_HIT, lay, ph] += 1
-                if served:
+                if out[j, 3] == 1:
                     stats[S_PF_SERVED, lay, ph] += 1
-                    stats[S_PF_USED, lay, pf_phase] += 1
+                    stats[S_PF_USED, lay, out[j, 4]] += 1
                 rdy = slot_ready[s]
             else:
                 start = max(now, link_free)
@@ -75,26 +74,26 @@ def replay(
                 if status == core.STREAMED:
                     stats[S_STREAM, lay, ph] += 1
                 else:
-                    if wasted:
+                    if out[j, 5] == 1:
                         stats[S_PF_WASTED, old // E, ph] += 1
                     slot_ready[s] = rdy
             if rdy > need:
                 need = rdy
         stats[S_STALL, lay, ph] += need - now
         now = need
-        core.end_event(st, cfg)
-        for q in range(pf_ptr[i], pf_ptr[i + 1]):
-            core.protect(st, pf_layer[q] * E + pf_exp[q], i)
-        for q in range(pf_ptr[i], pf_ptr[i + 1]):
-            tl = pf_layer[q]
-            s, old, wasted = core.prefetch(st, cfg, tl, ph, tl * E + pf_exp[q], i)
+        a, b = pf_ptr[i], pf_ptr[i + 1]
+        if b > a:
+            core.prefetch(st, cfg, ph, pf_layer[a:b], pf_exp[a:b], i, pf_out)
+        for q in range(b - a):
+            tl = pf_layer[a + q]
+            s = pf_out[q, 0]
             if s == -2:
                 continue
             if s < 0:
                 stats[S_PF_DROPPED, tl, ph] += 1
                 continue
-            if wasted:
-                stats[S_PF_WASTED, old // E, ph] += 1
+            if pf_out[q, 2] == 1:
+                stats[S_PF_WASTED, pf_out[q, 1] // E, ph] += 1
             start = max(now, link_free)
             link_free = start + xfer
             slot_ready[s] = start + xfer + lat
