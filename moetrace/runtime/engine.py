@@ -348,9 +348,7 @@ class OffloadEngine:
     ) -> torch.Tensor:
         """The model's own experts implementation over the ``need`` experts (ascending)."""
         layer = ref.index
-        slots = [
-            extra_slots[e] if e in extra_slots else self.cache.slot(layer, e) for e in need
-        ]
+        slots = [extra_slots[e] if e in extra_slots else self.cache.slot(layer, e) for e in need]
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
         num_experts = int(module.num_experts)
         lut = torch.full((num_experts + 1,), len(need), dtype=torch.long, device=self.device)

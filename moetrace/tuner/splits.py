@@ -14,6 +14,10 @@ drift it will be judged on:
              per value, for the largest few values; select on another held-out value
 ``source``   leave one source out: one trace of several, or one import folder/file
              (the ``source_file`` tag importers write)
+``shift``    a stress test: the time split with the expert ids of the ``select`` and
+             ``validation`` requests permuted per layer (seeded), so their hot experts are
+             other experts than the tune requests' (what new tasks or users do to a plan
+             fitted on yesterday's traffic, and what a trace of one task cannot show)
 
 Splits come from a registry (:data:`SPLITTERS`), keyed by the part before ``:``.
 """
@@ -23,13 +27,14 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 
 import numpy as np
 
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store.reader import open_trace
+from moetrace.tuner.policy.events import Events
 
 MAX_GROUPS = 3
 """Tag or source splits: at most this many held-out values (the largest ones)."""
@@ -44,6 +49,9 @@ class Split:
     validation: np.ndarray
     fit: np.ndarray
     select: np.ndarray
+    shift: int | None = None
+    """Seed of the per-layer expert permutation applied to the select and validation
+    requests' events (see :func:`shift_events`); None: no permutation."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,38 @@ def _time(ctx: SplitContext, arg: str | None) -> list[Split]:
         n_sel = max(1, len(tune) // 3)
         fit, select = tune[: len(tune) - n_sel], tune[len(tune) - n_sel :]
     return [Split("time", tune, val, fit, select)]
+
+
+def _shift(ctx: SplitContext, arg: str | None) -> list[Split]:
+    sp = _time(ctx, arg)[0]
+    return [Split("shift", sp.tune, sp.validation, sp.fit, sp.select, shift=ctx.seed + 7919)]
+
+
+def shift_events(events: Events, seed: int) -> Events:
+    """``events`` with every layer's expert ids permuted by a seeded permutation (one per
+    layer): the same routing structure with other experts hot."""
+    L, E = events.num_layers, events.num_experts
+    rng = np.random.default_rng(seed)
+    perm = np.stack([rng.permutation(E) for _ in range(L)]).astype(np.int64)
+    ev_of = np.repeat(np.arange(events.num_events), np.diff(events.ptr))
+    lay = events.layer.astype(np.int64)[ev_of]
+    new = perm[lay, events.experts.astype(np.int64)]
+    order = np.lexsort((new, ev_of))  # keep experts sorted within each event
+    tok = events.token_experts.astype(np.int64)
+    layers = np.broadcast_to(np.arange(L), tok.shape[:2])[..., None]
+    tok = np.where(tok >= 0, perm[np.broadcast_to(layers, tok.shape), np.maximum(tok, 0)], -1)
+    spec = events.spec_experts
+    if spec is not None and events.spec_ptr is not None:
+        sev = np.repeat(np.arange(events.num_events), np.diff(events.spec_ptr))
+        target = np.minimum(events.layer.astype(np.int64)[sev] + 1, L - 1)
+        spec = perm[target, spec.astype(np.int64)].astype(events.spec_experts.dtype)  # type: ignore[union-attr]
+    return replace(
+        events,
+        experts=new[order].astype(events.experts.dtype),
+        counts=events.counts[order],
+        token_experts=tok.astype(events.token_experts.dtype),
+        spec_experts=spec,
+    )
 
 
 def _groups(name: str, keys: Sequence[str | None], ctx: SplitContext) -> list[Split]:
@@ -138,6 +178,7 @@ SPLITTERS: dict[str, Callable[[SplitContext, str | None], list[Split]]] = {
     "time": _time,
     "tag": _tag,
     "source": _source,
+    "shift": _shift,
 }
 DEFAULT_SPLITS = ("random", "time")
 
@@ -173,7 +214,8 @@ def make_splits(
     fraction: float = 0.5,
     seed: int = 0,
 ) -> list[Split]:
-    """The splits named by ``specs`` (``random``, ``time``, ``tag:KEY``, ``source``) of the
+    """The splits named by ``specs`` (``random``, ``time``, ``tag:KEY``, ``source``,
+    ``shift``) of the
     requests ``request_ids`` (arrival order) of the traces at ``paths``."""
     num_requests = len(request_ids)
     tags: Sequence[dict[str, str]] = [{}] * num_requests
@@ -186,6 +228,8 @@ def make_splits(
         kind, _, arg = spec.partition(":")
         fn = SPLITTERS.get(kind)
         if fn is None:
-            raise ConfigError(f"unknown split {spec!r}; known: random, time, tag:KEY, source")
+            raise ConfigError(
+                f"unknown split {spec!r}; known: random, time, tag:KEY, source, shift"
+            )
         out.extend(fn(ctx, arg or None))
     return out

@@ -22,6 +22,7 @@ from moetrace.errors import ConfigError
 from moetrace.progress import OnProgress, Progress
 from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import (
+    Adaptation,
     CacheLayout,
     EvictionConfig,
     PhaseOverride,
@@ -34,7 +35,7 @@ from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
 from moetrace.tuner.sim.trace import LoadedTraces, events_for, load_traces, parse_budget
-from moetrace.tuner.splits import make_splits
+from moetrace.tuner.splits import Split, make_splits, shift_events
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("lrfu", {"alpha": 3.0, "decay": 0.999}),
     ("lrfu", {"alpha": 10.0, "decay": 0.998}),
     ("trans_lru", {"gamma": 10.0, "alpha": 3.0, "decay": 0.999}),
+    ("arc", {}),
+    ("wtinylfu", {}),
+    ("lecar", {}),
     ("trans_lru", {"gamma": 30.0, "alpha": 3.0, "decay": 0.999}),
 )
 PREFETCH_GRID: tuple[tuple[str, float], ...] = (
@@ -67,6 +71,17 @@ PREFETCH_GRID: tuple[tuple[str, float], ...] = (
     ("similar_request", 2.0),
 )
 """(prefetcher, experts fetched per layer as a multiple of top_k)."""
+
+FALLBACKS = ("lru", "arc", "wtinylfu", "lecar")
+"""Online policies a plan's drift detector may switch to (the search's best of them)."""
+DRIFT_MARGIN = 0.02
+"""The detector switches when the plan trails the shadow LRU by more than this hit rate
+over a window (windows are short, so a smaller margin would switch on noise)."""
+
+
+def drift_window(slots: int) -> int:
+    """Accesses per drift-detector window: 16 passes over every slot, at least 4096."""
+    return max(4096, 16 * slots)
 
 
 @dataclass(frozen=True)
@@ -145,11 +160,13 @@ class _Candidate:
     params: dict[str, float]
     prefetch: PrefetchConfig
     overrides: dict[str, PhaseOverride] = field(default_factory=dict)
+    adaptation: Adaptation = field(default_factory=Adaptation)
 
     def plan(self, ev: Events, shape: Any, bpe: int | None, fit: Events, **kw: Any) -> Plan:
         return make_plan(
             ev, shape, self.layout, self.policy, dict(self.params), self.prefetch,
-            bytes_per_expert=bpe, fit_events=fit, phase_overrides=self.overrides, **kw,
+            bytes_per_expert=bpe, fit_events=fit, phase_overrides=self.overrides,
+            adaptation=self.adaptation, **kw,
         )  # fmt: skip
 
 
@@ -201,29 +218,46 @@ def _best(options: Sequence[Any], score: Callable[[Any], float]) -> tuple[Any, f
 def _search(
     search: _Search, slots: int, L: int, E: int, k: int, fit_all: Events, speculative: bool
 ) -> _Candidate:
-    """Layout, then eviction, then layout again, then prefetch: each by worst split."""
+    """Layout, then eviction, then layout again, then prefetch: each by worst split. Every
+    candidate carries the drift detector; its fallback is the best online policy of the
+    eviction step."""
     none = PrefetchConfig()
     layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_all), pool_layout(slots, L, E)]
+    adapt = Adaptation("lru", drift_window(slots), DRIFT_MARGIN)
 
     def lname(lay: CacheLayout) -> str:
         return f"{lay.kind} {list(lay.capacities[:4])}..."
 
-    layout, _ = _best(
-        layouts, lambda lay: search.score(_Candidate(f"lru {lname(lay)}", lay, "lru", {}, none))
-    )
-    (policy, params), _ = _best(
-        EVICTION_GRID[1:],
-        lambda c: search.score(
-            _Candidate(f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none)
+    layout, lru_score = _best(
+        layouts,
+        lambda lay: search.score(
+            _Candidate(f"lru {lname(lay)}", lay, "lru", {}, none, adaptation=adapt)
         ),
     )
+    online = {"lru": lru_score}
+
+    def score_policy(c: tuple[str, dict[str, float]]) -> float:
+        sc = search.score(
+            _Candidate(
+                f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none, adaptation=adapt
+            )  # fmt: skip
+        )
+        if c[0] in FALLBACKS and not c[1]:
+            online[c[0]] = sc
+        return sc
+
+    (policy, params), _ = _best(EVICTION_GRID[1:], score_policy)
+    adapt = replace(adapt, fallback=min(online, key=lambda n: (online[n], n)))
     layout, base = _best(
         layouts,
         lambda lay: search.score(
-            _Candidate(f"{policy} {params} {lname(lay)}", lay, policy, dict(params), none)
+            _Candidate(
+                f"{policy} {params} {lname(lay)}", lay, policy, dict(params), none, adaptation=adapt
+            )  # fmt: skip
         ),
     )
-    best = _Candidate(f"{policy} {params} {layout.kind}", layout, policy, dict(params), none)
+    best = _Candidate(f"{policy} {params} {layout.kind}", layout, policy, dict(params), none,
+                      adaptation=adapt)  # fmt: skip
     prefetches = [
         PrefetchConfig(name, lookahead=1, fetch=max(1, int(mult * k)))
         for name, mult in PREFETCH_GRID
@@ -258,6 +292,7 @@ def _fallbacks(chosen: _Candidate, slots: int, L: int, E: int) -> list[_Candidat
         out.append(replace(lru, name=f"lru {chosen.layout.kind} + {chosen.prefetch.name}"))
     out.append(replace(lru, name=f"lru {chosen.layout.kind}", prefetch=none))
     out.append(_Candidate("lru uniform", uniform_layout(slots, L, E), "lru", {}, none))
+    # (uniform LRU needs no drift detector: it is what the detector compares with)
     seen: set[tuple[Any, ...]] = set()
     unique = []
     for c in out:
@@ -315,9 +350,13 @@ def tune(
                                     granularity=config.granularity)  # fmt: skip
         return cache[key]
 
+    def shifted(sp: Split, idx: np.ndarray) -> Events:
+        e = ev(idx)
+        return e if sp.shift is None else shift_events(e, sp.shift)
+
     primary = splits[0]
-    search = _Search(loaded, [(sp.name, ev(sp.fit), ev(sp.select)) for sp in splits], hw, bpe,
-                     slots)  # fmt: skip
+    search = _Search(loaded, [(sp.name, ev(sp.fit), shifted(sp, sp.select)) for sp in splits],
+                     hw, bpe, slots)  # fmt: skip
     n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
     total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
     search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
@@ -334,7 +373,7 @@ def tune(
         for sp in splits:
             plan_s = cand.plan(ev(sp.tune), loaded.shape, bpe, ev(sp.tune))
             plans.append(plan_s)
-            rows = validate(plan_s, ev(sp.tune), ev(sp.validation), hw, bpe,
+            rows = validate(plan_s, ev(sp.tune), shifted(sp, sp.validation), hw, bpe,
                             baselines=baselines.get(sp.name))  # fmt: skip
             baselines[sp.name] = rows[2:]
             per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
@@ -410,6 +449,9 @@ def validate(
              base("lru", PrefetchConfig("activation_matrix", fetch=2 * k))),
             ("belady (oracle bound, no prefetch)", base("belady")),
             ("belady + oracle prefetch (bound)", base("belady", PrefetchConfig("oracle", fetch=0))),
+            ("arc (after Megiddo & Modha)", base("arc")),
+            ("W-TinyLFU (after Caffeine)", base("wtinylfu")),
+            ("LeCaR (after Vietri et al.)", base("lecar")),
         ]  # fmt: skip
     rows = [_row(name, simulate(val_ev, p, hw, bytes_per_expert=bpe)) for name, p in runs]
     if baselines is None:
@@ -419,7 +461,7 @@ def validate(
         baselines = [dict(r) for r in rows[2:4]] + [mixtral] + [dict(r) for r in rows[4:]]
     rows = rows[:2] + [dict(r) for r in baselines]
     if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
-        bound = replace(no_pf, eviction=EvictionConfig("belady"))
+        bound = replace(no_pf, eviction=EvictionConfig("belady"), adaptation=Adaptation())
         rows.append(
             _row("belady on the plan's layout", simulate(val_ev, bound, hw, bytes_per_expert=bpe))
         )
