@@ -201,13 +201,15 @@ class Adaptation:
     """What the cache does when the traffic drifts (format v2).
 
     Over windows of ``window`` demand accesses the cache compares its hit rate with a
-    shadow LRU directory's; the first window in which the plan is behind by more than
-    ``margin`` switches it, for good, to the online policy ``fallback`` (pins released).
-    ``window`` 0 turns detection off (what every v1 plan does)."""
+    shadow LRU directory's; after ``patience`` windows in a row in which the plan is
+    behind by more than ``margin`` it switches, for good, to the online policy
+    ``fallback`` (pins released). ``window`` 0 turns detection off (what every v1 plan
+    does)."""
 
     fallback: str = "lru"
     window: int = 0
     margin: float = 0.01
+    patience: int = 2
 
     def __post_init__(self) -> None:
         _require(bool(self.fallback), "adaptation.fallback must not be empty")
@@ -218,6 +220,10 @@ class Adaptation:
         _require(
             math.isfinite(self.margin) and 0.0 <= self.margin < 1.0,
             f"adaptation.margin must be in [0, 1), got {self.margin}",
+        )
+        _require(
+            isinstance(self.patience, int) and self.patience >= 1,
+            f"adaptation.patience must be an integer >= 1, got {self.patience!r}",
         )
 
 

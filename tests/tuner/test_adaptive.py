@@ -212,9 +212,12 @@ def test_drift_detector_switches_a_stale_plan_to_its_fallback() -> None:
     lru = simulate(live_ev, plan_for(tune_ev, "lru", 8), HW).summary()["hit_rate"]
     off = simulate(live_ev, stale, HW).summary()
     assert off["hit_rate"] < lru - 0.3 and "drift" not in off  # stale pins: no detector
-    on = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.02)), HW).summary()
+    on = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.02, 1)), HW)
+    on = on.summary()
     d = on["drift"]
     assert d["switched"] and d["switched_at_access"] == 200
+    patient = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.02)), HW)
+    assert patient.summary()["drift"]["switched_at_access"] == 400  # two windows behind
     assert d["lru_hit_rate"] - d["plan_hit_rate"] > 0.02
     assert on["hit_rate"] > lru - 0.05  # lost only the first window
     same = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.99)), HW)
@@ -285,3 +288,39 @@ def test_shift_events_moves_the_hot_experts_and_keeps_the_structure() -> None:
     first = sh.token_experts[0, 0]
     assert set(first[first >= 0]) <= set(sh.experts[sh.ptr[0] : sh.ptr[1]])
     assert np.array_equal(shift_events(ev, 1).experts, sh.experts)
+
+
+# ---------------------------------------------------------------- priors
+
+
+def test_repin_moves_the_pins_to_the_live_hot_experts() -> None:
+    """Pins fitted on 0..5 follow the traffic to 10..15 once live counts outweigh the
+    fading prior; without ``repin`` they stay on yesterday's experts."""
+    tune_ev, live_ev = drift_case()
+    stale = plan_for(tune_ev, "pinned_lru", 8, pin_fraction=0.75)
+    moving = plan_for(tune_ev, "pinned_lru", 8, pin_fraction=0.75, repin=50)
+    assert "prior" in moving.eviction.tables and "prior" not in stale.eviction.tables
+    pins = {}
+    for name, plan in (("stale", stale), ("moving", moving)):
+        c = ExpertCache(plan.layout, eviction_spec(plan.eviction, 1, 16), 16)
+        for i in range(live_ev.num_events):
+            c.access(0, [int(e) for e in live_ev.experts[live_ev.ptr[i] : live_ev.ptr[i + 1]]])
+        pins[name] = set(np.flatnonzero(c.state.key_f[:16, C.KF_PIN]).tolist())
+        assert c.state.layer_f[0, C.LF_ELECTIONS] == (
+            live_ev.num_events // 50 if name == "moving" else 0
+        )
+    assert pins["stale"] == set(range(6)) and pins["moving"] == set(range(10, 16))
+    lru = simulate(live_ev, plan_for(tune_ev, "lru", 8), HW).summary()["hit_rate"]
+    assert simulate(live_ev, stale, HW).summary()["hit_rate"] < lru - 0.3
+    assert simulate(live_ev, moving, HW).summary()["hit_rate"] > lru - 0.02
+
+
+def test_repin_needs_its_prior_table() -> None:
+    from moetrace.errors import PlanError
+
+    tune_ev, _ = drift_case()
+    plan = plan_for(tune_ev, "freq_lru", 8, beta=1.0, repin=50)
+    eviction_spec(plan.eviction, 1, 16)
+    tables = {k: v for k, v in plan.eviction.tables.items() if k != "prior"}
+    with pytest.raises(PlanError, match=r"eviction.tables.prior must have shape \[1, 16\]"):
+        eviction_spec(replace(plan.eviction, tables=tables), 1, 16)

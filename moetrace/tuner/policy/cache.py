@@ -93,6 +93,9 @@ def build_cache(
         prm=prm,
         occ_ptr=occ_ptr.astype(np.int64),
         occ_ev=occ_ev.astype(np.float64),
+        prior=np.ascontiguousarray(spec.prior.reshape(-1), dtype=np.float64)
+        if spec.prior.size == L * E
+        else np.zeros(L * E),
         num_experts=E,
     )
     st = C.new_state(L, E, parts.num_slots, len(parts.lo))

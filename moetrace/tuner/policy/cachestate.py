@@ -21,8 +21,20 @@ NO_NEXT_USE = 1e18
 SF_LAST, SF_INS, SF_SEG, SF_PF, SF_PF_PHASE = range(5)
 NUM_SF = 5
 # per key = layer * E + expert (key_f)
-KF_FREQ, KF_PIN, KF_TSCORE, KF_GHOST, KF_GSEQ, KF_GTIME, KF_CNT, KF_SH_LAST, KF_SH_IN = range(9)
-NUM_KF = 9
+(
+    KF_FREQ,
+    KF_PIN,
+    KF_TSCORE,
+    KF_GHOST,
+    KF_GSEQ,
+    KF_GTIME,
+    KF_CNT,
+    KF_SH_LAST,
+    KF_SH_IN,
+    KF_ONLINE,
+    KF_GAPR,
+) = range(11)
+NUM_KF = 11
 # per partition (part_f)
 (
     PF_FILL,
@@ -43,8 +55,8 @@ NUM_KF = 9
 ) = range(15)
 NUM_PF = 15
 # per layer (layer_f)
-LF_SH_CAP, LF_SH_COUNT = range(2)
-NUM_LF = 2
+LF_SH_CAP, LF_SH_COUNT, LF_PASSES, LF_NPIN, LF_ELECTIONS, LF_EFF = range(6)
+NUM_LF = 6
 # global (glob)
 (
     G_INC,
@@ -61,8 +73,9 @@ NUM_LF = 2
     G_ACCESSES,
     G_SHADOW_HITS,
     G_RNG,
-) = range(14)
-NUM_G = 14
+    G_BEHIND,
+) = range(15)
+NUM_G = 15
 
 # policy kinds: the numba dispatch in :mod:`.core` (see eviction.PolicyDef.kind)
 KIND_LINEAR, KIND_ARC, KIND_TINYLFU, KIND_LECAR = range(4)
@@ -81,8 +94,11 @@ KIND_LINEAR, KIND_ARC, KIND_TINYLFU, KIND_LECAR = range(4)
     PR_SEED,
     PR_DRIFT_WINDOW,
     PR_DRIFT_MARGIN,
-) = range(12)
-NUM_PR = 12
+    PR_REPIN,
+    PR_PRIOR_DECAY,
+    PR_PATIENCE,
+) = range(15)
+NUM_PR = 15
 
 State = namedtuple(
     "State",
@@ -97,11 +113,12 @@ layer_count (L,) slots a layer holds; glob (NUM_G,); rng (1,) uint64 xorshift st
 Config = namedtuple(
     "Config",
     ["kinds", "part_of_layer", "part_lo", "part_hi", "min_share", "weights", "gap", "trans",
-     "prm", "occ_ptr", "occ_ev", "num_experts"],
+     "prm", "occ_ptr", "occ_ev", "prior", "num_experts"],
 )  # fmt: skip
 """kinds (2,) the plan's policy kind and its drift fallback's; weights (2, 2, NUM_WEIGHTS)
 per (plan/fallback, phase); gap (2, L*E); trans (L*E, E) or (1, 1); prm (NUM_PR,);
-occ_ptr/occ_ev the next-use index (Belady only)."""
+occ_ptr/occ_ev the next-use index (Belady only); prior (L*E,) the tune traffic's uses per
+pass of each expert (the prior that re-elected pins and the gap table start from)."""
 
 
 @numba.njit(cache=True, inline="always")

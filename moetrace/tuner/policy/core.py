@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from moetrace.tuner.policy import arc, drift, lecar, linear, tinylfu
+from moetrace.tuner.policy import arc, drift, lecar, linear, priors, tinylfu
 from moetrace.tuner.policy.cachestate import (
     G_ACCESSES,
     G_ACTIVE,
@@ -29,13 +29,16 @@ from moetrace.tuner.policy.cachestate import (
     G_INC,
     G_INC_PREV,
     KF_FREQ,
+    KF_GAPR,
     KF_GHOST,
+    KF_ONLINE,
     KF_PIN,
     KF_TSCORE,
     KIND_ARC,
     KIND_LECAR,
     KIND_LINEAR,
     KIND_TINYLFU,
+    LF_NPIN,
     LF_SH_CAP,
     PF_AGE,
     PF_CAP,
@@ -55,6 +58,7 @@ from moetrace.tuner.policy.cachestate import (
     PR_CLIMB,
     PR_DECAY,
     PR_DRIFT_WINDOW,
+    PR_REPIN,
     PR_SEED,
     PR_STEP,
     PR_USE_NEXT,
@@ -114,12 +118,14 @@ def setup(st: State, cfg: Config, pinned: np.ndarray, shadow_cap: np.ndarray) ->
         st.part_f[p, PF_FILL] = cfg.part_lo[p]
         st.part_f[p, PF_CAP] = cfg.part_hi[p] - cfg.part_lo[p]
     st.layer_f[:, LF_SH_CAP] = shadow_cap
+    st.key_f[:, KF_GAPR] = 1.0
     st.rng[0] = np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(int(cfg.prm[PR_SEED]) + 1)
     missing = 0
     for key in range(pinned.shape[0]):
         if not pinned[key]:
             continue
         st.key_f[key, KF_PIN] = 1.0
+        st.layer_f[key // E, LF_NPIN] += 1.0
         p = cfg.part_of_layer[key // E]
         if st.part_f[p, PF_FILL] >= cfg.part_hi[p]:
             missing += 1
@@ -225,6 +231,7 @@ def event(
         if use_next:
             st.cursor[key] += 1
         st.key_f[key, KF_FREQ] += st.glob[G_INC]
+        st.key_f[key, KF_ONLINE] += 1.0
         if kind == KIND_TINYLFU:
             tinylfu.count(st.key_f, st.part_f, cfg.part_of_layer, cfg.prm, E, p, key)
         s = st.where[key]
@@ -266,7 +273,9 @@ def event(
         out[j, 3] = served
         out[j, 4] = pf_phase
         out[j, 5] = int(wasted)
-    # end: age frequencies; let the drift detector switch the policy
+    # end: age frequencies; elect pins; let the drift detector switch the policy
+    if cfg.prm[PR_REPIN] > 0.0:
+        priors.count_pass(st, cfg, layer)
     st.glob[G_INC_PREV] = st.glob[G_INC]
     st.glob[G_INC] *= 1.0 / cfg.prm[PR_DECAY]
     if st.glob[G_INC] > 1e100:

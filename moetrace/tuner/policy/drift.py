@@ -3,9 +3,10 @@
 The shadow directory holds expert ids only (no weights): per layer, the ``capacity`` most
 recently used experts, where ``capacity`` is the layer's slots under the plan (a pool's
 even share). Each demand access asks it whether plain LRU would have hit. Over windows of
-``window`` accesses the cache compares the plan's live hit rate with the shadow's; the
-first window in which the plan is behind by more than ``margin`` switches the cache, for
-good, to the plan's fallback policy (its pins released, its segments reset) and records
+``window`` accesses the cache compares the plan's live hit rate with the shadow's; after
+``patience`` windows in a row in which the plan is behind by more than ``margin`` (one
+window can be a transient: a plan whose pins are re-elected online catches up by itself)
+the cache switches, for good, to the plan's fallback policy (its pins released, its segments reset) and records
 when and by how much. Prefetch hits count for the plan, so a plan whose prefetcher carries
 it is not switched off for it.
 
@@ -22,6 +23,7 @@ import numpy as np
 from moetrace.tuner.policy.cachestate import (
     G_ACCESSES,
     G_ACTIVE,
+    G_BEHIND,
     G_SHADOW_HITS,
     G_SWITCH_AT,
     G_SWITCH_LRU,
@@ -35,6 +37,7 @@ from moetrace.tuner.policy.cachestate import (
     LF_SH_COUNT,
     PR_DRIFT_MARGIN,
     PR_DRIFT_WINDOW,
+    PR_PATIENCE,
 )
 
 
@@ -83,7 +86,13 @@ def check(glob: np.ndarray, prm: np.ndarray) -> bool:
     glob[G_WIN_N] = 0.0
     glob[G_WIN_HITS] = 0.0
     glob[G_WIN_SHADOW] = 0.0
-    if glob[G_ACTIVE] != 0.0 or lru - plan <= prm[PR_DRIFT_MARGIN]:
+    if glob[G_ACTIVE] != 0.0:
+        return False
+    if lru - plan <= prm[PR_DRIFT_MARGIN]:
+        glob[G_BEHIND] = 0.0
+        return False
+    glob[G_BEHIND] += 1.0
+    if glob[G_BEHIND] < prm[PR_PATIENCE]:
         return False
     glob[G_SWITCH_AT] = glob[G_ACCESSES]
     glob[G_SWITCH_PLAN] = plan

@@ -58,6 +58,9 @@ class EvictionSpec:
     kind: int = C.KIND_LINEAR
     params: np.ndarray = field(default_factory=lambda: default_params())
     """float64 (NUM_PR,): the kind's parameters by cachestate.PR_* index."""
+    prior: np.ndarray = field(default_factory=lambda: np.zeros((1, 1)))
+    """float64 (L, E): the tune traffic's uses per pass of each expert, when pins and gaps
+    are re-elected online (``repin`` > 0; see :mod:`.priors`); (1, 1) otherwise."""
     fallback_kind: int = C.KIND_LINEAR
     fallback_weights: np.ndarray = field(default_factory=lambda: np.zeros((2, NUM_WEIGHTS)))
     """The drift fallback's kind and (for a linear one) weights; see Adaptation."""
@@ -81,6 +84,8 @@ PARAM_INDEX = {
     "learning_rate": C.PR_LEARNING_RATE,
     "discount": C.PR_DISCOUNT,
     "seed": C.PR_SEED,
+    "repin": C.PR_REPIN,
+    "prior_decay": C.PR_PRIOR_DECAY,
 }
 """Policy parameters the cache mechanism reads, by their slot in ``EvictionSpec.params``."""
 
@@ -96,7 +101,22 @@ def default_params() -> np.ndarray:
     prm[C.PR_LEARNING_RATE] = 0.45
     prm[C.PR_DISCOUNT] = 0.005
     prm[C.PR_DRIFT_MARGIN] = 0.01
+    prm[C.PR_PRIOR_DECAY] = 0.5
+    prm[C.PR_PATIENCE] = 1.0
     return prm
+
+
+REPIN = ("repin", "prior_decay")
+"""Parameters of online re-election (:mod:`.priors`) that pinning and gap policies accept."""
+
+
+def _prior(events: Events, params: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"prior": uses per pass}`` when the policy re-elects online, else nothing."""
+    if not params.get("repin"):
+        return {}
+    freq = expert_frequency(events).sum(axis=0)
+    passes = np.bincount(events.layer.astype(np.int64), minlength=events.num_layers)
+    return {"prior": np.round(freq / np.maximum(passes, 1)[:, None], 6).tolist()}
 
 
 Fitter = Callable[
@@ -182,7 +202,7 @@ def _fit_pins(
     freq = expert_frequency(events).sum(axis=0)
     frac = float(params.get("pin_fraction", 1.0))
     counts = [int(np.floor(c * frac)) for c in caps]
-    return _hot(freq, counts), {}
+    return _hot(freq, counts), _prior(events, params)
 
 
 def _fit_gap(
@@ -195,7 +215,7 @@ def _fit_gap(
         f = freq[ph] if freq[ph].sum() > 0 else overall
         gap[ph] = np.minimum(1.0 / np.maximum(f, 1.0 / MAX_GAP), MAX_GAP)
     pins = _fit_pins(events, caps, params)[0] if params.get("pin_fraction") else ()
-    return pins, {"gap": np.round(gap, 3).tolist()}
+    return pins, {"gap": np.round(gap, 3).tolist(), **_prior(events, params)}
 
 
 @numba.njit(cache=True)
@@ -281,6 +301,7 @@ register_policy(
         lambda p, L: _w(last=1.0),
         {"pin_fraction": 1.0},
         fit=_fit_pins,
+        accepts=REPIN,
     )
 )
 register_policy(
@@ -290,6 +311,7 @@ register_policy(
         lambda p, L: _w(last=1.0),
         {"pin_fraction": 0.5},
         fit=_fit_pins,
+        accepts=REPIN,
     )
 )
 register_policy(
@@ -299,6 +321,7 @@ register_policy(
         lambda p, L: _w(freq=1.0),
         {"pin_fraction": 0.5, "decay": 0.999},
         fit=_fit_pins,
+        accepts=REPIN,
     )
 )
 register_policy(
@@ -308,7 +331,7 @@ register_policy(
         lambda p, L: _w(last=1.0, gap=-float(p.get("beta", 1.0)) * L),
         {"beta": 1.0},
         fit=_fit_gap,
-        accepts=("pin_fraction",),
+        accepts=("pin_fraction", *REPIN),
     )
 )
 register_policy(
@@ -415,6 +438,17 @@ def eviction_spec(
                 f"{config.policy!r}, got {None if arr is None else list(arr.shape)}"
             )
         trans = arr
+    prior = np.zeros((1, 1), dtype=np.float64)
+    if float({**policy.defaults, **config.params}.get("repin", 0) or 0) > 0:
+        table = config.tables.get("prior")
+        arr = np.asarray(table, dtype=np.float64) if table is not None else None
+        if arr is None or arr.shape != (num_layers, num_experts):
+            raise PlanError(
+                f"eviction.tables.prior must have shape {[num_layers, num_experts]} for "
+                f"policy {config.policy!r} with repin, got "
+                f"{None if arr is None else list(arr.shape)}"
+            )
+        prior = arr
     prm = default_params()
     for name, value in {**policy.defaults, **config.params}.items():
         if name in PARAM_INDEX:
@@ -430,6 +464,7 @@ def eviction_spec(
     if adaptation is not None and adaptation.window > 0:
         prm[C.PR_DRIFT_WINDOW] = float(adaptation.window)
         prm[C.PR_DRIFT_MARGIN] = float(adaptation.margin)
+        prm[C.PR_PATIENCE] = float(adaptation.patience)
     return EvictionSpec(
         weights=weights,
         decay=decay,
@@ -437,6 +472,7 @@ def eviction_spec(
         gap=gap,
         oracle=policy.oracle,
         trans=trans,
+        prior=prior,
         kind=policy.kind,
         params=prm,
         fallback_kind=fallback.kind,

@@ -17,6 +17,7 @@ import numpy as np
 
 from moetrace.tuner.policy.cachestate import (
     KF_FREQ,
+    KF_GAPR,
     KF_TSCORE,
     NO_NEXT_USE,
     PR_USE_NEXT,
@@ -77,7 +78,7 @@ def victim(
             c = st.cursor[key]
             nxt = cfg.occ_ev[c] if c < cfg.occ_ptr[key + 1] else NO_NEXT_USE
         tr = st.key_f[key, KF_TSCORE] if w[6] != 0.0 else 0.0
-        gp = cfg.gap[ph, key] if w[3] != 0.0 else 0.0
+        gp = cfg.gap[ph, key] * st.key_f[key, KF_GAPR] if w[3] != 0.0 else 0.0
         last = st.slot_f[s, SF_LAST]
         k1 = slot_key_jit(w, last, st.slot_f[s, SF_INS], st.key_f[key, KF_FREQ], gp, nxt, inc, tr)
         if k1 < bk or (k1 == bk and last < bl):
