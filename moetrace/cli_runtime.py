@@ -94,6 +94,14 @@ def run_cmd(
         f"prefetch precision {s['prefetch_precision']:.3f}, stalled {s['stall_s']:.3f}s",
         err=True,
     )
+    if stats.drift and stats.drift["switched"]:
+        d = stats.drift
+        click.echo(
+            f"# drift: switched to {engine.plan.adaptation.fallback} at access "
+            f"{d['switched_at_access']} (plan hit rate {d['plan_hit_rate']:.3f} < LRU "
+            f"{d['lru_hit_rate']:.3f} over {d['window']} accesses)",
+            err=True,
+        )
     if stats_json:
         write_output(stats_json, stats.dumps())
 

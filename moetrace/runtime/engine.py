@@ -258,6 +258,8 @@ class OffloadEngine:
             stall += time.perf_counter() - t0
             st.add("bytes_demand", layer, ph, moved)
         st.add("streamed", layer, ph, len(streamed))
+        if self.plan.adaptation.window > 0:
+            self._watch_drift()
         if st.accesses_log is not None:
             st.accesses_log.append((layer, ph, tuple(need), tuple(was_resident)))
         if self.prefetcher is not None:
@@ -274,6 +276,18 @@ class OffloadEngine:
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         st.add("stall_s", layer, ph, stall)
         return out
+
+    def _watch_drift(self) -> None:
+        switched = bool(self.stats.drift and self.stats.drift["switched"])
+        self.stats.drift = self.cache.drift()
+        if self.stats.drift["switched"] and not switched:
+            d = self.stats.drift
+            log.warning(
+                "drift: the plan's hit rate %.3f trailed LRU's %.3f over the last %d accesses; "
+                "switched to the fallback policy %r at access %d",
+                d["plan_hit_rate"], d["lru_hit_rate"], d["window"],
+                self.plan.adaptation.fallback, d["switched_at_access"],
+            )  # fmt: skip
 
     def _evicted(self, slot: int, evicted: tuple[int, int] | None, ph: int) -> None:
         if evicted is not None and slot in self._prefetched:

@@ -39,6 +39,9 @@ class RuntimeStats:
     tokens: np.ndarray = field(init=False)
     max_resident_bytes: int = 0
     accesses_log: list[tuple[int, int, tuple[int, ...], tuple[bool, ...]]] | None = None
+    drift: dict[str, Any] | None = None
+    """The plan's drift detector: whether and when (demand accesses) it switched the cache
+    to its fallback, and the hit rates (plan vs shadow LRU) of the deciding window."""
 
     def __post_init__(self) -> None:
         L = len(self.layer_ids)
@@ -77,6 +80,7 @@ class RuntimeStats:
             "by_phase": {phase: self.summary(p) for p, phase in enumerate(PHASES)},
             "tokens": {phase: int(self.tokens[p]) for p, phase in enumerate(PHASES)},
             "max_resident_bytes": int(self.max_resident_bytes),
+            "drift": self.drift,
             "per_layer": per_layer,
         }
 

@@ -24,6 +24,9 @@ from moetrace.tuner.sim import simulate
         ("olmoe", CacheLayout("pool", (1, 1, 1), pool_slots=7), "lru"),
         ("qwen3_moe", CacheLayout("per_layer", (3, 2, 4)), "fifo"),
         ("mixtral", CacheLayout("pool", (0, 0, 0), pool_slots=5), "lfu"),
+        ("olmoe", CacheLayout("pool", (1, 1, 1), pool_slots=7), "arc"),
+        ("qwen3_moe", CacheLayout("per_layer", (3, 2, 4)), "wtinylfu"),
+        ("mixtral", CacheLayout("per_layer", (3, 3, 3)), "lecar"),
     ],
 )
 def test_runtime_matches_simulator(tmp_path, arch, layout, policy):
@@ -96,3 +99,47 @@ def test_runtime_prefetch_matches_simulator(tmp_path, prefetcher):
     assert np.array_equal(sim.stats[K.S_PF_ISSUED], counters["prefetch_issued"])
     assert np.array_equal(sim.stats[K.S_HIT], counters["hits"])
     assert np.array_equal(sim.stats[K.S_PF_USED], counters["prefetch_used"])
+
+
+def test_runtime_drift_switch_matches_simulator(tmp_path):
+    """A plan pinning the experts the run uses least trails the shadow LRU: the runtime
+    switches to the fallback where the simulator's replay of the same run does, and
+    reports when and why in its statistics."""
+    from collections import Counter
+
+    from moetrace.store.plan import Adaptation
+
+    model = tiny_model("qwen3_moe")
+    info = find_layers_info(model)
+    prompts = [
+        torch.randint(1, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (6, 9, 12)
+    ]
+    with RoutingRecorder(model, tmp_path / "fit") as rec:
+        for i, ids in enumerate(prompts):
+            rec.generate([f"f{i}"], ids, max_new_tokens=6, do_sample=False)
+    ev = build_events(load_routing(open_trace(tmp_path / "fit")), order="arrival")
+    L, E = ev.num_layers, ev.num_experts
+    pins = []
+    for layer in range(L):
+        rows = [i for i in range(ev.num_events) if ev.layer[i] == layer]
+        used = Counter(int(e) for i in rows for e in ev.experts[ev.ptr[i] : ev.ptr[i + 1]])
+        pins.append(tuple(sorted(range(E), key=lambda e: (used[e], e))[:2]))
+    plan = Plan(
+        routing=RoutingShape.of(info),
+        budget=Budget(slots=12, bytes_per_expert=info.bytes_per_expert),
+        layout=CacheLayout("per_layer", (4, 4, 4)),
+        eviction=EvictionConfig("pinned_lru", {"pin_fraction": 0.5}, pinned=tuple(pins)),
+        adaptation=Adaptation("arc", window=20, margin=0.0, patience=1),
+    )
+    with OffloadEngine.from_model(model, plan) as eng:
+        with RoutingRecorder(model, tmp_path / "run") as rec:
+            for i, ids in enumerate(prompts):
+                rec.generate([f"r{i}"], ids, max_new_tokens=6, do_sample=False)
+        hits = eng.stats.counters["hits"].copy()
+        drift = eng.stats.drift
+        assert eng.stats.to_json()["drift"] == drift
+    events = build_events(load_routing(open_trace(tmp_path / "run")), order="arrival")
+    sim = simulate(events, plan, load_hardware())
+    assert drift is not None and drift["switched"] and drift["switched_at_access"] >= 20
+    assert drift == sim.summary()["drift"]
+    assert np.array_equal(sim.stats[K.S_HIT], hits)
