@@ -224,6 +224,7 @@ def event(
     kind = active_kind(st, cfg)
     use_next = cfg.prm[PR_USE_NEXT] != 0.0
     sub = 1.0 / (E + 1)
+    plan_hits = 0
     for j in range(experts.shape[0]):
         key = layer * E + experts[j]
         t = i + j * sub
@@ -265,14 +266,16 @@ def event(
                 old, wasted = _install(st, cfg, p, s, key, t, False, i)
         if kind == KIND_TINYLFU and cfg.prm[PR_CLIMB] != 0.0:
             tinylfu.climb(st.part_f, cfg.prm, p, status == HIT)
-        if cfg.prm[PR_DRIFT_WINDOW] > 0.0:
-            drift.shadow_access(st.key_f, st.layer_f, st.glob, E, layer, key, t, status == HIT)
+        if status == HIT:
+            plan_hits += 1
         out[j, 0] = s
         out[j, 1] = old
         out[j, 2] = status
         out[j, 3] = served
         out[j, 4] = pf_phase
         out[j, 5] = int(wasted)
+    if cfg.prm[PR_DRIFT_WINDOW] > 0.0:
+        drift.shadow_event(st.key_f, st.layer_f, st.glob, E, layer, experts, i, sub, plan_hits)
     # end: age frequencies; elect pins; let the drift detector switch the policy
     if cfg.prm[PR_REPIN] > 0.0:
         priors.count_pass(st, cfg, layer)

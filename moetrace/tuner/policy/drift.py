@@ -2,7 +2,9 @@
 
 The shadow directory holds expert ids only (no weights): per layer, the ``capacity`` most
 recently used experts, where ``capacity`` is the layer's slots under the plan (a pool's
-even share). Each demand access asks it whether plain LRU would have hit. Over windows of
+even share). Each event asks it whether plain LRU, run as the cache runs it (the event's
+own experts protected), would have hit; on a per-layer layout its hits are exactly an LRU
+replay's. Over windows of
 ``window`` accesses the cache compares the plan's live hit rate with the shadow's; after
 ``patience`` windows in a row in which the plan is behind by more than ``margin`` (one
 window can be a transient: a plan whose pins are re-elected online catches up by itself)
@@ -42,37 +44,49 @@ from moetrace.tuner.policy.cachestate import (
 
 
 @numba.njit(cache=True)
-def shadow_access(
+def shadow_event(
     key_f: np.ndarray,
     layer_f: np.ndarray,
     glob: np.ndarray,
     E: int,
     layer: int,
-    key: int,
-    t: float,
-    hit: bool,
+    experts: np.ndarray,
+    t0: float,
+    sub: float,
+    plan_hits: int,
 ) -> None:
-    """Record one demand access (``hit``: the plan's cache hit) in the shadow directory.
-    (Arrays, not the state: it runs per access, see core.event.)"""
-    glob[G_WIN_N] += 1.0
-    if hit:
-        glob[G_WIN_HITS] += 1.0
-    if key_f[key, KF_SH_IN] != 0.0:
-        glob[G_WIN_SHADOW] += 1.0
-        glob[G_SHADOW_HITS] += 1.0
-    elif layer_f[layer, LF_SH_CAP] > 0.0:
-        if layer_f[layer, LF_SH_COUNT] >= layer_f[layer, LF_SH_CAP]:
+    """Record one event (``plan_hits`` of its accesses hit the plan's cache) in the shadow
+    directory. The shadow is LRU as the cache runs it: the event's experts already in it
+    are hits and protected from its misses, which evict the least recently used others
+    (or, with every slot protected, are not kept). (Arrays, not the state: see core.event.)"""
+    n = experts.shape[0]
+    glob[G_WIN_N] += n
+    glob[G_WIN_HITS] += plan_hits
+    for j in range(n):
+        key = layer * E + experts[j]
+        if key_f[key, KF_SH_IN] != 0.0:
+            glob[G_WIN_SHADOW] += 1.0
+            glob[G_SHADOW_HITS] += 1.0
+            key_f[key, KF_SH_LAST] = t0 + j * sub
+    cap = layer_f[layer, LF_SH_CAP]
+    for j in range(n):
+        key = layer * E + experts[j]
+        if key_f[key, KF_SH_IN] != 0.0 or cap <= 0.0:
+            continue
+        if layer_f[layer, LF_SH_COUNT] >= cap:
             old = -1
-            bl = 1e300
+            bl = t0
             for k in range(layer * E, (layer + 1) * E):
                 if key_f[k, KF_SH_IN] != 0.0 and key_f[k, KF_SH_LAST] < bl:
                     bl = key_f[k, KF_SH_LAST]
                     old = k
+            if old < 0:
+                continue  # every resident expert is this event's: streamed
             key_f[old, KF_SH_IN] = 0.0
         else:
             layer_f[layer, LF_SH_COUNT] += 1.0
         key_f[key, KF_SH_IN] = 1.0
-    key_f[key, KF_SH_LAST] = t
+        key_f[key, KF_SH_LAST] = t0 + j * sub
 
 
 @numba.njit(cache=True, inline="always")
