@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TRACES = Path(os.environ.get("MOETRACE_SHARED_TRACES", REPO_ROOT.parent / "shared" / "traces"))
-LLAMA4_DIR = SHARED_TRACES / "patterns-behind-chaos" / "llama4-maverick-17b-128e" / "mmlu-abstract_algebra"
+SHARED_TRACES = Path(
+    os.environ.get("MOETRACE_SHARED_TRACES", REPO_ROOT.parent / "shared" / "traces")
+)
+LLAMA4_DIR = (
+    SHARED_TRACES / "patterns-behind-chaos" / "llama4-maverick-17b-128e" / "mmlu-abstract_algebra"
+)
 DEEPSEEK_DIR = SHARED_TRACES / "moe-beyond" / "deepseek-v2-lite-chat" / "puffin-1-1000"
 
 

@@ -79,9 +79,11 @@ PREFETCH_GRID: tuple[tuple[str, float], ...] = (
 
 FALLBACKS = ("lru", "arc", "wtinylfu", "lecar")
 """Online policies a plan's drift detector may switch to (the search's best of them)."""
-DRIFT_MARGIN = 0.02
-"""The detector switches when the plan trails the shadow LRU by more than this hit rate
-over a window (windows are short, so a smaller margin would switch on noise)."""
+DRIFT_MARGIN = 0.01
+DRIFT_THRESHOLD = 0.1
+"""The detector adds up by how much the plan trails the shadow LRU beyond DRIFT_MARGIN
+per window and switches when the sum exceeds DRIFT_THRESHOLD (10 points of hit rate in
+all: one window far behind, or a sustained lag; see policy/drift.py)."""
 
 
 def drift_window(slots: int) -> int:
@@ -228,7 +230,7 @@ def _search(
     eviction step."""
     none = PrefetchConfig()
     layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_all), pool_layout(slots, L, E)]
-    adapt = Adaptation("lru", drift_window(slots), DRIFT_MARGIN)
+    adapt = Adaptation("lru", drift_window(slots), DRIFT_MARGIN, DRIFT_THRESHOLD)
 
     def lname(lay: CacheLayout) -> str:
         return f"{lay.kind} {list(lay.capacities[:4])}..."

@@ -102,7 +102,6 @@ def default_params() -> np.ndarray:
     prm[C.PR_DISCOUNT] = 0.005
     prm[C.PR_DRIFT_MARGIN] = 0.01
     prm[C.PR_PRIOR_DECAY] = 0.5
-    prm[C.PR_PATIENCE] = 1.0
     return prm
 
 
@@ -464,7 +463,7 @@ def eviction_spec(
     if adaptation is not None and adaptation.window > 0:
         prm[C.PR_DRIFT_WINDOW] = float(adaptation.window)
         prm[C.PR_DRIFT_MARGIN] = float(adaptation.margin)
-        prm[C.PR_PATIENCE] = float(adaptation.patience)
+        prm[C.PR_THRESHOLD] = float(adaptation.threshold)
     return EvictionSpec(
         weights=weights,
         decay=decay,
