@@ -201,16 +201,15 @@ class Adaptation:
     """What the cache does when the traffic drifts (format v2).
 
     Over windows of ``window`` demand accesses the cache compares its hit rate with a
-    shadow LRU directory's. The amounts by which the plan trails LRU by more than
-    ``margin`` add up (a CUSUM: the sum of ``lru - plan - margin`` over windows, never
-    below 0); when the sum exceeds ``threshold`` the cache switches, for good, to the
-    online policy ``fallback`` (pins released). ``window`` 0 turns detection off (what
-    every v1 plan does)."""
+    shadow LRU directory's; when the plan trails LRU by more than ``margin`` as a mean
+    over windows weighted with a half-life of ``halflife`` windows, the cache switches,
+    for good, to the online policy ``fallback`` (pins released). ``window`` 0 turns
+    detection off (what every v1 plan does)."""
 
     fallback: str = "lru"
     window: int = 0
-    margin: float = 0.01
-    threshold: float = 0.1
+    margin: float = 0.02
+    halflife: float = 8.0
 
     def __post_init__(self) -> None:
         _require(bool(self.fallback), "adaptation.fallback must not be empty")
@@ -223,8 +222,8 @@ class Adaptation:
             f"adaptation.margin must be in [0, 1), got {self.margin}",
         )
         _require(
-            math.isfinite(self.threshold) and self.threshold >= 0.0,
-            f"adaptation.threshold must be >= 0, got {self.threshold}",
+            math.isfinite(self.halflife) and self.halflife > 0.0,
+            f"adaptation.halflife must be > 0 (windows), got {self.halflife}",
         )
 
 

@@ -79,16 +79,17 @@ PREFETCH_GRID: tuple[tuple[str, float], ...] = (
 
 FALLBACKS = ("lru", "arc", "wtinylfu", "lecar")
 """Online policies a plan's drift detector may switch to (the search's best of them)."""
-DRIFT_MARGIN = 0.01
-DRIFT_THRESHOLD = 0.1
-"""The detector adds up by how much the plan trails the shadow LRU beyond DRIFT_MARGIN
-per window and switches when the sum exceeds DRIFT_THRESHOLD (10 points of hit rate in
-all: one window far behind, or a sustained lag; see policy/drift.py)."""
+DRIFT_MARGIN = 0.02
+DRIFT_HALFLIFE = 8.0
+"""The detector switches when the plan trails the shadow LRU by more than DRIFT_MARGIN
+as a mean over windows with a half-life of DRIFT_HALFLIFE windows (policy/drift.py)."""
 
 
-def drift_window(slots: int) -> int:
-    """Accesses per drift-detector window: 16 passes over every slot, at least 4096."""
-    return max(4096, 16 * slots)
+def drift_window(num_layers: int, top_k: int) -> int:
+    """Accesses per drift-detector window: about 128 tokens' worth (128 x layers x top_k),
+    at least 2048. Shorter windows see single requests: DeepSeek windows of 21 tokens
+    switched plans that were 3 points ahead of LRU on average (policy/drift.py)."""
+    return max(2048, 128 * num_layers * top_k)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def _search(
     eviction step."""
     none = PrefetchConfig()
     layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_all), pool_layout(slots, L, E)]
-    adapt = Adaptation("lru", drift_window(slots), DRIFT_MARGIN, DRIFT_THRESHOLD)
+    adapt = Adaptation("lru", drift_window(L, k), DRIFT_MARGIN, DRIFT_HALFLIFE)
 
     def lname(lay: CacheLayout) -> str:
         return f"{lay.kind} {list(lay.capacities[:4])}..."

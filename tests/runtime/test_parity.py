@@ -129,7 +129,7 @@ def test_runtime_drift_switch_matches_simulator(tmp_path):
         budget=Budget(slots=12, bytes_per_expert=info.bytes_per_expert),
         layout=CacheLayout("per_layer", (4, 4, 4)),
         eviction=EvictionConfig("pinned_lru", {"pin_fraction": 0.5}, pinned=tuple(pins)),
-        adaptation=Adaptation("arc", window=20, margin=0.0, threshold=0.0),
+        adaptation=Adaptation("arc", window=20, margin=0.0, halflife=1e-9),
     )
     with OffloadEngine.from_model(model, plan) as eng:
         with RoutingRecorder(model, tmp_path / "run") as rec:

@@ -79,7 +79,7 @@ caps = st.lists(st.integers(0, 8), min_size=1, max_size=5)
         fallback=st.sampled_from(["lru", "arc"]),
         window=st.integers(0, 10**6),
         margin=st.floats(0, 0.99),
-        threshold=st.floats(0, 5),
+        halflife=st.floats(0.01, 100),
     ),
 )
 def test_round_trip_hypothesis(
@@ -143,7 +143,7 @@ def write(tmp_path: Path, data: object) -> Path:
         (lambda d: d["adaptation"].update(margin=1.5), r"adaptation.margin must be in \[0, 1\)"),
         (lambda d: d["adaptation"].update(fallback=""), "adaptation.fallback must not be"),
         (lambda d: d["adaptation"].update(every=3), "unknown field adaptation.every"),
-        (lambda d: d["adaptation"].update(threshold=-1), "adaptation.threshold must be >= 0"),
+        (lambda d: d["adaptation"].update(halflife=0), r"adaptation.halflife must be > 0"),
         (lambda d: d.update(format="other"), "not a moetrace plan"),
         (lambda d: d.update(extra=1), "unknown field 'extra'"),
         (lambda d: d["prefetch"].update(lookahead=0), "prefetch.lookahead must be >= 1"),

@@ -212,12 +212,13 @@ def test_drift_detector_switches_a_stale_plan_to_its_fallback() -> None:
     lru = simulate(live_ev, plan_for(tune_ev, "lru", 8), HW).summary()["hit_rate"]
     off = simulate(live_ev, stale, HW).summary()
     assert off["hit_rate"] < lru - 0.3 and "drift" not in off  # stale pins: no detector
-    on = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.02, 0.0)), HW)
+    on = simulate(live_ev, replace(stale, adaptation=Adaptation("lru", 200, 0.02, 1e-9)), HW)
     on = on.summary()
     d = on["drift"]
     assert d["switched"] and d["switched_at_access"] == 200
-    lag = d["lru_hit_rate"] - d["plan_hit_rate"] - 0.02  # what one window adds to the sum
-    patient = replace(stale, adaptation=Adaptation("lru", 200, 0.02, 1.5 * lag))
+    # with a half-life of 1 window the mean lag after one window is half that window's
+    lag = d["lru_hit_rate"] - d["plan_hit_rate"]
+    patient = replace(stale, adaptation=Adaptation("lru", 200, 0.55 * lag, 1.0))
     assert simulate(live_ev, patient, HW).summary()["drift"]["switched_at_access"] == 400
     assert d["lru_hit_rate"] - d["plan_hit_rate"] > 0.02
     assert on["hit_rate"] > lru - 0.05  # lost only the first window

@@ -73,7 +73,7 @@ NUM_LF = 6
     G_ACCESSES,
     G_SHADOW_HITS,
     G_RNG,
-    G_CUSUM,
+    G_LAG,
 ) = range(15)
 NUM_G = 15
 
@@ -96,7 +96,7 @@ KIND_LINEAR, KIND_ARC, KIND_TINYLFU, KIND_LECAR = range(4)
     PR_DRIFT_MARGIN,
     PR_REPIN,
     PR_PRIOR_DECAY,
-    PR_THRESHOLD,
+    PR_HALFLIFE,
 ) = range(15)
 NUM_PR = 15
 

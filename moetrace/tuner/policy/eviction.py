@@ -100,7 +100,8 @@ def default_params() -> np.ndarray:
     prm[C.PR_CLIMB] = 1.0
     prm[C.PR_LEARNING_RATE] = 0.45
     prm[C.PR_DISCOUNT] = 0.005
-    prm[C.PR_DRIFT_MARGIN] = 0.01
+    prm[C.PR_DRIFT_MARGIN] = 0.02
+    prm[C.PR_HALFLIFE] = 8.0
     prm[C.PR_PRIOR_DECAY] = 0.5
     return prm
 
@@ -463,7 +464,7 @@ def eviction_spec(
     if adaptation is not None and adaptation.window > 0:
         prm[C.PR_DRIFT_WINDOW] = float(adaptation.window)
         prm[C.PR_DRIFT_MARGIN] = float(adaptation.margin)
-        prm[C.PR_THRESHOLD] = float(adaptation.threshold)
+        prm[C.PR_HALFLIFE] = float(adaptation.halflife)
     return EvictionSpec(
         weights=weights,
         decay=decay,
