@@ -330,13 +330,19 @@ def test_repin_needs_its_prior_table() -> None:
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("caps", [(3, 3, 3), (2, 5, 1)])
-def test_shadow_directory_hits_exactly_where_lru_does(k: int, caps: tuple[int, ...]) -> None:
-    """The detector compares with LRU as the cache runs it (the event's experts protected
-    from its own misses): its shadow hits equal an LRU replay's, also when events need
-    more experts than a layer has slots."""
+def test_shadow_directory_hits_exactly_where_uniform_lru_does(
+    k: int, caps: tuple[int, ...]
+) -> None:
+    """The detector compares with plain LRU as a user without a plan runs it (even
+    per-layer shares, the event's experts protected from its own misses): its shadow hits
+    equal a uniform LRU replay's, whatever the plan's layout, also when events need more
+    experts than a layer has slots."""
+    from moetrace.tuner.sim.layouts import uniform_layout
+
     rng = np.random.default_rng(k)
     ev = build_events(routing(random_tokens(rng, 300, 3, 10, k), 10))
     plan = replace(plan_for(ev, "lru", 3), layout=CacheLayout("per_layer", caps))
-    lru = simulate(ev, plan, HW).summary()
+    uniform = replace(plan, layout=uniform_layout(sum(caps), 3, 10))
+    lru = simulate(ev, uniform, HW).summary()
     watched = simulate(ev, replace(plan, adaptation=Adaptation("lru", 10**9, 0.5)), HW).summary()
     assert watched["drift"]["shadow_lru_hits"] == round(lru["hit_rate"] * lru["accesses"])

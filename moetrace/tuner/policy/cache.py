@@ -56,13 +56,15 @@ def partitions(layout: CacheLayout) -> Partitions:
 
 
 def shadow_capacities(layout: CacheLayout, num_experts: int) -> np.ndarray:
-    """Per layer, the slots of the drift detector's shadow LRU: the layer's own slots, or
-    in a pool its even share (at least its guaranteed one)."""
-    caps = np.asarray(layout.capacities, dtype=np.float64)
-    if layout.kind == "pool":
-        share = min(num_experts, int(layout.total_slots) // max(len(caps), 1))
-        caps = np.maximum(caps, share)
-    return caps
+    """Per layer, the slots of the drift detector's shadow LRU: the plan's slots split
+    evenly over the layers (the remainder to the first ones), whatever the plan's layout.
+    The detector asks whether the plan does worse than plain LRU would, and plain LRU is
+    what a user without a plan runs: uniform per-layer caches (as the tuner's baseline)."""
+    L = len(layout.capacities)
+    base, extra = divmod(int(layout.total_slots), max(L, 1))
+    return np.asarray(
+        [min(num_experts, base + (1 if i < extra else 0)) for i in range(L)], dtype=np.float64
+    )
 
 
 def build_cache(

@@ -1,10 +1,10 @@
 """Drift detection: a shadow LRU directory per layer and the switch to a fallback policy.
 
 The shadow directory holds expert ids only (no weights): per layer, the ``capacity`` most
-recently used experts, where ``capacity`` is the layer's slots under the plan (a pool's
-even share). Each event asks it whether plain LRU, run as the cache runs it (the event's
+recently used experts, where ``capacity`` is an even share of the plan's slots (plain LRU
+as a user without a plan runs it, the tuner's baseline; whatever the plan's layout). Each event asks it whether plain LRU, run as the cache runs it (the event's
 own experts protected), would have hit; on a per-layer layout its hits are exactly an LRU
-replay's. Over windows of
+replay's on that uniform layout. Over windows of
 ``window`` accesses the cache compares the plan's live hit rate with the shadow's and
 keeps the lag (LRU's minus the plan's) as a mean over windows weighted with a half-life of
 ``halflife`` windows (starting from 0); when the mean lag exceeds ``margin`` the cache
