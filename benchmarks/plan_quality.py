@@ -93,8 +93,15 @@ def main() -> int:
         default=None,
         help="drift splits besides the random one (repeatable; default: time)",
     )
+    ap.add_argument(
+        "--judge-by",
+        action="append",
+        default=None,
+        help="splits the plan is judged on, not chosen on (repeatable; default: shift)",
+    )
     args = ap.parse_args()
     args.split_by = args.split_by or ["time"]
+    args.judge_by = args.judge_by if args.judge_by is not None else ["shift"]
     if not args.traces.is_dir():
         print(f"reference traces not found at {args.traces}", file=sys.stderr)
         return 1
@@ -112,6 +119,7 @@ def main() -> int:
             "hardware": "pcie4-x16",
             "validation_fraction": 0.5,
             "splits": ["random", *args.split_by],
+            "judged_only": args.judge_by,
             "seed": 0,
         },
         "versions": {
@@ -138,6 +146,7 @@ def main() -> int:
                     hardware="pcie4-x16",
                     seed=0,
                     splits=tuple(args.split_by),
+                    judge=tuple(args.judge_by),
                 ),
                 progress=False,
             )
@@ -173,7 +182,7 @@ def main() -> int:
                 r = {x["name"]: x for x in sp["rows"]}
                 g = r["plan, no prefetch"].get("gap_closed_vs_lru_belady")
                 print(
-                    f"  split {sp['name']:<22} plan {r['plan, no prefetch']['hit_rate']:.4f}  "
+                    f"  split {sp['name'] + (' (judged)' if sp.get('judged_only') else ''):<22} plan {r['plan, no prefetch']['hit_rate']:.4f}  "
                     f"lru {r['lru']['hit_rate']:.4f}  belady "
                     f"{r['belady (oracle bound, no prefetch)']['hit_rate']:.4f}  gap closed "
                     f"{'-' if g is None else f'{100 * g:.1f}%'}  stall vs LRU "

@@ -191,8 +191,9 @@ def splits_table(splits: list[dict[str, Any]]) -> str:
         req = f"{sp['tune_requests']}/{sp['validation_requests']}"
         r = plan.get("stall_vs_lru")
         ratio = "-" if r is None else f"{r:.2f}x"
+        name = sp["name"] + (" (judged)" if sp.get("judged_only") else "")
         out.append(
-            f"  {sp['name'][:24]:<24} {req:>9} {_fmt(plan['hit_rate'])[:6]:>6} "
+            f"  {name[:24]:<24} {req:>9} {_fmt(plan['hit_rate'])[:6]:>6} "
             f"{_fmt(no_pf['hit_rate'])[:6]:>6} {_fmt(lru['hit_rate'])[:6]:>6} "
             f"{_fmt(bel['hit_rate'])[:6]:>6} {gap_s:>10} {ratio:>9}"
         )
@@ -338,28 +339,44 @@ def _add_tune(group: click.Group) -> None:
         "split_by",
         multiple=True,
         metavar="SPLIT",
-        help="Drift splits besides the random one (repeatable): time, tag:KEY, source. "
+        help="Drift splits besides the random one (repeatable): time, tag:KEY, source, shift. "
         "Default: time.",
     )
-    def tune_cmd(traces: tuple[str, ...], out: str, split_by: tuple[str, ...], **kw: Any) -> None:
+    @click.option(
+        "--judge-by",
+        "judge_by",
+        multiple=True,
+        metavar="SPLIT",
+        help="Splits the plan is judged on but not chosen on (repeatable), e.g. shift.",
+    )
+    def tune_cmd(
+        traces: tuple[str, ...],
+        out: str,
+        split_by: tuple[str, ...],
+        judge_by: tuple[str, ...],
+        **kw: Any,
+    ) -> None:
         """Tune an offloading plan on part of the requests of TRACES and report it against
         LRU, LFU, the peers' released policies and the Belady/oracle bounds on the rest.
 
         Besides a random split, the plan is judged on splits that model drift (early vs
-        late requests; one tag value or source held out): candidates are chosen by their
-        worst split, and a plan that loses to LRU on any split by more than half a point is
-        replaced by a safer fallback (said in the output). See docs/simulator.md.
+        late requests; one tag value or source held out; hot experts permuted): candidates
+        are chosen by minimax regret over the splits, every plan carries a drift detector
+        that switches it to an online fallback when it trails LRU, and a plan that loses to
+        LRU on any split by more than half a point is replaced by a safer one (said in the
+        output). See docs/simulator.md.
 
         \b
         Example:
           moetrace tune out/llama4 --budget 12.5% --out plan.json
           moetrace tune out/demo --budget 25% --split-by time --split-by tag:domain --out p.json
           moetrace tune out/ds --budget 24GiB --hardware pcie5-x16 --seed 1 --out plan.json
+          moetrace tune out/llama4 --budget 12.5% --judge-by shift --out plan.json
         """
         from moetrace.store.plan import save_plan
         from moetrace.tuner.tune import TuneConfig, tune
 
-        config = TuneConfig(**kw, splits=split_by or ("time",))
+        config = TuneConfig(**kw, splits=split_by or ("time",), judge=judge_by)
         result = tune(list(traces), config, on_progress=plain_progress("tune", "candidates"))
         save_plan(result.plan, out)
         p = result.plan
@@ -383,6 +400,12 @@ def _add_tune(group: click.Group) -> None:
             click.echo(f"stall per token vs LRU on demand: {ratio:.2f}x")
         click.echo("\nevery split (plan fitted on the split's tune requests, judged on the rest):")
         click.echo(splits_table(result.splits))
+        if p.adaptation.window:
+            click.echo(
+                f"drift: switches to {p.adaptation.fallback} when the plan trails LRU by more "
+                f"than {100 * p.adaptation.margin:g} points (windows of {p.adaptation.window} "
+                f"accesses, half-life {p.adaptation.halflife:g})"
+            )
         if result.fallback is not None:
             fb = result.fallback
             click.echo(

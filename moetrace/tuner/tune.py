@@ -97,10 +97,12 @@ class TuneConfig:
     """Options of ``moetrace tune``.
 
     ``splits``: the validation splits besides the random one (always first; the written
-    plan's tables are fitted on its tune part): ``time``, ``tag:KEY``, ``source`` (see
-    :mod:`moetrace.tuner.splits`). Candidates are chosen by their worst case over all
-    splits, and the plan written is never worse than LRU on any validation split by more
-    than ``tolerance`` (hit rate without prefetch, and relative stall per token).
+    plan's tables are fitted on its tune part): ``time``, ``tag:KEY``, ``source``,
+    ``shift`` (see :mod:`moetrace.tuner.splits`). Candidates are chosen by minimax regret
+    over these splits. ``judge``: splits the plan is only judged on (not chosen on), e.g.
+    the ``shift`` stress test. The plan written is never worse than LRU on any split
+    (chosen or judged) by more than ``tolerance`` (hit rate without prefetch, and
+    relative stall per token).
     """
 
     budget: str
@@ -112,6 +114,7 @@ class TuneConfig:
     bytes_per_expert: int | None = None
     splits: tuple[str, ...] = ("time",)
     tolerance: float = TOLERANCE
+    judge: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
@@ -123,6 +126,7 @@ class TuneConfig:
         if not 0.0 <= self.tolerance < 1.0:
             raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
         object.__setattr__(self, "splits", tuple(self.splits))
+        object.__setattr__(self, "judge", tuple(self.judge))
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,8 @@ class _Candidate:
 
 class _Search:
     """Scores candidates on every split: tables fitted on the split's ``fit`` requests,
-    scored on its ``select`` requests, as stall per token relative to uniform LRU there;
-    a candidate's score is its worst split."""
+    scored on its ``select`` requests, as stall per token relative to uniform LRU there
+    (one number per split; :func:`_best` chooses among them)."""
 
     def __init__(
         self,
@@ -202,31 +206,39 @@ class _Search:
         plan = c.plan(sel, self.loaded.shape, self.bpe, fit)
         return _row(c.name, simulate(sel, plan, self.hw, bytes_per_expert=self.bpe))
 
-    def score(self, c: _Candidate) -> float:
-        worst = -np.inf
+    def score(self, c: _Candidate) -> np.ndarray:
+        out = []
         for (name, fit, sel), lru in zip(self.splits, self.lru, strict=True):
             row = self._stall(c, fit, sel)
             base = lru["stall_per_token_ms"]
             rel = row["stall_per_token_ms"] / base if base else row["stall_per_token_ms"] + 1.0
-            worst = max(worst, rel)
+            out.append(rel)
             self.log.append({**row, "split": name, "stall_vs_lru": rel})
             log.info("candidate %s on %s: hit %.4f stall %.3fx LRU", c.name, name,
                      row["hit_rate"], rel)  # fmt: skip
         if self.progress is not None:
             self.progress.update()
-        return float(worst)
+        return np.asarray(out, dtype=np.float64)
 
 
-def _best(options: Sequence[Any], score: Callable[[Any], float]) -> tuple[Any, float]:
-    scored = [(score(o), i) for i, o in enumerate(options)]
-    s, i = min(scored)
-    return options[i], s
+def _best(
+    options: Sequence[Any], score: Callable[[Any], np.ndarray], tolerance: float = TOLERANCE
+) -> tuple[Any, np.ndarray]:
+    """The option with the least **regret**: on each split, its stall relative to the best
+    option's there; an option's regret is its worst split's (minimax regret). Options that
+    lose to LRU by more than ``tolerance`` on some split come last. Ties: the first."""
+    scores = np.stack([score(o) for o in options])
+    regret = (scores / np.maximum(scores.min(axis=0), 1e-12)).max(axis=1)
+    loses = (scores > 1.0 + tolerance).any(axis=1)
+    i = min(range(len(options)), key=lambda j: (bool(loses[j]), float(regret[j]), j))
+    return options[i], scores[i]
 
 
 def _search(
     search: _Search, slots: int, L: int, E: int, k: int, fit_all: Events, speculative: bool
 ) -> _Candidate:
-    """Layout, then eviction, then layout again, then prefetch: each by worst split. Every
+    """Layout, then eviction, then layout again, then prefetch: each by minimax regret over
+    the splits (see :func:`_best`). Every
     candidate carries the drift detector; its fallback is the best online policy of the
     eviction step."""
     none = PrefetchConfig()
@@ -244,7 +256,7 @@ def _search(
     )
     online = {"lru": lru_score}
 
-    def score_policy(c: tuple[str, dict[str, float]]) -> float:
+    def score_policy(c: tuple[str, dict[str, float]]) -> np.ndarray:
         sc = search.score(
             _Candidate(
                 f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none, adaptation=adapt
@@ -255,7 +267,7 @@ def _search(
         return sc
 
     (policy, params), _ = _best(EVICTION_GRID[1:], score_policy)
-    adapt = replace(adapt, fallback=min(online, key=lambda n: (online[n], n)))
+    adapt = replace(adapt, fallback=min(online, key=lambda n: (float(online[n].max()), n)))
     layout, base = _best(
         layouts,
         lambda lay: search.score(
@@ -275,13 +287,14 @@ def _search(
     with_pf = [replace(best, name=f"{best.name} + {p.name} fetch={p.fetch}", prefetch=p)
                for p in prefetches]  # fmt: skip
     cand, pf_score = _best(with_pf, search.score)
-    if pf_score >= 0.99 * base:  # a prefetcher must earn its link time and tables
+    ratio = pf_score / np.maximum(base, 1e-12)
+    if ratio.mean() >= 0.99 or ratio.max() > 1.0:  # a prefetcher must earn its link time
         return best
     if not all(f.tokens_by_phase[0] > 0 and s.tokens_by_phase[0] > 0 for _, f, s in search.splits):
         return cand  # no prefill on some split: a prefill override cannot be judged there
     more = {"prefill": PhaseOverride(prefetch_fetch=min(E, 4 * max(cand.prefetch.fetch, 1)))}
     boosted = replace(cand, name=f"{cand.name}, prefill fetch x4", overrides=more)
-    if search.score(boosted) < pf_score:
+    if (search.score(boosted) < pf_score).all():
         return boosted
     return cand
 
@@ -341,8 +354,9 @@ def tune(
     L, E, k = len(model.moe_layers), model.num_experts, model.top_k
     bpe = config.bytes_per_expert or model.bytes_per_expert
     slots = parse_budget(config.budget, L, E, bpe)
+    chosen_on = list(dict.fromkeys(("random", *config.splits)))
     splits = make_splits(
-        ("random", *config.splits),
+        (*chosen_on, *(j for j in config.judge if j not in chosen_on)),
         loaded.routing.request_ids,
         paths=loaded.paths,
         fraction=config.validation_fraction,
@@ -363,8 +377,14 @@ def tune(
         return e if sp.shift is None else shift_events(e, sp.shift)
 
     primary = splits[0]
-    search = _Search(loaded, [(sp.name, ev(sp.fit), shifted(sp, sp.select)) for sp in splits],
-                     hw, bpe, slots)  # fmt: skip
+    judged_only = {n for n in config.judge if n not in chosen_on}
+    search_splits = [
+        sp
+        for sp in splits
+        if sp.name not in judged_only and sp.name.split("=")[0] not in judged_only
+    ]
+    search = _Search(loaded, [(sp.name, ev(sp.fit), shifted(sp, sp.select))
+                              for sp in search_splits], hw, bpe, slots)  # fmt: skip
     n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
     total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
     search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
@@ -385,7 +405,8 @@ def tune(
                             baselines=baselines.get(sp.name))  # fmt: skip
             baselines[sp.name] = rows[2:]
             per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
-                              "validation_requests": len(sp.validation), "rows": rows})  # fmt: skip
+                              "validation_requests": len(sp.validation),
+                              "judged_only": sp not in search_splits, "rows": rows})  # fmt: skip
         losing = [(s["name"], why) for s in per_split
                   if (why := _loses(s["rows"], config.tolerance)) is not None]  # fmt: skip
         if not losing:
