@@ -54,7 +54,7 @@ def speed(path: Path, granularity: str, repeats: int) -> dict:
     L, E = ev.num_layers, ev.num_experts
     layout = uniform_layout(L * E // 4, L, E)
     hw = load_hardware("pcie4-x16")
-    policies = ["lru", "lfu", "fifo", "pinned_lru", "freq_lru", "belady"]
+    policies = ["lru", "lfu", "fifo", "pinned_lru", "freq_lru", "arc", "wtinylfu", "lecar", "belady"]
     plans = {p: make_plan(ev, loaded.shape, layout, p) for p in policies}
     for p in policies:
         simulate(ev, plans[p], hw)  # compile / warm
