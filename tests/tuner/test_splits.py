@@ -149,3 +149,43 @@ def test_cli_prints_every_split_and_the_fallback(tmp_path: Path):
         ],  # fmt: skip
     )
     assert bad.exit_code == 2 and "split 'tag:domain' needs requests" in bad.output
+
+
+def test_minimax_regret_is_not_the_worst_split_rule():
+    """Rows: candidates; columns: stall relative to LRU on three splits. The worst-split
+    rule takes B (0.95 everywhere); regret compares each split with the best candidate
+    there: A is at most 2% behind anywhere, B 19% behind on the first two splits."""
+    scores = {"A": [0.80, 0.80, 0.97], "B": [0.95, 0.95, 0.95], "C": [1.10, 0.70, 1.30]}
+    pick, s = T._best(list(scores), lambda n: np.asarray(scores[n]))
+    assert pick == "A" and list(s) == scores["A"]
+    worst = min(scores, key=lambda n: max(scores[n]))
+    assert worst == "B"  # the rule it replaces would have chosen otherwise
+    # a candidate losing to LRU on a split comes last even with the least regret
+    scores["A"] = [0.50, 0.50, 1.02]
+    assert T._best(list(scores), lambda n: np.asarray(scores[n]))[0] == "B"
+
+
+def test_shift_split_permutes_validation_and_is_judged_only(tmp_path: Path):
+    path = _drifting_trace(tmp_path)
+    result = tune([str(path)], TuneConfig(budget="25%", granularity="token", judge=("shift",)))
+    names = [s["name"] for s in result.splits]
+    assert names == ["random", "time", "shift"]
+    assert [s["judged_only"] for s in result.splits] == [False, False, True]
+    assert not any(r.get("split") == "shift" for r in result.search)  # not chosen on
+    _never_loses(result)
+    plan = result.plan
+    assert plan.adaptation.window > 0 and plan.adaptation.fallback in T.FALLBACKS
+    chosen = tune([str(path)], TuneConfig(budget="25%", granularity="token", splits=("shift",)))
+    assert any(r.get("split") == "shift" for r in chosen.search)
+    assert [s["judged_only"] for s in chosen.splits] == [False, False]
+
+
+def test_cli_judge_by_marks_judged_splits(tmp_path: Path):
+    path = _drifting_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    args = ["tune", str(path), "--budget", "25%", "--granularity", "token"]
+    res = CliRunner().invoke(main, [*args, "--judge-by", "shift", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "shift (judged)" in res.output and "drift: switches to" in res.output
+    bad = CliRunner().invoke(main, [*args, "--judge-by", "sideways", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown split 'sideways'" in bad.output

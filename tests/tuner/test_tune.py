@@ -202,3 +202,17 @@ def test_tune_progress_is_plain_lines_off_a_terminal(tmp_path: Path, monkeypatch
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("tune: ")]
     assert len(lines) >= 10 and re.match(r"tune: (\d+)/\1 candidates \(100%\)", lines[-1])
     assert "\x1b" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "params"), [("arc", []), ("wtinylfu", ["window=0.2"]), ("lecar", ["seed=3"])]
+)
+def test_cli_simulate_adaptive_policies(trace: Path, policy: str, params: list[str]) -> None:
+    args = ["simulate", str(trace), "--policy", policy, "--cache", "4"]
+    for p in params:
+        args += ["--param", p]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert f"{policy}+none" in res.output
+    bad = CliRunner().invoke(main, [*args, "--param", "beta=1"])
+    assert bad.exit_code == 2 and f"eviction policy {policy!r}" in bad.output
