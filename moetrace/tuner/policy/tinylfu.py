@@ -106,20 +106,27 @@ def climb(part_f: np.ndarray, prm: np.ndarray, p: int, hit: bool) -> None:
 
 
 @numba.njit(cache=True, inline="always")
+def _move_oldest(st: State, cfg: Config, p: int, seg: float, to: float, skip: int) -> None:
+    """Move the least recently used slot of segment ``seg`` (not ``skip``) to segment
+    ``to``: a move between segments, not an eviction, so protection does not apply."""
+    x = -1
+    bl = 1e300
+    for y in range(cfg.part_lo[p], cfg.part_hi[p]):
+        if y != skip and st.slot_f[y, SF_SEG] == seg and st.slot_f[y, SF_LAST] < bl:
+            bl = st.slot_f[y, SF_LAST]
+            x = y
+    if x >= 0:
+        set_segment(st, p, x, to)
+
+
+@numba.njit(cache=True, inline="always")
 def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
     if st.slot_f[s, SF_SEG] != 1.0:
         return
     set_segment(st, p, s, 2.0)
     main = st.part_f[p, PF_CAP] - st.part_f[p, PF_P]
     if st.part_f[p, PF_SEG2] > cfg.prm[PR_PROTECTED] * main:
-        demote = -1
-        bl = 1e300
-        for x in range(cfg.part_lo[p], cfg.part_hi[p]):
-            if x != s and st.slot_f[x, SF_SEG] == 2.0 and st.slot_f[x, SF_LAST] < bl:
-                bl = st.slot_f[x, SF_LAST]
-                demote = x
-        if demote >= 0:
-            set_segment(st, p, demote, 1.0)
+        _move_oldest(st, cfg, p, 2.0, 1.0, s)  # the protected LRU is demoted
 
 
 @numba.njit(cache=True, inline="always")
@@ -169,11 +176,4 @@ def on_insert(st: State, cfg: Config, p: int, s: int, prefetched: bool) -> None:
     st.part_f[p, PF_SEG0 + int(seg)] += 1.0
     st.glob[G_DEST] = -1.0
     if st.part_f[p, PF_SEG0] > max(target, 0):  # window overflow moves to probation
-        x = -1
-        bl = 1e300
-        for y in range(cfg.part_lo[p], cfg.part_hi[p]):
-            if y != s and st.slot_f[y, SF_SEG] == 0.0 and st.slot_f[y, SF_LAST] < bl:
-                bl = st.slot_f[y, SF_LAST]
-                x = y
-        if x >= 0:
-            set_segment(st, p, x, 1.0)
+        _move_oldest(st, cfg, p, 0.0, 1.0, s)
