@@ -63,6 +63,7 @@ EVICTION_GRID: tuple[tuple[str, dict[str, float]], ...] = (
     ("lrfu", {"alpha": 3.0, "decay": 0.999}),
     ("lrfu", {"alpha": 10.0, "decay": 0.998}),
     ("trans_lru", {"gamma": 10.0, "alpha": 3.0, "decay": 0.999}),
+    ("trans_lru", {"gamma": 10.0, "alpha": 3.0, "decay": 0.999, "repin": 256}),
     ("arc", {}),
     ("wtinylfu", {}),
     ("lecar", {}),

@@ -346,3 +346,36 @@ def test_shadow_directory_hits_exactly_where_uniform_lru_does(
     lru = simulate(ev, uniform, HW).summary()
     watched = simulate(ev, replace(plan, adaptation=Adaptation("lru", 10**9, 0.5)), HW).summary()
     assert watched["drift"]["shadow_lru_hits"] == round(lru["hit_rate"] * lru["accesses"])
+
+
+def markov_case():  # type: ignore[no-untyped-def]
+    """One layer, one expert per pass: tune traffic where expert e is followed by e + 1
+    (mod 12), live traffic where it is followed by e + 5, both with random jumps."""
+    rng = np.random.default_rng(6)
+
+    def walk(step: int, n: int) -> list[list[list[int]]]:
+        e, out = 0, []
+        for _ in range(n):
+            e = (e + step) % 12 if rng.random() < 0.7 else int(rng.integers(12))
+            out.append([[e]])
+        return out
+
+    return build_events(routing(walk(1, 1500), 12)), build_events(routing(walk(5, 3000), 12))
+
+
+def test_repin_blends_the_transition_table_with_live_transitions() -> None:
+    tune_ev, live_ev = markov_case()
+    params = {"gamma": 5.0, "alpha": 0.0, "decay": 1.0}
+    stale = plan_for(tune_ev, "trans_lru", 4, **params)
+    live = plan_for(tune_ev, "trans_lru", 4, **params, repin=100)
+    fresh = plan_for(live_ev, "trans_lru", 4, **params)  # fitted on the live traffic itself
+    rate = {n: simulate(live_ev, p, HW).summary()["hit_rate"] for n, p in
+            (("stale", stale), ("live", live), ("fresh", fresh))}  # fmt: skip
+    # a table fitted on today's traffic is worth 3 points here; blending recovers most
+    assert rate["fresh"] > rate["stale"] + 0.02, rate
+    assert rate["live"] - rate["stale"] > 0.7 * (rate["fresh"] - rate["stale"]), rate
+    c = ExpertCache(live.layout, eviction_spec(live.eviction, 1, 12), 12)
+    assert c.state.trans_on.shape == (12, 12)  # live counts only where blending is on
+    assert ExpertCache(
+        stale.layout, eviction_spec(stale.eviction, 1, 12), 12
+    ).state.trans_on.shape == (1, 1)

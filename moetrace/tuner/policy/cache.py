@@ -100,7 +100,8 @@ def build_cache(
         else np.zeros(L * E),
         num_experts=E,
     )
-    st = C.new_state(L, E, parts.num_slots, len(parts.lo))
+    trans_online = bool(spec.weights[:, 6].any() and prm[C.PR_REPIN] > 0)
+    st = C.new_state(L, E, parts.num_slots, len(parts.lo), trans_online)
     st.cursor[:] = cfg.occ_ptr[:-1]
     missing = core.setup(st, cfg, spec.pinned.reshape(-1).copy(), shadow_capacities(layout, E))
     return st, cfg, int(missing)

@@ -33,8 +33,10 @@ NUM_SF = 5
     KF_SH_IN,
     KF_ONLINE,
     KF_GAPR,
-) = range(11)
-NUM_KF = 11
+    KF_LAST_IN,
+    KF_TSEEN,
+) = range(13)
+NUM_KF = 13
 # per partition (part_f)
 (
     PF_FILL,
@@ -103,12 +105,14 @@ NUM_PR = 15
 State = namedtuple(
     "State",
     ["where", "cursor", "slot_key", "slot_stamp", "slot_f", "key_f", "part_f", "layer_f",
-     "layer_count", "glob", "rng"],
+     "layer_count", "glob", "rng", "trans_on"],
 )  # fmt: skip
 """where (L*E,) slot of a key or -1; cursor (L*E,) next-use cursor (Belady only);
 slot_key/slot_stamp (S,) the key a slot holds and the event that last protected it;
 slot_f (S, NUM_SF); key_f (L*E, NUM_KF); part_f (P, NUM_PF); layer_f (L, NUM_LF);
-layer_count (L,) slots a layer holds; glob (NUM_G,); rng (1,) uint64 xorshift state."""
+layer_count (L,) slots a layer holds; glob (NUM_G,); rng (1,) uint64 xorshift state;
+trans_on (L*E, E) live next-pass transition counts when a transition table is blended
+online (:mod:`.priors`), else (1, 1)."""
 
 Config = namedtuple(
     "Config",
@@ -176,7 +180,9 @@ def next_random(st: State) -> float:
     return float(x >> numba.uint64(11)) / 9007199254740992.0
 
 
-def new_state(num_layers: int, num_experts: int, num_slots: int, num_parts: int) -> State:
+def new_state(
+    num_layers: int, num_experts: int, num_slots: int, num_parts: int, trans_online: bool = False
+) -> State:
     """Zeroed state (no slot filled) for a cache of this shape."""
     LE = num_layers * num_experts
     glob = np.zeros(NUM_G)
@@ -194,4 +200,5 @@ def new_state(num_layers: int, num_experts: int, num_slots: int, num_parts: int)
         layer_count=np.zeros(num_layers, np.int64),
         glob=glob,
         rng=np.full(1, 0x9E3779B97F4A7C15, np.uint64),
+        trans_on=np.zeros((LE, num_experts) if trans_online else (1, 1)),
     )

@@ -211,11 +211,14 @@ def event(
     if active_kind(st, cfg) == KIND_LINEAR and (
         cfg.weights[a, 0, 6] != 0.0 or cfg.weights[a, 1, 6] != 0.0
     ):
-        for x in range(E):
-            sc = 0.0
-            for q in range(experts.shape[0]):
-                sc += cfg.trans[layer * E + experts[q], x]
-            st.key_f[layer * E + x, KF_TSCORE] = sc
+        if st.trans_on.shape[0] == st.key_f.shape[0]:
+            priors.trans_scores(st, cfg, layer, experts)
+        else:
+            for x in range(E):
+                sc = 0.0
+                for q in range(experts.shape[0]):
+                    sc += cfg.trans[layer * E + experts[q], x]
+                st.key_f[layer * E + x, KF_TSCORE] = sc
     for q in range(experts.shape[0]):
         s = st.where[layer * E + experts[q]]
         if s >= 0:

@@ -249,7 +249,7 @@ def _fit_trans(
         E,
     )
     trans = counts / np.maximum(seen, 1.0)[:, :, None]
-    return (), {"trans": np.round(trans, 4).tolist()}
+    return (), {"trans": np.round(trans, 4).tolist(), **_prior(events, params)}
 
 
 register_policy(PolicyDef("lru", "least recently used", lambda p, L: _w(last=1.0), {}))
@@ -292,6 +292,7 @@ register_policy(
         ),
         {"gamma": 1.0, "alpha": 0.0, "decay": 1.0},
         fit=_fit_trans,
+        accepts=REPIN,
     )
 )
 register_policy(

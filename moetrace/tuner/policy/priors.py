@@ -14,8 +14,15 @@ go to the best scores. The same blend re-scales the gap table: an expert's gap i
 multiplied by prior frequency / blended frequency, so ``freq_lru`` ranks by what the
 traffic does now. After a drift switch (:mod:`.drift`) no pins are elected.
 
-State: key_f[KF_ONLINE, KF_GAPR]; layer_f[LF_PASSES, LF_NPIN, LF_ELECTIONS, LF_EFF] (the
-passes the halved online counts stand for).
+The transition table of ``trans_lru`` is blended the same way, pass by pass: the cache
+counts the live next-pass transitions of each layer (from its last pass's experts to this
+pass's) and scores with ``(w * trans[a, b] + online[a, b]) / (w + seen[a])``: the fitted
+probability as ``w`` pseudo-observations of expert ``a``, the live ones halved at every
+election. Live counts do not know where requests end, so they include the transitions
+from one request's last pass to the next request's first (the fitted table does not).
+
+State: key_f[KF_ONLINE, KF_GAPR, KF_LAST_IN, KF_TSEEN]; layer_f[LF_PASSES, LF_NPIN,
+LF_ELECTIONS, LF_EFF] (the passes the halved online counts stand for); trans_on.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ import numpy as np
 from moetrace.tuner.policy.cachestate import (
     G_ACTIVE,
     KF_GAPR,
+    KF_LAST_IN,
     KF_ONLINE,
     KF_PIN,
+    KF_TSCORE,
+    KF_TSEEN,
     LF_EFF,
     LF_ELECTIONS,
     LF_NPIN,
@@ -51,6 +61,11 @@ def elect(st: State, cfg: Config, layer: int) -> None:
     st.layer_f[layer, LF_EFF] = eff
     st.layer_f[layer, LF_ELECTIONS] += 1.0
     lo = layer * E
+    if st.trans_on.shape[0] == st.key_f.shape[0]:  # live transitions: halve them too
+        for k in range(lo, lo + E):
+            st.key_f[k, KF_TSEEN] *= 0.5
+            for b in range(E):
+                st.trans_on[k, b] *= 0.5
     score = np.empty(E)
     for e in range(E):
         k = lo + e
@@ -78,3 +93,28 @@ def count_pass(st: State, cfg: Config, layer: int) -> None:
     st.layer_f[layer, LF_PASSES] += 1.0
     if st.layer_f[layer, LF_PASSES] % cfg.prm[PR_REPIN] == 0.0:
         elect(st, cfg, layer)
+
+
+@numba.njit(cache=True)
+def trans_scores(st: State, cfg: Config, layer: int, experts: np.ndarray) -> None:
+    """Learn the transitions from ``layer``'s last pass to this one (``experts``), then
+    score every expert of the layer by the blended chance that its next pass needs it."""
+    E = cfg.num_experts
+    lo = layer * E
+    w = cfg.prm[PR_REPIN] * cfg.prm[PR_PRIOR_DECAY] ** st.layer_f[layer, LF_ELECTIONS]
+    for a in range(lo, lo + E):
+        if st.key_f[a, KF_LAST_IN] != 0.0:
+            st.key_f[a, KF_TSEEN] += 1.0
+            for q in range(experts.shape[0]):
+                st.trans_on[a, experts[q]] += 1.0
+            st.key_f[a, KF_LAST_IN] = 0.0
+    for q in range(experts.shape[0]):
+        st.key_f[lo + experts[q], KF_LAST_IN] = 1.0
+    for x in range(E):
+        sc = 0.0
+        for q in range(experts.shape[0]):
+            a = lo + experts[q]
+            den = w + st.key_f[a, KF_TSEEN]
+            if den > 0.0:
+                sc += (w * cfg.trans[a, x] + st.trans_on[a, x]) / den
+        st.key_f[lo + x, KF_TSCORE] = sc
