@@ -194,6 +194,28 @@ PLAN_DAMAGE: dict[str, tuple[str | Callable[[dict], Any], str]] = {
     ),
     "param-out-of-range": (_set("eviction.params", {"decay": 2.0}), r"'decay' .* in \(0, 1\]"),
     "param-bool": (_set("eviction.params", {"decay": True}), r"'decay' .* must be a number"),
+    "param-window-range": (
+        lambda p: p["eviction"].update(
+            policy="wtinylfu", params={"window": 1.5}, pinned=[], tables={}
+        ),
+        r"'window' of eviction policy 'wtinylfu' must be a number in \[0, 0.99\]",
+    ),
+    "repin-without-prior": (
+        lambda p: p["eviction"].update(policy="pinned_lru", params={"repin": 64}, tables={}),
+        r"eviction.tables.prior must have shape",
+    ),
+    "adaptation-oracle-fallback": (
+        lambda p: p.update(adaptation={"fallback": "belady", "window": 100}),
+        r"adaptation.fallback 'belady' needs fitted tables or the future",
+    ),
+    "adaptation-bad-margin": (
+        lambda p: p.update(adaptation={"margin": 2.0}),
+        r"adaptation.margin must be in \[0, 1\)",
+    ),
+    "adaptation-in-v1": (
+        lambda p: p.update(format_version=1, adaptation={}),
+        r"'adaptation' needs format_version 2",
+    ),
     "negative-capacity": (
         lambda p: p["layout"].update(capacities=[-1] + p["layout"]["capacities"][1:]),
         r"capacit|>= 0|negative",

@@ -219,26 +219,34 @@ def _fit_gap(
 
 
 @numba.njit(cache=True)
-def _count_transitions(layer, request, ptr, experts, L, E):  # type: ignore[no-untyped-def]
+def _count_transitions(layer, request, ptr, experts, L, E, horizon):  # type: ignore[no-untyped-def]
+    """counts[l, a, b]: uses of b in the ``horizon`` passes of layer l that follow a pass
+    using a (same request); seen[l, a]: passes using a that have a next one."""
     counts = np.zeros((L, E, E))
     seen = np.zeros((L, E))
-    prev = np.full(L, -1, np.int64)
+    recent = np.full((L, horizon), -1, np.int64)  # the layer's last passes, newest first
     for i in range(layer.shape[0]):
         lay = layer[i]
-        p = prev[lay]
-        if p >= 0 and request[p] == request[i]:
+        for h in range(horizon):
+            p = recent[lay, h]
+            if p < 0 or request[p] != request[i]:
+                break
             for a in range(ptr[p], ptr[p + 1]):
-                seen[lay, experts[a]] += 1.0
+                if h == 0:
+                    seen[lay, experts[a]] += 1.0
                 for b in range(ptr[i], ptr[i + 1]):
                     counts[lay, experts[a], experts[b]] += 1.0
-        prev[lay] = i
+        for h in range(horizon - 1, 0, -1):
+            recent[lay, h] = recent[lay, h - 1]
+        recent[lay, 0] = i
     return counts, seen
 
 
 def _fit_trans(
     events: Events, caps: tuple[int, ...], params: Mapping[str, Any]
 ) -> tuple[Pins, dict[str, Any]]:
-    """Per layer, P(the layer's next pass in the request needs b | this pass used a)."""
+    """Per layer, the expected uses of b in the layer's next ``horizon`` passes of the
+    request given this pass used a (``horizon`` 1: P(next pass needs b | a))."""
     L, E = events.num_layers, events.num_experts
     counts, seen = _count_transitions(
         events.layer.astype(np.int64),
@@ -247,6 +255,7 @@ def _fit_trans(
         events.experts.astype(np.int64),
         L,
         E,
+        max(1, int(params.get("horizon", 1))),
     )
     trans = counts / np.maximum(seen, 1.0)[:, :, None]
     return (), {"trans": np.round(trans, 4).tolist(), **_prior(events, params)}
@@ -292,7 +301,7 @@ register_policy(
         ),
         {"gamma": 1.0, "alpha": 0.0, "decay": 1.0},
         fit=_fit_trans,
-        accepts=REPIN,
+        accepts=("horizon", *REPIN),
     )
 )
 register_policy(

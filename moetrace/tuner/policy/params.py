@@ -24,6 +24,17 @@ BOUNDS: dict[str, tuple[float, float, bool, bool]] = {
     "max_refs": (1.0, math.inf, True, True),
     "neighbors": (1.0, math.inf, True, True),
     "own": (0.0, math.inf, True, False),
+    "window": (0.0, 0.99, True, False),
+    "protected": (0.0, 1.0, False, False),
+    "sample": (1.0, math.inf, True, False),
+    "step": (0.0, 1.0, False, False),
+    "climb": (0.0, 1.0, True, True),
+    "learning_rate": (0.0, math.inf, True, False),
+    "discount": (0.0, 0.99, False, False),
+    "seed": (0.0, 2.0**31, True, True),
+    "repin": (0.0, math.inf, True, True),
+    "prior_decay": (0.0, 1.0, False, False),
+    "horizon": (1.0, 64.0, True, True),
 }
 
 
