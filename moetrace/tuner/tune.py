@@ -79,6 +79,7 @@ PREFETCH_GRID: tuple[tuple[str, float], ...] = (
 """(prefetcher, experts fetched per layer as a multiple of top_k)."""
 
 FALLBACKS = ("lru", "arc", "wtinylfu", "lecar")
+PLAN_LAYOUT_BOUND = "belady on the plan's layout"
 """Online policies a plan's drift detector may switch to (the search's best of them)."""
 DRIFT_MARGIN = 0.02
 DRIFT_HALFLIFE = 8.0
@@ -160,6 +161,8 @@ def _row(name: str, res: SimResult) -> dict[str, Any]:
         "prefetch_precision": s["prefetch_precision"],
         "prefetch_recall": s["prefetch_recall"],
         "bytes_moved": s["bytes_moved"],
+        # the drift detector's switch (demand access), None if it did not switch
+        "drift_switch_at": (s.get("drift") or {}).get("switched_at_access"),
     }
 
 
@@ -239,9 +242,11 @@ def _search(
     search: _Search, slots: int, L: int, E: int, k: int, fit_all: Events, speculative: bool
 ) -> _Candidate:
     """Layout, then eviction, then layout again, then prefetch: each by minimax regret over
-    the splits (see :func:`_best`). Every
-    candidate carries the drift detector; its fallback is the best online policy of the
-    eviction step."""
+    the splits (see :func:`_best`). Every candidate carries the drift detector; its
+    fallback is the online policy that scores best on the plan's own layout (the eviction
+    step's, or, if the layout changed after it, scored again on the final one: LRU on a
+    pool is not LRU on per-layer slots); where every online policy on that layout loses
+    to uniform LRU, the plan gets no detector."""
     none = PrefetchConfig()
     layouts = [uniform_layout(slots, L, E), mrc_layout(slots, fit_all), pool_layout(slots, L, E)]
     adapt = Adaptation("lru", drift_window(L, k), DRIFT_MARGIN, DRIFT_HALFLIFE)
@@ -249,12 +254,13 @@ def _search(
     def lname(lay: CacheLayout) -> str:
         return f"{lay.kind} {list(lay.capacities[:4])}..."
 
-    layout, lru_score = _best(
+    first, lru_score = _best(
         layouts,
         lambda lay: search.score(
             _Candidate(f"lru {lname(lay)}", lay, "lru", {}, none, adaptation=adapt)
         ),
     )
+    layout = first
     online = {"lru": lru_score}
 
     def score_policy(c: tuple[str, dict[str, float]]) -> np.ndarray:
@@ -279,6 +285,19 @@ def _search(
     )
     best = _Candidate(f"{policy} {params} {layout.kind}", layout, policy, dict(params), none,
                       adaptation=adapt)  # fmt: skip
+    if layout != first:
+        online = {n: search.score(_Candidate(f"{n} {lname(layout)} (fallback)", layout, n, {},
+                                             none)) for n in FALLBACKS}  # fmt: skip
+        fallback = min(online, key=lambda n: (float(online[n].max()), n))
+        if online[fallback].max() > 1.0 + TOLERANCE:
+            # every online policy on this layout loses to uniform LRU: switching to one
+            # cannot help (DeepSeek 12.5%, pool: 0.26 after a switch vs LRU 0.31), so the
+            # plan runs without a detector and the guard judges it as it is
+            best = replace(best, adaptation=Adaptation())
+            base = search.score(best)
+        elif fallback != adapt.fallback:
+            best = replace(best, adaptation=replace(adapt, fallback=fallback))
+            base = search.score(best)
     prefetches = [
         PrefetchConfig(name, lookahead=1, fetch=max(1, int(mult * k)))
         for name, mult in PREFETCH_GRID
@@ -404,7 +423,7 @@ def tune(
             plans.append(plan_s)
             rows = validate(plan_s, ev(sp.tune), shifted(sp, sp.validation), hw, bpe,
                             baselines=baselines.get(sp.name))  # fmt: skip
-            baselines[sp.name] = rows[2:]
+            baselines[sp.name] = [r for r in rows[2:] if r["name"] != PLAN_LAYOUT_BOUND]
             per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
                               "validation_requests": len(sp.validation),
                               "judged_only": sp not in search_splits, "rows": rows})  # fmt: skip
@@ -492,9 +511,7 @@ def validate(
     rows = rows[:2] + [dict(r) for r in baselines]
     if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
         bound = replace(no_pf, eviction=EvictionConfig("belady"), adaptation=Adaptation())
-        rows.append(
-            _row("belady on the plan's layout", simulate(val_ev, bound, hw, bytes_per_expert=bpe))
-        )
+        rows.append(_row(PLAN_LAYOUT_BOUND, simulate(val_ev, bound, hw, bytes_per_expert=bpe)))
     names = [r["name"] for r in rows]
     lru = rows[2]["hit_rate"]
     bel = rows[names.index("belady (oracle bound, no prefetch)")]["hit_rate"]
