@@ -293,6 +293,14 @@ def _add_simulate(group: click.Group) -> None:
             click.echo(
                 f"note: bytes_per_expert unknown, assumed {result.bytes_per_expert} (see --bytes-per-expert)"
             )
+        d = s.get("drift")
+        if d:
+            click.echo(
+                f"drift: switched to {plan.adaptation.fallback} at access {d['switched_at_access']} "
+                f"(plan {d['plan_hit_rate']:.3f} < LRU {d['lru_hit_rate']:.3f})"
+                if d["switched"]
+                else f"drift: no switch (shadow LRU hit rate {d['shadow_lru_hits'] / max(d['accesses'], 1):.3f})"
+            )
         if per_layer:
             for r in result.per_layer():
                 click.echo(

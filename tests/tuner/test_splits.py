@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -187,5 +188,9 @@ def test_cli_judge_by_marks_judged_splits(tmp_path: Path):
     res = CliRunner().invoke(main, [*args, "--judge-by", "shift", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "shift (judged)" in res.output and "drift: switches to" in res.output
+    assert load_plan(out).adaptation.window > 0
+    sim = CliRunner().invoke(main, ["simulate", str(path), "--plan", str(out)])
+    assert sim.exit_code == 0, sim.output
+    assert re.search(r"drift: (no switch \(shadow LRU hit rate 0\.\d+\)|switched to)", sim.output)
     bad = CliRunner().invoke(main, [*args, "--judge-by", "sideways", "--out", str(out)])
     assert bad.exit_code == 2 and "unknown split 'sideways'" in bad.output
