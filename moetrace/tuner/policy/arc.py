@@ -38,13 +38,13 @@ from moetrace.tuner.policy.cachestate import (
 )
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
     if st.slot_f[s, SF_SEG] == 0.0:
         set_segment(st, p, s, 1.0)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_miss(st: State, cfg: Config, p: int, key: int) -> None:
     c = st.part_f[p, PF_CAP]
     g = st.key_f[key, KF_GHOST]
@@ -62,7 +62,7 @@ def on_miss(st: State, cfg: Config, p: int, key: int) -> None:
     st.key_f[key, KF_GHOST] = 0.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     t1 = st.part_f[p, PF_SEG0]
     target = st.part_f[p, PF_P]
@@ -74,7 +74,7 @@ def victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     return s
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_evict(st: State, cfg: Config, p: int, s: int, old: int) -> None:
     seg = st.slot_f[s, SF_SEG]
     st.part_f[p, PF_SEG0 + int(seg)] -= 1.0
@@ -84,7 +84,7 @@ def on_evict(st: State, cfg: Config, p: int, s: int, old: int) -> None:
     st.key_f[old, KF_GSEQ] = st.part_f[p, col]
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_insert(st: State, cfg: Config, p: int, s: int, prefetched: bool) -> None:
     seg = 1.0 if (st.glob[G_DEST] != 0.0 and not prefetched) else 0.0
     st.slot_f[s, SF_SEG] = seg

@@ -125,7 +125,7 @@ occ_ptr/occ_ev the next-use index (Belady only); prior (L*E,) the tune traffic's
 pass of each expert (the prior that re-elected pins and the gap table start from)."""
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def eligible(st: State, cfg: Config, s: int, layer: int, i: int) -> bool:
     """Whether slot ``s`` may be evicted for ``layer`` at event ``i``: not protected by the
     current event, not pinned, and (in a pool) not below its layer's guaranteed share.
@@ -142,7 +142,7 @@ def eligible(st: State, cfg: Config, s: int, layer: int, i: int) -> bool:
     )
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def lru_in_segment(st: State, cfg: Config, p: int, layer: int, i: int, seg: float) -> int:
     """The least recently used evictable slot of partition ``p`` in segment ``seg`` (any
     segment when ``seg`` < 0), or -1."""
@@ -159,7 +159,7 @@ def lru_in_segment(st: State, cfg: Config, p: int, layer: int, i: int, seg: floa
     return best
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def set_segment(st: State, p: int, s: int, seg: float) -> None:
     """Move slot ``s`` (resident, in partition ``p``) to segment ``seg``, keeping counts."""
     old = st.slot_f[s, SF_SEG]
@@ -168,7 +168,7 @@ def set_segment(st: State, p: int, s: int, seg: float) -> None:
     st.part_f[p, PF_SEG0 + int(seg)] += 1.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def next_random(st: State) -> float:
     """A uniform number in [0, 1) from the cache's own xorshift64 state (deterministic, so
     the simulator and the runtime draw the same sequence)."""

@@ -75,12 +75,12 @@ from moetrace.tuner.policy.cachestate import (
 STREAMED, LOADED, HIT = -1, 0, 1
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def active_kind(st: State, cfg: Config) -> int:
     return cfg.kinds[int(st.glob[G_ACTIVE])]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def init_policy(st: State, cfg: Config, kind: int) -> None:
     """Fresh per-partition policy state for ``kind``; resident experts start in its first
     segment (T1 for ARC, probation for W-TinyLFU's main area)."""
@@ -140,7 +140,7 @@ def setup(st: State, cfg: Config, pinned: np.ndarray, shadow_cap: np.ndarray) ->
     return missing
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def _victim(
     st: State, cfg: Config, p: int, layer: int, i: int, ph: int, key: int, inc: float
 ) -> int:
@@ -158,7 +158,7 @@ def _victim(
     return lecar.victim(st, cfg, p, layer, i)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def _install(
     st: State, cfg: Config, p: int, s: int, key: int, t: float, prefetched: bool, i: int
 ) -> tuple[int, bool]:
@@ -193,7 +193,7 @@ def _install(
     return old, wasted
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def event(
     st: State, cfg: Config, layer: int, ph: int, experts: np.ndarray, i: int, out: np.ndarray
 ) -> None:
@@ -203,8 +203,10 @@ def event(
     STREAMED, 1 if a prefetch served it, that prefetch's issuing phase, 1 if the evicted
     expert was an unused prefetch. Use order breaks recency ties (time i + j / (E + 1)).
 
-    One call per event on purpose: numba reference-counts every array of the state around
-    a call it cannot flatten, so per-access work stays inside this loop."""
+    One call per event, and compiled without numba's reference counting (as every
+    function it calls): with it, numba increments and decrements the count of every
+    array of the state (23 of them, atomically) around each call it cannot flatten, which
+    cost more than the cache's own work. Nothing here allocates."""
     E = cfg.num_experts
     # begin: transition scores for the layer; resident needed experts are protected
     a = int(st.glob[G_ACTIVE])
@@ -285,14 +287,15 @@ def event(
     st.glob[G_INC_PREV] = st.glob[G_INC]
     st.glob[G_INC] *= 1.0 / cfg.prm[PR_DECAY]
     if st.glob[G_INC] > 1e100:
-        st.key_f[:, KF_FREQ] *= 1e-100
+        for k in range(st.key_f.shape[0]):
+            st.key_f[k, KF_FREQ] *= 1e-100
         st.glob[G_INC] *= 1e-100
         st.glob[G_INC_PREV] *= 1e-100
     if drift.check(st.glob, cfg.prm):
         switch(st, cfg)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def switch(st: State, cfg: Config) -> None:
     """Switch the cache, for good, to the fallback policy: pins released, fresh state."""
     st.glob[G_ACTIVE] = 1.0
@@ -300,7 +303,7 @@ def switch(st: State, cfg: Config) -> None:
     init_policy(st, cfg, cfg.kinds[1])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def prefetch(
     st: State,
     cfg: Config,

@@ -51,7 +51,7 @@ from moetrace.tuner.policy.cachestate import (
 )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def shadow_event(
     key_f: np.ndarray,
     layer_f: np.ndarray,
@@ -97,7 +97,7 @@ def shadow_event(
         key_f[key, KF_SH_LAST] = t0 + j * sub
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def check(glob: np.ndarray, prm: np.ndarray) -> bool:
     """At the end of a window: whether to switch to the fallback (the plan is behind LRU)."""
     window = prm[PR_DRIFT_WINDOW]

@@ -45,7 +45,7 @@ from moetrace.tuner.policy.cachestate import (
 )
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_miss(st: State, cfg: Config, p: int, key: int, i: int) -> None:
     g = st.key_f[key, KF_GHOST]
     if g == 0.0:
@@ -66,7 +66,7 @@ def on_miss(st: State, cfg: Config, p: int, key: int, i: int) -> None:
     st.part_f[p, PF_W] = w_lru / (w_lru + w_lfu)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     a = lru_in_segment(st, cfg, p, layer, i, -1.0)
     if a < 0:
@@ -92,7 +92,7 @@ def victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     return b
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_evict(st: State, cfg: Config, p: int, s: int, old: int, i: int) -> None:
     g = st.glob[G_CHOICE]
     st.glob[G_CHOICE] = 0.0

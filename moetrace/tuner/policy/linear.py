@@ -57,10 +57,10 @@ def slot_key(
     )
 
 
-slot_key_jit = numba.njit(cache=True, inline="always")(slot_key)
+slot_key_jit = numba.njit(cache=True, _nrt=False)(slot_key)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def victim(
     st: State, cfg: Config, p: int, layer: int, i: int, ph: int, w: np.ndarray, inc: float
 ) -> int:

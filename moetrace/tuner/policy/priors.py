@@ -51,7 +51,7 @@ from moetrace.tuner.policy.cachestate import (
 MAX_GAP = 1e6
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def elect(st: State, cfg: Config, layer: int) -> None:
     """Re-elect ``layer``'s pins and re-scale its gaps (see the module doc)."""
     E = cfg.num_experts
@@ -66,28 +66,30 @@ def elect(st: State, cfg: Config, layer: int) -> None:
             st.key_f[k, KF_TSEEN] *= 0.5
             for b in range(E):
                 st.trans_on[k, b] *= 0.5
-    score = np.empty(E)
+    n = int(st.layer_f[layer, LF_NPIN])
+    if n > 0 and st.glob[G_ACTIVE] == 0.0:  # pins: the n best scores, ties to the lower id
+        for e in range(E):
+            st.key_f[lo + e, KF_PIN] = 0.0
+        for _ in range(n):
+            best, bs = -1, -1.0
+            for e in range(E):
+                k = lo + e
+                sc = w * cfg.prior[k] + st.key_f[k, KF_ONLINE]
+                if st.key_f[k, KF_PIN] == 0.0 and sc > bs:
+                    best, bs = k, sc
+            st.key_f[best, KF_PIN] = 1.0
     for e in range(E):
         k = lo + e
         prior = cfg.prior[k]
         online = st.key_f[k, KF_ONLINE]
-        score[e] = w * prior + online
         blend = (w * prior + online) / (w + eff)
         g_prior = min(1.0 / max(prior, 1.0 / MAX_GAP), MAX_GAP)
         g_now = min(1.0 / max(blend, 1.0 / MAX_GAP), MAX_GAP)
         st.key_f[k, KF_GAPR] = g_now / g_prior
         st.key_f[k, KF_ONLINE] = online * 0.5
-    n = int(st.layer_f[layer, LF_NPIN])
-    if n == 0 or st.glob[G_ACTIVE] != 0.0:
-        return
-    order = np.argsort(-score, kind="mergesort")  # ties: the lower expert id
-    for e in range(E):
-        st.key_f[lo + e, KF_PIN] = 0.0
-    for r in range(n):
-        st.key_f[lo + order[r], KF_PIN] = 1.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def count_pass(st: State, cfg: Config, layer: int) -> None:
     """A pass of ``layer`` ended: hold an election every ``repin`` passes."""
     st.layer_f[layer, LF_PASSES] += 1.0
@@ -95,7 +97,7 @@ def count_pass(st: State, cfg: Config, layer: int) -> None:
         elect(st, cfg, layer)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def trans_scores(st: State, cfg: Config, layer: int, experts: np.ndarray) -> None:
     """Learn the transitions from ``layer``'s last pass to this one (``experts``), then
     score every expert of the layer by the blended chance that its next pass needs it."""

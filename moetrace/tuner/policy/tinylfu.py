@@ -56,7 +56,7 @@ RESTART = 0.05
 STEP_DECAY = 0.98
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def count(
     key_f: np.ndarray,
     part_f: np.ndarray,
@@ -78,7 +78,7 @@ def count(
                     key_f[k, KF_CNT] = float(int(key_f[k, KF_CNT]) // 2)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def climb(part_f: np.ndarray, prm: np.ndarray, p: int, hit: bool) -> None:
     """Sample the hit rate; at the end of a sample move the window target."""
     part_f[p, PF_SAMPLE_N] += 1.0
@@ -105,7 +105,7 @@ def climb(part_f: np.ndarray, prm: np.ndarray, p: int, hit: bool) -> None:
         part_f[p, PF_STEP] = step * STEP_DECAY
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def _move_oldest(st: State, cfg: Config, p: int, seg: float, to: float, skip: int) -> None:
     """Move the least recently used slot of segment ``seg`` (not ``skip``) to segment
     ``to``: a move between segments, not an eviction, so protection does not apply."""
@@ -119,7 +119,7 @@ def _move_oldest(st: State, cfg: Config, p: int, seg: float, to: float, skip: in
         set_segment(st, p, x, to)
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
     if st.slot_f[s, SF_SEG] != 1.0:
         return
@@ -129,7 +129,7 @@ def on_hit(st: State, cfg: Config, p: int, s: int) -> None:
         _move_oldest(st, cfg, p, 2.0, 1.0, s)  # the protected LRU is demoted
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def _main_victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     s = lru_in_segment(st, cfg, p, layer, i, 1.0)
     if s < 0:
@@ -137,7 +137,7 @@ def _main_victim(st: State, cfg: Config, p: int, layer: int, i: int) -> int:
     return s
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def victim(st: State, cfg: Config, p: int, layer: int, i: int, key: int) -> int:
     """The slot to free for ``key`` (which then enters glob[G_DEST]'s segment), -1 if none
     can be freed, -2 if ``key`` loses at the door (streamed)."""
@@ -161,12 +161,12 @@ def victim(st: State, cfg: Config, p: int, layer: int, i: int, key: int) -> int:
     return x
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_evict(st: State, cfg: Config, p: int, s: int, old: int) -> None:
     st.part_f[p, PF_SEG0 + int(st.slot_f[s, SF_SEG])] -= 1.0
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see core.event
 def on_insert(st: State, cfg: Config, p: int, s: int, prefetched: bool) -> None:
     target = int(st.part_f[p, PF_P])
     seg = st.glob[G_DEST]

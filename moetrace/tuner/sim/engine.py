@@ -125,6 +125,7 @@ def simulate(
         pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), st, cfg,
         float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
         hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
+        *K.scratch(st.slot_key.shape[0], E, pf_exp.shape[0]),
     )  # fmt: skip
     return SimResult(
         label=label or f"{plan.eviction.policy}+{plan.prefetch.name}",

@@ -22,7 +22,7 @@ NUM_STATS = 12
 events by the prefetch's target layer and issuing phase (for precision vs S_PF_ISSUED)."""
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)  # no reference counting: see policy.core.event
 def replay(
     ev_layer,
     ev_phase,
@@ -40,14 +40,16 @@ def replay(
     c_base,
     c_tok,
     stats,
+    slot_ready,
+    out,
+    pf_out,
 ):
     """Replay events through the cache ``st``/``cfg``; fill ``stats`` (NUM_STATS, L, 2).
-    Returns the total seconds."""
+    Returns the total seconds. Scratch arrays come from the caller (nothing here
+    allocates): ``slot_ready`` (slots,) zeros, ``out`` (E, 6) and ``pf_out`` (at least the
+    longest prefetch batch, 3) int64, see :func:`scratch`."""
     n_ev = ev_layer.shape[0]
     E = cfg.num_experts
-    slot_ready = np.zeros(st.slot_key.shape[0])
-    out = np.zeros((E, 6), np.int64)
-    pf_out = np.zeros((max(pf_exp.shape[0], 1), 3), np.int64)
     xfer = bpe / bw
     now = 0.0
     link_free = 0.0
@@ -103,3 +105,12 @@ def replay(
         stats[S_COMPUTE, lay, ph] += c
         now += c
     return now
+
+
+def scratch(num_slots: int, num_experts: int, num_prefetches: int) -> tuple[np.ndarray, ...]:
+    """The scratch arrays :func:`replay` needs."""
+    return (
+        np.zeros(max(num_slots, 1)),
+        np.zeros((num_experts, 6), np.int64),
+        np.zeros((max(num_prefetches, 1), 3), np.int64),
+    )
