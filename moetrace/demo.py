@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +163,12 @@ def run_demo(
 ) -> DemoReport:
     """Run the whole loop into ``config.out`` (which must not hold an earlier demo)."""
     from moetrace.runtime.session import generate, open_engine
-    from moetrace.store.plan import PrefetchConfig, save_plan
+    from moetrace.store.plan import save_plan
     from moetrace.store.reader import open_trace
     from moetrace.tracer.record import RecordConfig, record
     from moetrace.tuner.analyze import AnalyzeConfig, analyze
     from moetrace.tuner.sim.trace import SimulateRequest, simulate_trace
-    from moetrace.tuner.tune import TuneConfig, tune
+    from moetrace.tuner.tune import TuneConfig, tune, without_prefetch
 
     out = config.out
     trace_dir = out / "trace"
@@ -218,7 +218,7 @@ def run_demo(
         texts = [p.text for p in run_prompts]
         # The plan as tuned, and the same plan without prefetching: the latter has no
         # timing effects, so the runtime's hits must equal the simulator's exactly.
-        no_prefetch = replace(tuned.plan, prefetch=PrefetchConfig(), phase_overrides={})
+        no_prefetch = without_prefetch(tuned.plan)
         no_pf_path = out / "plan-no-prefetch.json"
         save_plan(no_prefetch, no_pf_path)
         runs: list[RuntimeCheck] = []

@@ -36,6 +36,15 @@ def test_demo_quick_end_to_end(tmp_path):
     rows = {r["name"]: r for r in report["validation"]}
     assert rows["plan, no prefetch"]["hit_rate"] >= rows["lru"]["hit_rate"]
     assert rows["belady (oracle bound, no prefetch)"]["hit_rate"] >= rows["lru"]["hit_rate"]
+    # the plan without prefetch describes itself: its "plan" rows are the tuned plan's
+    # "plan, no prefetch" rows, on every split (the dashboard reads the "plan" row)
+    no_pf = load_plan(out / "plan-no-prefetch.json")
+    assert no_pf.prefetch.name == "none" and no_pf.eviction == plan.eviction
+    for mine, tuned in zip(no_pf.expected["splits"], plan.expected["splits"], strict=True):
+        own = {r["name"]: r for r in mine["rows"]}
+        src = {r["name"]: r for r in tuned["rows"]}
+        assert own["plan"]["hit_rate"] == src["plan, no prefetch"]["hit_rate"]
+        assert own["lru"] == src["lru"]
     runs = {r["label"]: r for r in report["runtime"]}
     # Without prefetch the runtime has no timing effects: it must match the simulator.
     exact = runs["plan without prefetch"]

@@ -464,6 +464,34 @@ def tune(
                       fallback)  # fmt: skip
 
 
+def without_prefetch(plan: Plan) -> Plan:
+    """``plan`` with its prefetcher (and phase overrides) removed, and its ``expected``
+    rows describing that plan: on every split, the row named ``plan`` becomes the tuned
+    plan's ``plan, no prefetch`` row (readers such as the dashboard take the ``plan`` row
+    as the file's own figures)."""
+
+    def fix(rows: Any) -> Any:
+        if not isinstance(rows, list):
+            return rows
+        by = {r.get("name"): r for r in rows if isinstance(r, dict)}
+        if "plan, no prefetch" not in by:
+            return rows
+        own = {**by["plan, no prefetch"], "name": "plan", "stall_vs_lru": None}
+        base = by.get("lru", {}).get("stall_per_token_ms")
+        if base:
+            own["stall_vs_lru"] = own["stall_per_token_ms"] / base
+        return [own if isinstance(r, dict) and r.get("name") == "plan" else r for r in rows]
+
+    expected = dict(plan.expected)
+    expected["rows"] = fix(expected.get("rows"))
+    if isinstance(expected.get("splits"), list):
+        expected["splits"] = [
+            {**sp, "rows": fix(sp.get("rows"))} if isinstance(sp, dict) else sp
+            for sp in expected["splits"]
+        ]
+    return replace(plan, prefetch=PrefetchConfig(), phase_overrides={}, expected=expected)
+
+
 def validate(
     plan: Plan,
     tune_ev: Events,

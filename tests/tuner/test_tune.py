@@ -216,3 +216,27 @@ def test_cli_simulate_adaptive_policies(trace: Path, policy: str, params: list[s
     assert f"{policy}+none" in res.output
     bad = CliRunner().invoke(main, [*args, "--param", "beta=1"])
     assert bad.exit_code == 2 and f"eviction policy {policy!r}" in bad.output
+
+
+def test_without_prefetch_rewrites_the_plan_rows(trace: Path) -> None:
+    """The plan file without prefetch must describe itself: its "plan" rows become the
+    tuned plan's "plan, no prefetch" rows, on every split (dashboard reads "plan")."""
+    from dataclasses import replace
+
+    from moetrace.store.plan import PrefetchConfig
+    from moetrace.tuner.tune import without_prefetch
+
+    plan = tune([trace], TuneConfig(budget="25%", seed=1)).plan
+    rows = [
+        {"name": "plan", "hit_rate": 0.70, "stall_per_token_ms": 1.0},
+        {"name": "plan, no prefetch", "hit_rate": 0.60, "stall_per_token_ms": 2.0},
+        {"name": "lru", "hit_rate": 0.50, "stall_per_token_ms": 4.0},
+    ]
+    expected = {**plan.expected, "rows": rows, "splits": [{"name": "random", "rows": rows}]}
+    pf = replace(plan, prefetch=PrefetchConfig("transition", fetch=2), expected=expected)
+    out = without_prefetch(pf)
+    assert out.prefetch.name == "none" and out.phase_overrides == {}
+    for got in (out.expected["rows"], out.expected["splits"][0]["rows"]):
+        assert got[0] == {**rows[1], "name": "plan", "stall_vs_lru": 0.5}
+        assert got[1:] == rows[1:]
+    assert pf.expected["rows"][0]["hit_rate"] == 0.70  # the tuned plan is untouched
