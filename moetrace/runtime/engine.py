@@ -128,6 +128,9 @@ class OffloadEngine:
             async_loads=async_prefetch,
         )
         self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers))
+        self._unswitched = plan.adaptation.window > 0  # a switch still to report
+        if plan.adaptation.window > 0:
+            self.stats.drift_probe = self.cache.drift
         if log_accesses:
             self.stats.accesses_log = []
         self._prefetched: set[int] = set()
@@ -258,8 +261,8 @@ class OffloadEngine:
             stall += time.perf_counter() - t0
             st.add("bytes_demand", layer, ph, moved)
         st.add("streamed", layer, ph, len(streamed))
-        if self.plan.adaptation.window > 0:
-            self._watch_drift()
+        if self._unswitched and self.cache.switched:
+            self._report_switch()
         if st.accesses_log is not None:
             st.accesses_log.append((layer, ph, tuple(need), tuple(was_resident)))
         if self.prefetcher is not None:
@@ -277,17 +280,15 @@ class OffloadEngine:
         st.add("stall_s", layer, ph, stall)
         return out
 
-    def _watch_drift(self) -> None:
-        switched = bool(self.stats.drift and self.stats.drift["switched"])
-        self.stats.drift = self.cache.drift()
-        if self.stats.drift["switched"] and not switched:
-            d = self.stats.drift
-            log.warning(
-                "drift: the plan's hit rate %.3f trailed LRU's %.3f over the last %d accesses; "
-                "switched to the fallback policy %r at access %d",
-                d["plan_hit_rate"], d["lru_hit_rate"], d["window"],
-                self.plan.adaptation.fallback, d["switched_at_access"],
-            )  # fmt: skip
+    def _report_switch(self) -> None:
+        self._unswitched = False
+        d = self.cache.drift()
+        log.warning(
+            "drift: the plan's hit rate %.3f trailed LRU's %.3f over the last %d accesses; "
+            "switched to the fallback policy %r at access %d",
+            d["plan_hit_rate"], d["lru_hit_rate"], d["window"],
+            self.plan.adaptation.fallback, d["switched_at_access"],
+        )  # fmt: skip
 
     def _evicted(self, slot: int, evicted: tuple[int, int] | None, ph: int) -> None:
         if evicted is not None and slot in self._prefetched:

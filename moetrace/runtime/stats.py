@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +40,20 @@ class RuntimeStats:
     tokens: np.ndarray = field(init=False)
     max_resident_bytes: int = 0
     accesses_log: list[tuple[int, int, tuple[int, ...], tuple[bool, ...]]] | None = None
-    drift: dict[str, Any] | None = None
-    """The plan's drift detector: whether and when (demand accesses) it switched the cache
-    to its fallback, and the hit rates (plan vs shadow LRU) of the deciding window."""
+    drift_probe: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
+    """Reads the plan's drift detector (set by the engine when the plan has one)."""
 
     def __post_init__(self) -> None:
         L = len(self.layer_ids)
         self.counters = {name: np.zeros((L, 2), dtype=np.float64) for name in COUNTERS}
         self.tokens = np.zeros(2, dtype=np.int64)
+
+    @property
+    def drift(self) -> dict[str, Any] | None:
+        """The plan's drift detector, read now: whether and when (demand accesses) it
+        switched the cache to its fallback, and the hit rates (plan vs shadow LRU) of the
+        deciding window; None without a detector."""
+        return None if self.drift_probe is None else self.drift_probe()
 
     def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
         self.counters[name][layer, phase] += value

@@ -22,8 +22,6 @@ from moetrace.tuner.policy.linear import slot_key, slot_key_jit
 
 __all__ = ["ExpertCache", "Partitions", "build_cache", "partitions", "slot_key", "slot_key_jit"]
 
-NO_NEXT_USE = C.NO_NEXT_USE
-
 
 @dataclass(frozen=True)
 class Partitions:
@@ -212,3 +210,8 @@ class ExpertCache:
 
     def drift(self) -> dict[str, float | int | bool | None]:
         return drift_report(self.state, self.config)
+
+    @property
+    def switched(self) -> bool:
+        """Whether the drift detector has switched the cache to its fallback."""
+        return bool(self.state.glob[C.G_ACTIVE] != 0.0)
