@@ -88,3 +88,21 @@ def random_tokens(
     p = 1.0 / np.arange(1, E + 1)
     p /= p.sum()
     return [[list(rng.choice(E, size=k, replace=False, p=p)) for _ in range(L)] for _ in range(n)]
+
+
+def online_hits(cache, events: Events) -> int:  # type: ignore[no-untyped-def]
+    """Replay ``events`` through a runtime ExpertCache, event by event; its demand hits."""
+    hits = 0
+    for i in range(events.num_events):
+        need = [int(e) for e in events.experts[events.ptr[i] : events.ptr[i + 1]]]
+        hits += len(need) - len(cache.access(int(events.layer[i]), need, int(events.phase[i])))
+    return hits
+
+
+def one_layer_cache(policy: str, capacity: int, num_experts: int = 8, **params: float):  # type: ignore[no-untyped-def]
+    """A runtime ExpertCache of one layer with ``capacity`` slots under ``policy``."""
+    from moetrace.store.plan import EvictionConfig
+    from moetrace.tuner.policy import ExpertCache, eviction_spec
+
+    spec = eviction_spec(EvictionConfig(policy, params), 1, num_experts)
+    return ExpertCache(CacheLayout("per_layer", (capacity,)), spec, num_experts)

@@ -14,18 +14,13 @@ from moetrace.tuner.policy import ExpertCache, build_events, eviction_spec
 from moetrace.tuner.policy import cachestate as C
 from moetrace.tuner.sim.engine import simulate
 from moetrace.tuner.splits import shift_events
-from tests.tuner.simhelpers import plan_for, random_tokens, routing
+from tests.tuner.simhelpers import one_layer_cache, online_hits, plan_for, random_tokens, routing
 
 HW = load_hardware("pcie4-x16")
 
 
-def online(policy: str, cap: int, E: int, adaptation: Adaptation | None = None, **params: float):  # type: ignore[no-untyped-def]
-    spec = eviction_spec(EvictionConfig(policy, params), 1, E, None, adaptation)
-    return ExpertCache(CacheLayout("per_layer", (cap,)), spec, E)
-
-
 def hit_rate(policy: str, seq: list[int], cap: int, E: int, **params: float) -> float:
-    c = online(policy, cap, E, **params)
+    c = one_layer_cache(policy, cap, E, **params)
     hits = sum(1 for e in seq if not c.access(0, [e]))
     return hits / len(seq)
 
@@ -151,7 +146,7 @@ def test_wtinylfu_hill_climbing_moves_the_window() -> None:
         ws = rng.integers(0, 200, 12)
         seq += [int(rng.choice(ws)) for _ in range(60)]
     for climb, moved in ((1.0, True), (0.0, False)):
-        c = online("wtinylfu", 20, 200, climb=climb)
+        c = one_layer_cache("wtinylfu", 20, 200, climb=climb)
         for e in seq:
             c.access(0, [e])
         window = c.state.part_f[0, C.PF_P]
@@ -171,7 +166,7 @@ def test_lecar_learns_which_policy_fits() -> None:
         rec += [int(rng.choice(ws)) for _ in range(40)]
     weights = {}
     for name, seq in (("freq", freq), ("rec", rec)):
-        c = online("lecar", 10, 200)
+        c = one_layer_cache("lecar", 10, 200)
         for e in seq:
             c.access(0, [e])
         weights[name] = c.state.part_f[0, C.PF_W]
@@ -241,33 +236,8 @@ def test_runtime_cache_switches_where_the_simulator_does() -> None:
     )
     sim = simulate(live_ev, plan, HW).summary()
     c = ExpertCache(plan.layout, eviction_spec(plan.eviction, 1, 16, None, plan.adaptation), 16)
-    hits = 0
-    for i in range(live_ev.num_events):
-        need = [int(e) for e in live_ev.experts[live_ev.ptr[i] : live_ev.ptr[i + 1]]]
-        hits += len(need) - len(c.access(0, need))
-    assert hits == round(sim["accesses"] * sim["hit_rate"])
+    assert online_hits(c, live_ev) == round(sim["accesses"] * sim["hit_rate"])
     assert c.drift() == sim["drift"]
-
-
-@pytest.mark.parametrize("policy", ["arc", "wtinylfu", "lecar"])
-@pytest.mark.parametrize("pool", [False, True])
-def test_adaptive_online_cache_matches_simulator(policy: str, pool: bool) -> None:
-    rng = np.random.default_rng(11)
-    tokens = random_tokens(rng, 300, 3, 10, 2)
-    ev = build_events(routing(tokens, 10))
-    plan = plan_for(ev, policy, 3)
-    if pool:
-        plan = replace(plan, layout=CacheLayout("pool", (1, 1, 1), pool_slots=9))
-    sim = simulate(ev, plan, HW).summary()
-    c = ExpertCache(plan.layout, eviction_spec(plan.eviction, 3, 10), 10)
-    hits = 0
-    for t in tokens:
-        for layer, experts in enumerate(t):
-            need = sorted(set(int(e) for e in experts))
-            hits += len(need) - len(c.access(layer, need))
-    assert hits == round(sim["accesses"] * sim["hit_rate"])
-    lru = simulate(ev, replace(plan, eviction=EvictionConfig("lru")), HW).summary()
-    assert sim["hit_rate"] != lru["hit_rate"]  # the policy really decides differently
 
 
 # ---------------------------------------------------------------- shift split

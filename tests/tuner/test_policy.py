@@ -10,14 +10,10 @@ from moetrace.store.hardware import load_hardware
 from moetrace.store.plan import CacheLayout, EvictionConfig
 from moetrace.tuner.policy import POLICIES, PREFETCHERS, ExpertCache, eviction_spec, fit_eviction
 from moetrace.tuner.sim.engine import simulate
-from tests.tuner.simhelpers import events_of, plan_for
+from tests.tuner.simhelpers import events_of, online_hits, plan_for
+from tests.tuner.simhelpers import one_layer_cache as cache
 
 HW = load_hardware("pcie4-x16")
-
-
-def cache(policy: str, capacity: int, num_experts: int = 8, **params: float) -> ExpertCache:
-    spec = eviction_spec(EvictionConfig(policy, params), 1, num_experts)
-    return ExpertCache(CacheLayout("per_layer", (capacity,)), spec, num_experts)
 
 
 def evictions(c: ExpertCache, seq: list[int]) -> list[int | None]:
@@ -174,7 +170,19 @@ def test_trans_table_shape_checked() -> None:
 
 @pytest.mark.parametrize(
     "policy",
-    ["lru", "fifo", "lfu", "pinned_lru", "freq_lru", "lrfu", "lrfu_fast", "trans_lru"],
+    [
+        "lru",
+        "fifo",
+        "lfu",
+        "pinned_lru",
+        "freq_lru",
+        "lrfu",
+        "lrfu_fast",
+        "trans_lru",
+        "arc",
+        "wtinylfu",
+        "lecar",
+    ],  # fmt: skip
 )
 @pytest.mark.parametrize("pool", [False, True])
 def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
@@ -196,14 +204,9 @@ def test_online_cache_matches_simulator(policy: str, pool: bool) -> None:
 
         plan = replace(plan, layout=CacheLayout("pool", (1, 1, 1), pool_slots=9))
     sim = simulate(ev, plan, HW).summary()
-    c = ExpertCache(plan.layout, eviction_spec(plan.eviction, 3, 10), 10)
-    hits = 0
-    for t in tokens:
-        for layer, experts in enumerate(t):
-            need = sorted(set(int(e) for e in experts))
-            hits += len(need) - len(c.access(layer, need))
+    hits = online_hits(ExpertCache(plan.layout, eviction_spec(plan.eviction, 3, 10), 10), ev)
     assert hits == round(sim["accesses"] * sim["hit_rate"])
-    if policy in ("lrfu_fast", "trans_lru"):  # the new terms really change decisions here
+    if policy in ("lrfu_fast", "trans_lru", "arc", "wtinylfu", "lecar"):  # not LRU in disguise
         lru = simulate(ev, replace_policy(plan, "lru"), HW).summary()
         assert hits != round(lru["accesses"] * lru["hit_rate"])
 
