@@ -122,10 +122,16 @@ TRACE_DAMAGE: dict[str, tuple[Callable[[Path], Any], str]] = {
     ),
 }
 
+
+def _simulate(policy: str, *extra: str) -> Callable[[Path, Path], list[str]]:
+    """``moetrace simulate TRACE --policy POLICY --cache 2 EXTRA...``"""
+    return lambda t, w: ["simulate", str(t), "--policy", policy, "--cache", "2", *extra]
+
+
 TRACE_COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
     "inspect": lambda t, w: ["inspect", str(t)],
     "analyze": lambda t, w: ["analyze", str(t)],
-    "simulate": lambda t, w: ["simulate", str(t), "--policy", "lru", "--cache", "2"],
+    "simulate": _simulate("lru"),
     "tune": lambda t, w: ["tune", str(t), "--budget", "25%", "--out", str(w / "p.json")],
     "sql": lambda t, w: ["sql", str(t), "SELECT count(*) FROM activations"],
     "dashboard": lambda t, w: ["dashboard", str(t), "--no-browser", "--port", "1"],
@@ -426,33 +432,19 @@ OPTION_CASES: dict[str, Case] = {
     "profile-bytes-word": Case(lambda t, w: ["profile", "--bytes", "lots"], r"--bytes 'lots'"),
     # policy parameters and names
     "simulate-param-unknown": Case(
-        lambda t, w: ["simulate", str(t), "--policy", "lru", "--cache", "2", "--param", "x=1"],
+        _simulate("lru", "--param", "x=1"),
         r"unknown parameter 'x' for eviction policy 'lru'; valid: decay",
     ),
     "simulate-param-not-a-number": Case(
-        lambda t, w: [
-            "simulate",
-            str(t),
-            "--policy",
-            "lru",
-            "--cache",
-            "2",
-            "--param",
-            "decay=abc",
-        ],
+        _simulate("lru", "--param", "decay=abc"),
         r"expected NAME=NUMBER",
     ),
     "simulate-param-out-of-range": Case(
-        lambda t, w: ["simulate", str(t), "--policy", "lfu", "--cache", "2", "--param", "decay=0"],
-        r"'decay' .* in \(0, 1\]",
+        _simulate("lfu", "--param", "decay=0"), r"'decay' .* in \(0, 1\]"
     ),
-    "simulate-unknown-policy": Case(
-        lambda t, w: ["simulate", str(t), "--policy", "nope", "--cache", "2"],
-        r"unknown eviction policy 'nope'",
-    ),
+    "simulate-unknown-policy": Case(_simulate("nope"), r"unknown eviction policy 'nope'"),
     "simulate-unknown-prefetcher": Case(
-        lambda t, w: ["simulate", str(t), "--policy", "lru", "--cache", "2", "--prefetch", "nope"],
-        r"unknown prefetcher 'nope'",
+        _simulate("lru", "--prefetch", "nope"), r"unknown prefetcher 'nope'"
     ),
     "simulate-cache-too-large": Case(
         lambda t, w: ["simulate", str(t), "--policy", "lru", "--cache", "999"],

@@ -158,19 +158,9 @@ def test_explicit_set_batch_continuous_batching(tmp_path) -> None:
 def test_cli_record_resume_and_errors(model_dir, tmp_path) -> None:
     runner = CliRunner()
     prompts = write_prompts(tmp_path / "p.jsonl", 3)
-    args = [
-        "record",
-        "--model",
-        str(model_dir),
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(tmp_path / "t"),
-        "--max-new-tokens",
-        "3",
-        "--batch-size",
-        "2",
-    ]
+    args = _record_args(
+        model_dir, prompts, tmp_path / "t", "--max-new-tokens", "3", "--batch-size", "2"
+    )
     res = runner.invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "recorded 3 request(s)" in res.output
