@@ -66,7 +66,7 @@ def shadow_event(
     """Record one event (``plan_hits`` of its accesses hit the plan's cache) in the shadow
     directory. The shadow is LRU as the cache runs it: the event's experts already in it
     are hits and protected from its misses, which evict the least recently used others
-    (or, with every slot protected, are not kept). (Arrays, not the state: see core.event.)"""
+    (or, with every slot protected, are not kept). Takes only the arrays it touches."""
     n = experts.shape[0]
     glob[G_WIN_N] += n
     glob[G_WIN_HITS] += plan_hits

@@ -66,8 +66,8 @@ def count(
     p: int,
     key: int,
 ) -> None:
-    """Count a use of ``key``; halve the partition's counts every sample. (Arrays, not
-    the state: it runs per access, see core.event.)"""
+    """Count a use of ``key``; halve the partition's counts every sample (takes only the
+    arrays it touches)."""
     key_f[key, KF_CNT] += 1.0
     part_f[p, PF_AGE] += 1.0
     if part_f[p, PF_AGE] >= prm[PR_SAMPLE] * part_f[p, PF_CAP]:
