@@ -32,12 +32,15 @@ from moetrace.runtime.expert_store import (
     load_skeleton,
     model_fingerprint,
 )
-from moetrace.runtime.slots import STREAMED, SlotPool
+from moetrace.runtime.memory import ALIGN, ExpertMemory
+from moetrace.runtime.slots import SlotPool
 from moetrace.runtime.stats import RuntimeStats
 from moetrace.store.budget import BudgetSpec, parse_budget
 from moetrace.store.plan import Plan
 from moetrace.tracer.phase import PREFILL, forward_phase
 from moetrace.tuner.policy.cache import ExpertCache
+from moetrace.tuner.policy.core import HIT
+from moetrace.tuner.policy.core import STREAMED as STREAMED_STATUS
 from moetrace.tuner.policy.eviction import eviction_spec
 from moetrace.tuner.policy.prefetch import get_prefetcher
 
@@ -119,15 +122,24 @@ class OffloadEngine:
                 f"experts implementation {self.inner!r} is not supported under offloading; "
                 f"use one of {X.INNER_IMPLEMENTATIONS}"
             )
+        params = self.layers[0].params
+        limit = budget_bytes if budget_bytes is not None else self.footprint.total_bytes
+        self.memory = ExpertMemory(self.device, limit + ALIGN * len(params))
+        """Expert memory as allocated (measured), checked after every experts call."""
         self.pool = SlotPool(
-            self.layers[0].params,
+            params,
             self.footprint.slots,
             self.footprint.stream_slots,
             self.device,
             source,
+            self.memory,
             async_loads=async_prefetch,
         )
-        self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers))
+        self._lut = torch.full(
+            (self.info.num_experts + 1,), self.pool.total_slots, dtype=torch.long,
+            device=self.device,
+        )  # fmt: skip
+        self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers), memory=self.memory)
         self._unswitched = plan.adaptation.window > 0  # a switch still to report
         if plan.adaptation.window > 0:
             self.stats.drift_probe = self.cache.drift
@@ -167,7 +179,7 @@ class OffloadEngine:
         """Load an expert store's skeleton on ``device``; experts stream from disk."""
         dev = check_device(device)
         model, index = load_skeleton(store, dev)
-        source = DiskExpertSource(store, index.layer_ids)
+        source = DiskExpertSource(store, index, kw.pop("read_mode", None))
         return cls(model, source, plan, device=dev, fingerprint=index.fingerprint, **kw)
 
     # ------------------------------------------------------------ install / remove
@@ -233,52 +245,57 @@ class OffloadEngine:
         layer, ph = ref.index, self._phase
         flat = top_k_index.reshape(-1)
         uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
-        need = [int(e) for e in uniq.tolist()]
+        need = uniq.cpu().numpy().astype(np.int64, copy=False)
         st = self.stats
-        was_resident = [self.cache.resident(layer, e) for e in need]
-        loads = self.cache.access(layer, need, ph)
-        streamed = {e for e, ev in loads if ev == STREAMED}
-        loaded = {e: ev for e, ev in loads if ev != STREAMED}
+        out = self.cache.event(layer, need, ph)
+        status = out[:, 2]
+        n, nhit = len(need), int((status == HIT).sum())
+        st.add("accesses", layer, ph, n)
+        st.add("hits", layer, ph, nhit)
+        st.add("misses", layer, ph, n - nhit)
         stall = 0.0
-        for e, res in zip(need, was_resident, strict=True):
-            st.add("accesses", layer, ph)
-            if res:
-                st.add("hits", layer, ph)
-                slot = self.cache.slot(layer, e)
-                assert slot is not None
-                if slot in self._prefetched:
-                    self._prefetched.discard(slot)
+        if nhit and (self._prefetched or self.pool.has_pending):
+            for s in out[status == HIT, 0].tolist():
+                if s in self._prefetched:
+                    self._prefetched.discard(s)
                     st.add("prefetch_used", layer, ph)
-                stall += self.pool.wait(slot)
-            else:
-                st.add("misses", layer, ph)
-        for e, evicted in loaded.items():
-            slot = self.cache.slot(layer, e)
-            assert slot is not None
-            self._evicted(slot, evicted, ph)
-            t0 = time.perf_counter()
-            moved = self.pool.load(slot, layer, e)
-            stall += time.perf_counter() - t0
-            st.add("bytes_demand", layer, ph, moved)
-        st.add("streamed", layer, ph, len(streamed))
+                stall += self.pool.wait(s)
+        streamed: list[int] = []
+        if nhit < n:
+            E = self.info.num_experts
+            loads = []
+            for j in np.flatnonzero(status != HIT).tolist():
+                e, s, old = int(need[j]), int(out[j, 0]), int(out[j, 1])
+                if status[j] == STREAMED_STATUS:
+                    streamed.append(e)
+                    continue
+                self._evicted(s, None if old < 0 else (old // E, old % E), ph)
+                loads.append((s, layer, e))
+            if loads:
+                t0 = time.perf_counter()
+                st.add("bytes_demand", layer, ph, self.pool.load_many(loads))
+                stall += time.perf_counter() - t0
+            st.add("streamed", layer, ph, len(streamed))
         if self._unswitched and self.cache.switched:
             self._report_switch()
         if st.accesses_log is not None:
-            st.accesses_log.append((layer, ph, tuple(need), tuple(was_resident)))
+            st.accesses_log.append(
+                (layer, ph, tuple(need.tolist()), tuple((status == HIT).tolist()))
+            )
         if self.prefetcher is not None:
             self._issue_prefetch(ref, hidden, uniq, counts, ph)
-        self._check_budget()
         t0 = time.perf_counter()
         if streamed:
-            out, s = self._compute_streaming(
-                ref, module, hidden, top_k_index, top_k_weights, streamed
+            result, s = self._compute_streaming(
+                ref, module, hidden, top_k_index, top_k_weights, set(streamed)
             )
             stall += s
         else:
-            out = self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {})
+            result = self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {})
+        self.memory.check()
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         st.add("stall_s", layer, ph, stall)
-        return out
+        return result
 
     def _report_switch(self) -> None:
         self._unswitched = False
@@ -294,14 +311,6 @@ class OffloadEngine:
         if evicted is not None and slot in self._prefetched:
             self.stats.add("prefetch_wasted", evicted[0], ph)
         self._prefetched.discard(slot)
-
-    def _check_budget(self) -> None:
-        resident = self.cache.num_resident * self.pool.bytes_per_slot
-        if resident > self.pool.slot_bytes:
-            raise RuntimeEngineError(
-                f"resident expert bytes {resident} exceed the slot budget {self.pool.slot_bytes}"
-            )
-        self.stats.max_resident_bytes = max(self.stats.max_resident_bytes, resident)
 
     # ------------------------------------------------------------ prefetch
     def _issue_prefetch(
@@ -358,23 +367,35 @@ class OffloadEngine:
         hidden: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
-        need: Sequence[int],
+        need: np.ndarray | Sequence[int],
         extra_slots: dict[int, int],
     ) -> torch.Tensor:
-        """The model's own experts implementation over the ``need`` experts (ascending)."""
-        layer = ref.index
-        slots = [extra_slots[e] if e in extra_slots else self.cache.slot(layer, e) for e in need]
-        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
-        num_experts = int(module.num_experts)
-        lut = torch.full((num_experts + 1,), len(need), dtype=torch.long, device=self.device)
-        lut[torch.tensor(need, dtype=torch.long, device=self.device)] = torch.arange(
-            len(need), device=self.device
-        )
-        local = lut[top_k_index]  # -1 (dropped) reads the sentinel at lut[-1]
-        tensors = {name: t.index_select(0, slot_t) for name, t in self.pool.storage.items()}
-        proxy = X.ExpertsProxy(module, tensors, len(need))
+        """The model's own experts implementation, reading the slots in place.
+
+        ``batched_mm``/``grouped_mm`` get the whole slot storage as their expert tensors
+        and the routing mapped to slot numbers (their per-pair arithmetic does not depend
+        on which row holds an expert); ``eager`` sums experts in ascending expert order,
+        so it gets the ``need`` experts (ascending) as :class:`SlotRows` views."""
+        E = ref.num_experts
+        where = self.cache.state.where[ref.index * E : (ref.index + 1) * E]
         fn = X.inner_forward(module, self.inner)
-        return fn(proxy, hidden, local.to(top_k_index.dtype), top_k_weights)
+        if self.inner == "eager":
+            slots = [extra_slots.get(int(e), int(where[e])) for e in need]
+            rank = torch.full((E + 1,), len(slots), dtype=torch.long, device=self.device)
+            rank[torch.as_tensor(need, dtype=torch.long).to(self.device)] = torch.arange(
+                len(slots), device=self.device
+            )
+            rows = {name: X.SlotRows(t, slots) for name, t in self.pool.storage.items()}
+            proxy = X.ExpertsProxy(module, rows, len(slots))
+            local = rank[top_k_index]  # -1 (dropped) reads the sentinel at rank[-1]
+            return fn(proxy, hidden, local.to(top_k_index.dtype), top_k_weights)
+        lut = self._lut
+        lut[:E].copy_(torch.from_numpy(where))
+        for e, s in extra_slots.items():
+            lut[e] = s
+        slot_index = lut[top_k_index]  # -1 (dropped) reads the sentinel at lut[-1]
+        proxy = X.ExpertsProxy(module, self.pool.storage, self.pool.total_slots)
+        return fn(proxy, hidden, slot_index.to(top_k_index.dtype), top_k_weights)
 
     def _compute_streaming(
         self,
@@ -403,14 +424,11 @@ class OffloadEngine:
         pair_out = torch.zeros_like(rep)
         stall = 0.0
         for n, group in enumerate(groups):
-            extra_slots = {}
-            for i, e in enumerate(group):
-                slot = self.pool.stream_slot(i)
-                t0 = time.perf_counter()
-                moved = self.pool.load(slot, ref.index, e)
-                stall += time.perf_counter() - t0
-                self.stats.add("bytes_demand", ref.index, self._phase, moved)
-                extra_slots[e] = slot
+            extra_slots = {e: self.pool.stream_slot(i) for i, e in enumerate(group)}
+            t0 = time.perf_counter()
+            moved = self.pool.load_many([(s, ref.index, e) for e, s in extra_slots.items()])
+            stall += time.perf_counter() - t0
+            self.stats.add("bytes_demand", ref.index, self._phase, moved)
             need = sorted(group + (cached if n == 0 else []))
             mask = torch.isin(flat, torch.tensor(need, dtype=flat.dtype, device=flat.device))
             if not bool(mask.any()):

@@ -2,10 +2,15 @@
 
 An expert store is a directory written once by :func:`prepare_store` (``moetrace prepare``)::
 
-    store.json                     format, routing shape, per-expert tensors
+    store.json                     format (v2), routing shape, per-expert tensors, layout
     config.json, tokenizer files   to rebuild the model skeleton
     dense.safetensors              every non-expert parameter and buffer
-    experts/L<layer>-E<expert>.safetensors   one routed expert each, read memory-mapped
+    experts/L<layer>.bin           one MoE layer's routed experts, expert e at e * stride,
+                                   each tensor at a 4 KiB-aligned offset (raw bytes)
+
+Experts are read without the page cache (:mod:`moetrace.runtime.direct_io`), so the slots
+are the only memory experts take. Version 1 stores (one safetensors file per expert,
+``experts/L<layer>-E<expert>.safetensors``, read memory-mapped) are still read.
 
 :func:`load_skeleton` rebuilds the model on the ``meta`` device, assigns the dense tensors
 on the compute device and drops the expert tensors, so no expert is ever materialized on
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +34,28 @@ from safetensors.torch import save_file
 from torch import nn
 
 from moetrace.errors import ModelError, RuntimeEngineError
+from moetrace.runtime.direct_io import ExpertLayout, LayerFiles, write_layer_file
 from moetrace.runtime.experts import ExpertParam, MoELayerRef, expert_params, find_moe_layers
+from moetrace.runtime.memory import ALIGN
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = "moetrace-expert-store"
-STORE_VERSION = 1
+STORE_VERSION = 2
+READABLE_STORE_VERSIONS = (1, 2)
 STORE_INDEX = "store.json"
 DENSE_FILE = "dense.safetensors"
 EXPERTS_DIR = "experts"
 
 
 def expert_file(layer_id: int, expert: int) -> str:
+    """A version 1 store's file of one expert."""
     return f"{EXPERTS_DIR}/L{layer_id:04d}-E{expert:05d}.safetensors"
+
+
+def layer_file(layer_id: int) -> str:
+    """A version 2 store's file of one MoE layer's experts."""
+    return f"{EXPERTS_DIR}/L{layer_id:04d}.bin"
 
 
 class ExpertSource(Protocol):
@@ -76,29 +91,6 @@ class HostExpertSource:
         return moved
 
 
-class DiskExpertSource:
-    """Experts read memory-mapped from an expert store's per-expert files."""
-
-    tier = "disk"
-
-    def __init__(self, root: str | os.PathLike[str], layer_ids: Sequence[int]):
-        self.root = Path(root)
-        self.layer_ids = tuple(layer_ids)
-
-    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
-        path = self.root / expert_file(self.layer_ids[layer], expert)
-        moved = 0
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for name, dst in out.items():
-                    src = fh.get_tensor(name)
-                    dst.copy_(src, non_blocking=dst.is_cuda)
-                    moved += src.numel() * src.element_size()
-        except (OSError, KeyError) as exc:
-            raise RuntimeEngineError(f"{path}: cannot read expert ({exc})") from None
-        return moved
-
-
 @dataclass(frozen=True)
 class StoreIndex:
     """The store.json of an expert store."""
@@ -109,10 +101,16 @@ class StoreIndex:
     params: tuple[ExpertParam, ...]
     fingerprint: str
     dtype: str
+    version: int = STORE_VERSION
 
     @property
     def bytes_per_expert(self) -> int:
         return sum(p.nbytes for p in self.params)
+
+    @property
+    def layout(self) -> ExpertLayout:
+        """Where an expert's tensors lie in its layer file (version 2)."""
+        return ExpertLayout.of([p.name for p in self.params], [p.nbytes for p in self.params])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +130,12 @@ class StoreIndex:
             "fingerprint": self.fingerprint,
             "dtype": self.dtype,
             "bytes_per_expert": self.bytes_per_expert,
+            "layout": {
+                "files": layer_file(0).replace("0000", "<layer>"),
+                "align": ALIGN,
+                "stride": self.layout.stride,
+                "offsets": dict(zip(self.layout.names, self.layout.offsets, strict=True)),
+            },
         }
 
     @classmethod
@@ -143,9 +147,12 @@ class StoreIndex:
             raise RuntimeEngineError(f"{path}: not an expert store ({exc.strerror})") from None
         except json.JSONDecodeError as exc:
             raise RuntimeEngineError(f"{path}: not valid JSON (line {exc.lineno})") from None
-        if data.get("format") != STORE_FORMAT or data.get("format_version") != STORE_VERSION:
+        version = data.get("format_version")
+        if data.get("format") != STORE_FORMAT or version not in READABLE_STORE_VERSIONS:
             raise RuntimeEngineError(
-                f"{path}: not a v{STORE_VERSION} expert store (format={data.get('format')!r})"
+                f"{path}: not an expert store this version reads (format="
+                f"{data.get('format')!r}, version {version!r}; readable: "
+                f"{READABLE_STORE_VERSIONS})"
             )
         try:
             params = tuple(
@@ -159,9 +166,70 @@ class StoreIndex:
                 params,
                 str(data["fingerprint"]),
                 str(data["dtype"]),
+                int(version),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise RuntimeEngineError(f"{path}: missing or invalid field ({exc})") from None
+
+
+class DiskExpertSource:
+    """Experts read from an expert store without the page cache (v2), or memory-mapped
+    from a version 1 store's per-expert files (through the page cache)."""
+
+    tier = "disk"
+
+    def __init__(self, root: str | os.PathLike[str], index: StoreIndex, mode: str | None = None):
+        self.root = Path(root)
+        self.index = index
+        self.layer_ids = index.layer_ids
+        self.files: LayerFiles | None = None
+        if index.version >= 2:
+            paths = [self.root / layer_file(i) for i in index.layer_ids]
+            self.files = LayerFiles(paths, index.layout, mode)
+        else:
+            log.warning(
+                "%s: a version 1 expert store is read through the page cache; "
+                "rewrite it with `moetrace prepare` for reads that bypass it",
+                root,
+            )
+        self._local = threading.local()
+
+    @property
+    def mode(self) -> str:
+        return "mmap" if self.files is None else self.files.mode
+
+    def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
+        if self.files is None:
+            return self._read_v1(layer, expert, out)
+        first = next(iter(out.values()))
+        if first.device.type == "cpu":
+            return self.files.read_into(layer, expert, out)
+        # a device slot: read into this thread's host buffer, then copy it over
+        host = getattr(self._local, "host", None)
+        if host is None:
+            host = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in out.items()}
+            self._local.host = host
+        moved = self.files.read_into(layer, expert, host)
+        for name, dst in out.items():
+            dst.copy_(host[name])
+        return moved
+
+    def _read_v1(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
+        path = self.root / expert_file(self.layer_ids[layer], expert)
+        moved = 0
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                for name, dst in out.items():
+                    src = fh.get_tensor(name)
+                    dst.copy_(src, non_blocking=dst.is_cuda)
+                    moved += src.numel() * src.element_size()
+        except (OSError, KeyError) as exc:
+            raise RuntimeEngineError(f"{path}: cannot read expert ({exc})") from None
+        return moved
+
+    def close(self) -> None:
+        if self.files is not None:
+            self.files.close()
 
 
 def is_store(path: str | os.PathLike[str]) -> bool:
@@ -212,18 +280,6 @@ def prepare_store(
     fingerprint = model_fingerprint(model)
     (out_dir / EXPERTS_DIR).mkdir(parents=True, exist_ok=True)
     experts = detach_experts(model, layers)
-    for ref, tensors in zip(layers, experts, strict=True):
-        for e in range(ref.num_experts):
-            save_file(
-                {n: t[e].contiguous() for n, t in tensors.items()},
-                str(out_dir / expert_file(ref.layer_id, e)),
-            )
-    save_dense(model, out_dir / DENSE_FILE)
-    config.save_pretrained(out_dir)
-    try:
-        AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
-    except (OSError, ValueError, TypeError):
-        log.warning("%s: no tokenizer found; the store has none", model_path)
     index = StoreIndex(
         tuple(r.layer_id for r in layers),
         layers[0].num_experts,
@@ -232,6 +288,18 @@ def prepare_store(
         fingerprint,
         str(layers[0].params[0].dtype).removeprefix("torch."),
     )
+    for ref, tensors in zip(layers, experts, strict=True):
+        write_layer_file(
+            out_dir / layer_file(ref.layer_id),
+            index.layout,
+            [{n: t[e] for n, t in tensors.items()} for e in range(ref.num_experts)],
+        )
+    save_dense(model, out_dir / DENSE_FILE)
+    config.save_pretrained(out_dir)
+    try:
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
+    except (OSError, ValueError, TypeError):
+        log.warning("%s: no tokenizer found; the store has none", model_path)
     (out_dir / STORE_INDEX).write_text(json.dumps(index.to_json(), indent=1) + "\n")
     return index
 

@@ -11,6 +11,7 @@ expert order, so the arithmetic is the same as without offloading.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from moetrace.errors import RuntimeEngineError
+
+log = logging.getLogger(__name__)
 
 OFFLOAD_IMPLEMENTATION = "moetrace_offload"
 HANDLER_ATTR = "_moetrace_offload"
@@ -157,10 +160,43 @@ def find_moe_layers(model: nn.Module) -> list[MoELayerRef]:
     return refs
 
 
-class ExpertsProxy:
-    """Stands in for an experts module: its expert tensors replaced by a compact set."""
+class SlotRows:
+    """Slot rows in a given order, indexed like an experts tensor, without a copy.
 
-    def __init__(self, module: nn.Module, tensors: dict[str, torch.Tensor], num_experts: int):
+    ``rows[i]`` is the slot storage's row ``slots[i]`` (a view). The ``eager``
+    implementations index their expert tensors one expert at a time, so the proxy can hand
+    them this instead of a gathered copy and keep their ascending-expert order (and so
+    their arithmetic) unchanged. Any other use gathers the rows (a copy) and says so."""
+
+    def __init__(self, storage: torch.Tensor, slots: list[int]):
+        self.storage = storage
+        self.slots = slots
+        self.shape = torch.Size((len(slots), *storage.shape[1:]))
+        self.dtype = storage.dtype
+        self.device = storage.device
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        if isinstance(idx, int) or (isinstance(idx, torch.Tensor) and idx.dim() == 0):
+            return self.storage[self.slots[int(idx)]]
+        return self.gathered()[idx]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def gathered(self) -> torch.Tensor:
+        log.warning("an experts implementation used its expert tensors whole; gathering a copy")
+        return self.storage[torch.tensor(self.slots, device=self.device)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.gathered(), name)
+
+
+class ExpertsProxy:
+    """Stands in for an experts module: its expert tensors replaced by slot storage."""
+
+    def __init__(
+        self, module: nn.Module, tensors: dict[str, torch.Tensor | SlotRows], num_experts: int
+    ):
         self.__dict__["_module"] = module
         self.__dict__["_tensors"] = tensors
         self.__dict__["num_experts"] = num_experts

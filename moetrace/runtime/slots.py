@@ -1,15 +1,21 @@
-"""Device expert slots: preallocated storage, the slot table's physical side, async loads.
+"""Device expert slots: preallocated storage, the slot table's physical side, loads.
 
 Residency *decisions* come from :class:`moetrace.tuner.policy.cache.ExpertCache` (the
 same code the simulator's policies are defined by); this module owns the bytes: one
-preallocated tensor per expert parameter with ``num_slots + stream_slots`` rows, loads
-into a slot on the caller's thread or asynchronously (a background thread on CPU, a side
-stream with events on CUDA), and waits for a slot's pending load before it is used.
+preallocated tensor per expert parameter with ``num_slots + stream_slots`` rows, taken
+from the :class:`~moetrace.runtime.memory.ExpertMemory` ledger (measured, checked against
+the budget), and the loads into them.
+
+Loads model the simulator's link: with a disk tier every read, demand or prefetch, goes
+through one I/O thread in issue order, so a demand load queues behind the prefetches
+already issued exactly as in the timing model; host-memory sources copy on the caller's
+thread (CPU) or on a side stream with events (CUDA). A slot is waited for before use.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +23,7 @@ import torch
 
 from moetrace.runtime.expert_store import ExpertSource
 from moetrace.runtime.experts import ExpertParam
+from moetrace.runtime.memory import ExpertMemory
 
 STREAMED = (-1, -1)
 
@@ -31,24 +38,41 @@ class SlotPool:
         stream_slots: int,
         device: torch.device,
         source: ExpertSource,
+        memory: ExpertMemory,
         async_loads: bool = True,
     ):
         self.device = device
         self.num_slots = num_slots
         self.stream_slots = stream_slots
         self.source = source
+        self.memory = memory
+        total = num_slots + stream_slots
         self.storage = {
-            p.name: torch.empty((num_slots + stream_slots, *p.shape), dtype=p.dtype, device=device)
+            p.name: memory.allocate(total * p.nbytes, f"slots/{p.name}")
+            .view(p.dtype)
+            .view(total, *p.shape)
             for p in params
         }
         self.bytes_per_slot = sum(p.nbytes for p in params)
         self._pending: dict[int, Any] = {}
         self._cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if self._cuda else None
-        self._pool = (
-            ThreadPoolExecutor(1, "moetrace-prefetch") if async_loads and not self._cuda else None
+        self._io = (
+            ThreadPoolExecutor(1, "moetrace-io")
+            if async_loads and (not self._cuda or source.tier == "disk")
+            else None
         )
+        self._queued = self._io is not None and source.tier == "disk"
+        """Demand loads go through the I/O thread too (one link, in issue order)."""
         self.async_loads = async_loads
+
+    @property
+    def total_slots(self) -> int:
+        return self.num_slots + self.stream_slots
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     @property
     def slot_bytes(self) -> int:
@@ -66,13 +90,22 @@ class SlotPool:
 
     def load(self, slot: int, layer: int, expert: int) -> int:
         """Fill ``slot`` now (after any pending load into it); return bytes moved."""
-        self.wait(slot)
-        return self.source.read_into(layer, expert, self.views(slot))
+        return self.load_many([(slot, layer, expert)])
+
+    def load_many(self, loads: Sequence[tuple[int, int, int]]) -> int:
+        """Fill each ``(slot, layer, expert)`` and wait for all; return bytes moved."""
+        for slot, _, _ in loads:
+            self.wait(slot)
+        if not self._queued:
+            return sum(self.source.read_into(la, e, self.views(s)) for s, la, e in loads)
+        assert self._io is not None
+        futs = [self._io.submit(self.source.read_into, la, e, self.views(s)) for s, la, e in loads]
+        return sum(f.result() for f in futs)
 
     def load_async(self, slot: int, layer: int, expert: int) -> int:
         """Start filling ``slot`` in the background; :meth:`wait` before using it."""
         self.wait(slot)
-        if self._cuda:
+        if self._cuda and self.source.tier != "disk":
             assert self._stream is not None
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._stream):
@@ -81,14 +114,16 @@ class SlotPool:
                 event.record(self._stream)
             self._pending[slot] = event
             return moved
-        if self._pool is None:
+        if self._io is None:
             return self.load(slot, layer, expert)
-        fut: Future[int] = self._pool.submit(self.source.read_into, layer, expert, self.views(slot))
+        fut: Future[int] = self._io.submit(self.source.read_into, layer, expert, self.views(slot))
         self._pending[slot] = fut
         return self.bytes_per_slot
 
     def wait(self, slot: int) -> float:
         """Wait for a pending load into ``slot``; return the seconds stalled."""
+        if not self._pending:
+            return 0.0
         pending = self._pending.pop(slot, None)
         if pending is None:
             return 0.0
@@ -105,6 +140,11 @@ class SlotPool:
 
     def close(self) -> None:
         self.drain()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+        for p in self.storage:
+            self.memory.release(f"slots/{p}")
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()

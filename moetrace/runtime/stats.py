@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moetrace.runtime.memory import ExpertMemory
 from moetrace.store.schema import PHASES
 
 COUNTERS = (
@@ -38,7 +39,8 @@ class RuntimeStats:
     layer_ids: tuple[int, ...]
     counters: dict[str, np.ndarray] = field(init=False)
     tokens: np.ndarray = field(init=False)
-    max_resident_bytes: int = 0
+    memory: ExpertMemory | None = field(default=None, repr=False)
+    """The engine's expert memory ledger (bytes measured at allocation)."""
     accesses_log: list[tuple[int, int, tuple[int, ...], tuple[bool, ...]]] | None = None
     drift_probe: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     """Reads the plan's drift detector (set by the engine when the plan has one)."""
@@ -47,6 +49,11 @@ class RuntimeStats:
         L = len(self.layer_ids)
         self.counters = {name: np.zeros((L, 2), dtype=np.float64) for name in COUNTERS}
         self.tokens = np.zeros(2, dtype=np.int64)
+
+    @property
+    def peak_expert_bytes(self) -> int:
+        """The most bytes of expert buffers held at once (measured), 0 without a ledger."""
+        return 0 if self.memory is None else int(self.memory.peak)
 
     @property
     def drift(self) -> dict[str, Any] | None:
@@ -86,7 +93,14 @@ class RuntimeStats:
             "total": self.summary(),
             "by_phase": {phase: self.summary(p) for p, phase in enumerate(PHASES)},
             "tokens": {phase: int(self.tokens[p]) for p, phase in enumerate(PHASES)},
-            "max_resident_bytes": int(self.max_resident_bytes),
+            "expert_memory": None
+            if self.memory is None
+            else {
+                "peak_bytes": int(self.memory.peak),
+                "limit_bytes": self.memory.limit,
+                "buffers": dict(self.memory.buffers),
+                "device": str(self.memory.device),
+            },
             "drift": self.drift,
             "per_layer": per_layer,
         }

@@ -68,3 +68,16 @@ def find_layers_info(model):
 
     layers = find_moe_layers(model)
     return model_info(layers, model.config.num_hidden_layers, model_fingerprint(model), "tiny")
+
+
+def assert_within_budget(engine, budget_bytes: int) -> None:
+    """The engine's measured expert memory stayed within ``budget_bytes`` (slots and
+    staging) plus the alignment padding of its buffers (one page per expert tensor)."""
+    from moetrace.runtime.memory import ALIGN
+
+    slack = ALIGN * len(engine.pool.storage)
+    assert 0 < engine.stats.peak_expert_bytes <= budget_bytes + slack, (
+        engine.stats.peak_expert_bytes,
+        budget_bytes,
+    )
+    assert engine.stats.peak_expert_bytes >= engine.pool.device_bytes

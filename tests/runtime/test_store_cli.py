@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from moetrace.cli import main
 from moetrace.runtime import OffloadEngine, prepare_store
-from moetrace.runtime.expert_store import DENSE_FILE, expert_file
+from moetrace.runtime.expert_store import DENSE_FILE, layer_file
+from moetrace.runtime.memory import ALIGN
 from moetrace.store.plan import Budget, CacheLayout, EvictionConfig, Plan, RoutingShape, save_plan
 
 
@@ -40,7 +41,7 @@ def store_dir(model_dir, tmp_path_factory):
 
 def test_store_layout_and_disk_run_identical(model_dir, store_dir, prompt_ids):
     assert (store_dir / DENSE_FILE).is_file()
-    assert (store_dir / expert_file(2, 7)).is_file()
+    assert (store_dir / layer_file(2)).is_file()
     dense_bytes = (store_dir / DENSE_FILE).stat().st_size
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = base.generate(prompt_ids, max_new_tokens=6, do_sample=False)
@@ -77,7 +78,9 @@ def test_cli_run_with_plan_and_stats(model_dir, store_dir, tmp_path):
         assert res.exit_code == 0, res.output
         data = json.loads(stats.read_text())
         assert data["tokens"]["prefill"] == 4 and data["tokens"]["decode"] == 3
-        assert data["max_resident_bytes"] <= 6 * info.bytes_per_expert
+        mem = data["expert_memory"]
+        assert 6 * info.bytes_per_expert <= mem["peak_bytes"] <= mem["limit_bytes"]
+        assert mem["limit_bytes"] <= (6 + 2) * info.bytes_per_expert + ALIGN * 3
     res = runner.invoke(
         main,
         ["run", "--model", str(model_dir), "--plan", str(plan_path), "--prompt", "w1",

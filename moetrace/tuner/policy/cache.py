@@ -140,6 +140,7 @@ class ExpertCache:
         if self.spec.oracle:
             raise ConfigError("an oracle eviction policy (belady) cannot run online")
         self.parts = partitions(self.layout)
+        self._out = np.zeros((max(self.num_experts, 1), 6), np.int64)
         self.state, self.config, missing = build_cache(self.layout, self.spec, self.num_experts)
         if missing:
             raise ConfigError(f"{missing} pinned experts do not fit their layers' slots")
@@ -165,6 +166,17 @@ class ExpertCache:
     def num_resident(self) -> int:
         return int((self.state.slot_key[: self.parts.num_slots] >= 0).sum())
 
+    def event(self, layer: int, experts: np.ndarray, phase: int = 1) -> np.ndarray:
+        """One event: ``layer`` needs ``experts`` (int64, in use order). Returns the
+        cache's rows for them (see :func:`moetrace.tuner.policy.core.event`: slot, evicted
+        key, HIT / LOADED / STREAMED, ...); valid until the next call."""
+        n = len(experts)
+        if self._out.shape[0] < n:
+            self._out = np.zeros((n, 6), np.int64)
+        core.event(self.state, self.config, layer, phase, experts, self.time, self._out)
+        self.time += 1
+        return self._out[:n]
+
     def access(
         self, layer: int, experts: list[int], phase: int = 1
     ) -> list[tuple[int, tuple[int, int] | None]]:
@@ -172,11 +184,7 @@ class ExpertCache:
         (``evicted`` is None for a free slot; an expert with no slot is streamed and
         listed with evicted ``(-1, -1)``)."""
         E = self.num_experts
-        out = np.zeros((max(len(experts), 1), 6), np.int64)
-        core.event(
-            self.state, self.config, layer, phase, np.asarray(experts, np.int64), self.time, out
-        )
-        self.time += 1
+        out = self.event(layer, np.asarray(experts, np.int64), phase)
         loads: list[tuple[int, tuple[int, int] | None]] = []
         for j, e in enumerate(experts):
             old, status = int(out[j, 1]), int(out[j, 2])
