@@ -47,15 +47,19 @@ def model_info(
 
 
 def default_plan(info: ModelInfo, slots: int, policy: str = "lru") -> Plan:
-    """A plan with one pool of ``slots`` slots, ``policy`` eviction and no prefetch."""
-    L = len(info.moe_layers)
+    """A plan with one pool of ``slots`` slots, ``policy`` eviction and no prefetch.
+
+    When every expert fits, every expert is pinned: loaded at start, layer by layer, so
+    each layer's experts sit in consecutive slots (as in the plain model's tensors)."""
+    L, E = len(info.moe_layers), info.num_experts
     if slots < 1:
         raise RuntimeEngineError(f"budget gives {slots} expert slots; at least 1 is needed")
+    pinned = tuple(tuple(range(E)) for _ in range(L)) if slots >= L * E else ()
     return Plan(
         routing=RoutingShape.of(info),
         budget=Budget(slots=slots, bytes_per_expert=info.bytes_per_expert),
         layout=CacheLayout("pool", (0,) * L, pool_slots=slots),
-        eviction=EvictionConfig(policy),
+        eviction=EvictionConfig(policy, pinned=pinned),
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,11 @@ from moetrace.runtime.slots import SlotPool
 from moetrace.runtime.stats import RuntimeStats
 from moetrace.store.budget import BudgetSpec, parse_budget
 from moetrace.store.plan import Plan
+from moetrace.tracer.attribution import LiveRows, eos_ids
+from moetrace.tracer.calls import argument_reader, forward_mask
+from moetrace.tracer.discover import discover
 from moetrace.tracer.phase import PREFILL, forward_phase
+from moetrace.tracer.speculate import attach_speculation
 from moetrace.tuner.policy.cache import ExpertCache
 from moetrace.tuner.policy.core import HIT
 from moetrace.tuner.policy.core import STREAMED as STREAMED_STATUS
@@ -47,6 +51,23 @@ from moetrace.tuner.policy.prefetch import get_prefetcher
 log = logging.getLogger(__name__)
 
 
+WINDOW_GAP = 16
+"""Unused slots between two used ones above which grouped_mm gets two windows (an empty
+group costs about 1 us on a CPU, a second call about 30 us)."""
+
+
+def slot_windows(slots: Sequence[int], gap: int = WINDOW_GAP) -> list[tuple[int, int]]:
+    """Half-open slot ranges covering sorted ``slots``, split where more than ``gap``
+    slots in a row are unused."""
+    out: list[tuple[int, int]] = []
+    for s in slots:
+        if out and s - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], s + 1)
+        else:
+            out.append((s, s + 1))
+    return out
+
+
 class OffloadEngine:
     """Runs ``model`` with only ``plan``'s expert slots on ``device``.
 
@@ -54,6 +75,9 @@ class OffloadEngine:
     :func:`moetrace.store.budget.parse_budget` reads (``"25%"``, ``"64MiB"``, ``"96"`` slots);
     a budget in bytes includes the ``top_k`` staging slots, one in % or slots does not.
     """
+
+    eos_token_id: int | Sequence[int] | None = None
+    """End-of-sequence ids that finish a batch row (None: the model's generation config)."""
 
     def __init__(
         self,
@@ -184,12 +208,24 @@ class OffloadEngine:
 
     # ------------------------------------------------------------ install / remove
     def _install(self) -> None:
+        self._speculative = self.prefetcher is not None and self.plan.prefetch.name == "speculative"
+        if self._speculative:
+            try:
+                self._attach_speculation()  # checks first, so nothing is left attached
+            except BaseException:
+                self.pool.close()
+                raise
         X.register_implementation()
         for ref in self.layers:
             ref.experts.__dict__[X.HANDLER_ATTR] = functools.partial(self._forward, ref)
+        # live positions (not padding, rows not finished), decided as the tracer does
+        self._arg = argument_reader(self.model)
+        self._rows = LiveRows()
+        self._live: torch.Tensor | None = None  # (tokens,) of this forward; None: all live
         self._handles.append(
             self.model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
         )
+        self._handles.append(self.model.register_forward_hook(self._end_hook))
         self._previous = X.current_implementation(self.model)
         X.set_implementation(self.model, X.OFFLOAD_IMPLEMENTATION)
 
@@ -205,6 +241,12 @@ class OffloadEngine:
             self._previous = None
         self.pool.close()
 
+    def set_phase(self, phase: int) -> None:
+        """The phase (0 prefill, 1 decode) of the experts calls that follow, for callers
+        that drive experts modules directly (the trace replay); ``generate()`` and other
+        forwards of the model set it themselves."""
+        self._phase = int(phase)
+
     def __enter__(self) -> OffloadEngine:
         return self
 
@@ -214,11 +256,38 @@ class OffloadEngine:
     # ------------------------------------------------------------ phases
     def _phase_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._phase = forward_phase(args, kwargs)
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        if ids is not None:
-            self.stats.tokens[self._phase] += int(ids.shape[0] * ids.shape[1])
+        self._live = None
+        ids = self._arg(args, kwargs, "input_ids")
+        ids = ids if isinstance(ids, torch.Tensor) else None
+        ref = ids if ids is not None else self._arg(args, kwargs, "inputs_embeds")
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            return
+        shape = (int(ref.shape[0]), int(ref.shape[1]))
+        mask = forward_mask(self._arg(args, kwargs, "attention_mask"), shape[1])
+        eos = self.eos_token_id
+        if eos is None:
+            eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        live = self._rows.update(
+            shape,
+            None if ids is None else ids.cpu().numpy(),
+            None if mask is None else mask.cpu().numpy() > 0,
+            eos_ids(eos),
+            new=self._phase == PREFILL,
+        )
+        n = int(live.sum())
+        self.stats.tokens[self._phase] += n
+        if n < live.size:
+            self._live = torch.from_numpy(live.reshape(-1)).to(self.device)
+
+    def _end_hook(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self._live = None
+
+    def _live_rows(self, top_k_index: torch.Tensor) -> torch.Tensor | None:
+        """The live token rows of this experts call as a bool mask; None when all are."""
+        live = self._live
+        if live is None or live.shape[0] != top_k_index.shape[0]:
+            return None
+        return live
 
     @staticmethod
     def _fetch_per_phase(plan: Plan) -> tuple[int, int]:
@@ -243,9 +312,14 @@ class OffloadEngine:
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         layer, ph = ref.index, self._phase
-        flat = top_k_index.reshape(-1)
+        live = self._live_rows(top_k_index)
+        routed = top_k_index if live is None else top_k_index[live]
+        flat = routed.reshape(-1)
         uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
         need = uniq.cpu().numpy().astype(np.int64, copy=False)
+        if live is not None and routed.shape[0] == 0:  # padding, finished rows: no event
+            args = (ref, module, hidden, top_k_index, top_k_weights, need, [], True)
+            return self._compute_rows(*args)[0]
         st = self.stats
         out = self.cache.event(layer, need, ph)
         status = out[:, 2]
@@ -282,16 +356,13 @@ class OffloadEngine:
             st.accesses_log.append(
                 (layer, ph, tuple(need.tolist()), tuple((status == HIT).tolist()))
             )
-        if self.prefetcher is not None:
-            self._issue_prefetch(ref, hidden, uniq, counts, ph)
+        if self.prefetcher is not None and not self._speculative:
+            self._issue_prefetch(ref, int(routed.shape[0]), uniq, counts, ph)
         t0 = time.perf_counter()
-        if streamed:
-            result, s = self._compute_streaming(
-                ref, module, hidden, top_k_index, top_k_weights, set(streamed)
-            )
-            stall += s
-        else:
-            result = self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {})
+        result, s = self._compute_rows(
+            ref, module, hidden, top_k_index, top_k_weights, need, streamed, live is not None
+        )
+        stall += s
         self.memory.check()
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         st.add("stall_s", layer, ph, stall)
@@ -316,37 +387,60 @@ class OffloadEngine:
     def _issue_prefetch(
         self,
         ref: X.MoELayerRef,
-        hidden: torch.Tensor,
+        tokens: int,
         uniq: torch.Tensor,
         counts: torch.Tensor,
         ph: int,
     ) -> None:
+        """A routing-based prediction from this layer's live tokens' experts."""
         assert self.prefetcher is not None
         target = ref.index + self.prefetcher.lookahead
         if target >= len(self.layers):
             return
-        fetch = self.fetch[ph]
-        if self.plan.prefetch.name == "speculative":
-            nxt = self.layers[target]
-            if nxt.router is None:
-                return
-            with torch.no_grad():
-                logits = nn.functional.linear(hidden, nxt.router.weight.to(hidden.dtype))
-                pick = torch.topk(logits, nxt.top_k, dim=-1).indices.reshape(-1)
-            e_ids, c = torch.unique(pick, return_counts=True)
-            order = torch.argsort(-c, stable=True)
-            predicted = e_ids[order].tolist()
-            if fetch > 0:
-                predicted = predicted[:fetch]
-        else:
-            predicted = self.prefetcher.predict(
-                ref.index,
-                uniq.cpu().numpy(),
-                counts.cpu().numpy().astype(np.float64),
-                tokens=int(hidden.reshape(-1, hidden.shape[-1]).shape[0]),
-                fetch=fetch,
-            ).tolist()
-        predicted = [int(e) for e in predicted]
+        predicted = self.prefetcher.predict(
+            ref.index,
+            uniq.cpu().numpy(),
+            counts.cpu().numpy().astype(np.float64),
+            tokens=tokens,
+            fetch=self.fetch[ph],
+        ).tolist()
+        self._prefetch(target, [int(e) for e in predicted], ph)
+
+    def _attach_speculation(self) -> None:
+        """The tracer's speculative pick after each MoE layer's decoder layer (its
+        ``s*`` columns): the next MoE layer's router on this layer's normalised output."""
+        if self.prefetcher is not None and self.prefetcher.lookahead != 1:
+            raise RuntimeEngineError(
+                f"prefetcher 'speculative' has lookahead 1, got {self.prefetcher.lookahead}"
+            )
+        layout = discover(self.model)
+        if list(layout.layer_ids) != [r.layer_id for r in self.layers]:
+            raise RuntimeEngineError(
+                f"speculative prefetch: the tracer finds MoE layers {list(layout.layer_ids)}, "
+                f"the runtime {[r.layer_id for r in self.layers]}"
+            )
+        self._handles += attach_speculation(layout, self._speculate)
+
+    def _speculate(self, pos: int, predict: Callable[[], torch.Tensor]) -> None:
+        """Prefetch for MoE layer ``pos + 1`` what its router picks for the live tokens of
+        layer ``pos``'s output, most picked first, ``fetch`` of them (0: all)."""
+        if pos + 1 >= len(self.layers):
+            return
+        pick = predict()
+        live = self._live_rows(pick)
+        if live is not None:
+            pick = pick[live]
+        if pick.shape[0] == 0:  # no live token: the layer had no event
+            return
+        e_ids, c = torch.unique(pick[pick >= 0], return_counts=True)
+        predicted = e_ids[torch.argsort(-c, stable=True)].tolist()
+        fetch = self.fetch[self._phase]
+        if fetch > 0:
+            predicted = predicted[:fetch]
+        self._prefetch(pos + 1, [int(e) for e in predicted], self._phase)
+
+    def _prefetch(self, target: int, predicted: list[int], ph: int) -> None:
+        """Give ``predicted`` experts of MoE layer ``target`` slots, loading asynchronously."""
         issued = self.cache.prefetch(target, predicted, ph)
         placed = {e for e, _, _ in issued}
         for e in predicted:
@@ -360,6 +454,37 @@ class OffloadEngine:
             self.stats.add("bytes_prefetch", target, ph, moved)
 
     # ------------------------------------------------------------ compute
+    def _compute_rows(
+        self,
+        ref: X.MoELayerRef,
+        module: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        need: np.ndarray,
+        streamed: Sequence[int],
+        dead: bool,
+    ) -> tuple[torch.Tensor, float]:
+        """Every row's output: ``need`` (the live tokens' experts: resident, or
+        ``streamed``) and, with ``dead`` rows (padding, finished), the experts only those
+        chose: not accesses, so the cache is not asked; read from their slots when
+        resident, streamed otherwise. Returns the output and the seconds stalled."""
+        stall = 0.0
+        extra = set(streamed)
+        if dead:
+            every = torch.unique(top_k_index[top_k_index >= 0]).cpu().numpy().astype(np.int64)
+            for e in np.setdiff1d(every, need).tolist():
+                slot = self.cache.slot(ref.index, e)
+                if slot is None:
+                    extra.add(e)
+                else:
+                    stall += self.pool.wait(slot)
+            need = every
+        if extra:
+            out, s = self._compute_streaming(ref, module, hidden, top_k_index, top_k_weights, extra)
+            return out, stall + s
+        return self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {}), stall
+
     def _compute(
         self,
         ref: X.MoELayerRef,
@@ -394,8 +519,35 @@ class OffloadEngine:
         for e, s in extra_slots.items():
             lut[e] = s
         slot_index = lut[top_k_index]  # -1 (dropped) reads the sentinel at lut[-1]
-        proxy = X.ExpertsProxy(module, self.pool.storage, self.pool.total_slots)
-        return fn(proxy, hidden, slot_index.to(top_k_index.dtype), top_k_weights)
+        if self.inner != "grouped_mm":  # batched_mm gathers per pair: no cost per slot
+            proxy = X.ExpertsProxy(module, self.pool.storage, self.pool.total_slots)
+            return fn(proxy, hidden, slot_index.to(top_k_index.dtype), top_k_weights)
+        # grouped_mm pays for every group (slot) of its weight tensor, used or not: give it
+        # windows of the storage around the slots in use, one call if one window holds them
+        slots = sorted(extra_slots.get(int(e), int(where[e])) for e in need)
+        windows = slot_windows(slots)
+        if len(windows) == 1:
+            lo, hi = windows[0]
+            proxy = X.ExpertsProxy(module, self._window(lo, hi), hi - lo)
+            return fn(proxy, hidden, (slot_index - lo).to(top_k_index.dtype), top_k_weights)
+        # several windows: each (token, expert) pair as its own row with top-k 1, summed
+        # per token afterwards the way grouped_mm sums (see _compute_streaming)
+        T, k = top_k_index.shape
+        flat = slot_index.reshape(-1)
+        rep = hidden.repeat_interleave(k, dim=0)
+        weights = top_k_weights.reshape(-1, 1)
+        pair_out = torch.zeros_like(rep)
+        for lo, hi in windows:
+            mask = (flat >= lo) & (flat < hi)
+            proxy = X.ExpertsProxy(module, self._window(lo, hi), hi - lo)
+            pair_out[mask] = fn(
+                proxy, rep[mask], (flat[mask] - lo).view(-1, 1).to(top_k_index.dtype),
+                weights[mask],
+            )  # fmt: skip
+        return pair_out.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        return {name: t[lo:hi] for name, t in self.pool.storage.items()}
 
     def _compute_streaming(
         self,

@@ -98,7 +98,8 @@ def generate(
     """Greedy generation of each prompt in turn (batch 1).
 
     With ``trace_dir`` the run's own routing is recorded there with the tracer (request
-    ids ``run-0``, ``run-1``...), so it can be replayed through the simulator.
+    ids ``run-0``, ``run-1``...), so it can be replayed through the simulator; with the
+    speculative columns when the plan prefetches speculatively.
     """
     if tokenizer is None:
         raise ModelError("the model has no tokenizer; cannot run text prompts")
@@ -107,7 +108,10 @@ def generate(
         if trace_dir is not None:
             from moetrace.tracer.recorder import RoutingRecorder
 
-            recorder = stack.enter_context(RoutingRecorder(engine.model, trace_dir))
+            speculative = engine.plan.prefetch.name == "speculative"
+            recorder = stack.enter_context(
+                RoutingRecorder(engine.model, trace_dir, speculative=speculative)
+            )
         texts, new, t0 = [], 0, time.perf_counter()
         for i, prompt in enumerate(prompts):
             enc = tokenizer(prompt, return_tensors="pt").to(engine.device)

@@ -16,6 +16,13 @@ import numpy as np
 PREFILL, DECODE = 0, 1
 
 
+def eos_ids(eos: int | Sequence[int] | None) -> np.ndarray:
+    """End-of-sequence token ids as an int64 array (empty: none)."""
+    if eos is None:
+        return np.zeros(0, np.int64)
+    return np.atleast_1d(np.asarray(eos, np.int64))
+
+
 @dataclass(frozen=True)
 class Rows:
     """Recorded positions of a run of forward passes, ordered by batch row, then column.
@@ -121,3 +128,43 @@ class Attributor:
         self.tokens[stack, slots] = tokens + counts
         self.steps[stack, slots] = steps + has.sum(axis=1)
         return Rows(row, col, fwd, token, step.astype(np.int32), phase, counts)
+
+
+class LiveRows:
+    """Which positions of a causal model's forward passes the tracer records (*live*):
+    real tokens (attention mask) of rows that have not finished (EOS fed back), decided
+    by :class:`Attributor` as for a recording, for a caller that knows no requests (the
+    offloading runtime): each batch row is one request, begun by a pass with ``new``.
+    """
+
+    def __init__(self) -> None:
+        self._attr = Attributor(("causal",))
+        self._rows = 0
+
+    def update(
+        self,
+        shape: tuple[int, int],
+        ids: np.ndarray | None,
+        valid: np.ndarray | None,
+        eos: np.ndarray,
+        *,
+        new: bool,
+    ) -> np.ndarray:
+        """``(B, S)`` bool: the live positions of the next forward pass of ``shape``.
+
+        ``ids`` are its input ids (None: no EOS detection), ``valid`` its attention mask
+        columns (None: every position real); ``new`` (or another batch size) starts fresh
+        rows, as a prefill does.
+        """
+        b, s = shape
+        if new or b != self._rows:
+            self._attr.ensure(b)
+            for slot in range(b):
+                self._attr.reset(slot)
+            self._rows = b
+        if valid is None:
+            valid = np.ones(shape, bool)
+        rows = self._attr.attribute(0, np.arange(b), valid, ids, eos, np.asarray([0, s], np.int64))
+        live = np.zeros(shape, bool)
+        live[rows.row, rows.col] = True
+        return live

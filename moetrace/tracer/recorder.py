@@ -13,10 +13,9 @@ is done. :meth:`RoutingRecorder.generate` does both around ``model.generate``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -27,16 +26,12 @@ from torch import nn
 from moetrace.errors import ModelError
 from moetrace.store.schema import Manifest, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
-from moetrace.tracer.attribution import Attributor, Rows
-from moetrace.tracer.discover import ModelLayout, discover, model_info, pre_moe_norm
+from moetrace.tracer.attribution import Attributor, Rows, eos_ids
+from moetrace.tracer.calls import argument_reader, forward_mask
+from moetrace.tracer.discover import ModelLayout, discover, model_info
+from moetrace.tracer.speculate import attach_speculation, speculating
 
 log = logging.getLogger(__name__)
-
-
-def _eos_array(eos: int | Sequence[int] | None) -> np.ndarray:
-    if eos is None:
-        return np.zeros(0, np.int64)
-    return np.atleast_1d(np.asarray(eos, np.int64))
 
 
 def manifest_for(
@@ -116,7 +111,7 @@ class RoutingRecorder:
         self.speculative = speculative
         if eos_token_id is None:
             eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        self.eos = _eos_array(eos_token_id)
+        self.eos = eos_ids(eos_token_id)
         manifest = manifest_for(
             model, speculative=speculative, name=name, tags=tags, source=source, layout=self.layout
         )
@@ -146,7 +141,7 @@ class RoutingRecorder:
         self._batch: np.ndarray | None = None
         self._batch_ids: tuple[str, ...] = ()
         self._cur: _Capture | None = None
-        self._speculating = False
+        self._local = {pos: i for st in self.layout.stacks for i, pos in enumerate(st.sites)}
         self._handles: list[Any] = []
         self._warned = False
         self._deferred: list[_Capture] = []
@@ -191,10 +186,8 @@ class RoutingRecorder:
             for local, pos in enumerate(stack.sites):
                 site = sites[pos]
                 self._handles += site.adapter.attach(site, self._sink(local))
-                if self.speculative and local + 1 < len(stack.sites):
-                    nxt = stack.sites[local + 1]
-                    hook = self._spec_hook(local, sites[nxt], self.layout.layer_modules[nxt])
-                    self._handles.append(self.layout.layer_modules[pos].register_forward_hook(hook))
+        if self.speculative:
+            self._handles += attach_speculation(self.layout, self._speculate)
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -204,15 +197,7 @@ class RoutingRecorder:
         self._deferred = []  # forward passes of requests that were never ended
 
     def _stack_pre(self, si: int, stack: Any) -> Any:
-        params = list(inspect.signature(stack.owner.forward).parameters)
-        pos = {n: i for i, n in enumerate(params)}
-
-        def arg(args: tuple, kwargs: dict, name: str) -> Any:
-            if name in kwargs:
-                return kwargs[name]
-            i = pos.get(name)
-            return args[i] if i is not None and i < len(args) else None
-
+        arg = argument_reader(stack.owner)
         n = len(stack.sites)
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -231,11 +216,7 @@ class RoutingRecorder:
                 raise ModelError(
                     f"forward batch of {batch} rows but set_batch() named {len(self._batch)} requests"
                 )
-            mask = arg(args, kwargs, "attention_mask")
-            if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= seq):
-                mask = None
-            else:
-                mask = mask[:, -seq:]
+            mask = forward_mask(arg(args, kwargs, "attention_mask"), seq)
             self._cur = _Capture(
                 si, self._batch, batch, seq, ids if isinstance(ids, torch.Tensor) else None, mask, n
             )
@@ -245,34 +226,17 @@ class RoutingRecorder:
     def _sink(self, local: int) -> Any:
         def sink(idx: torch.Tensor, weights: torch.Tensor | None) -> None:
             cur = self._cur
-            if cur is not None and not self._speculating:
+            if cur is not None and not speculating():
                 cur.routes[local] = (idx, weights)
                 if weights is None:
                     cur.no_weights = True
 
         return sink
 
-    def _spec_hook(self, local: int, nxt: Any, next_layer: nn.Module) -> Any:
-        norm = pre_moe_norm(next_layer)
-        if norm is None:
-            log.warning(
-                "no pre-MoE norm found in %s; speculating on the raw hidden state", nxt.name
-            )
-
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            cur = self._cur
-            if cur is None or self._speculating:
-                return
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            self._speculating = True
-            try:
-                with torch.no_grad():
-                    h = hidden.reshape(-1, hidden.shape[-1])
-                    cur.spec[local] = nxt.adapter.predict(nxt, norm(h) if norm is not None else h)
-            finally:
-                self._speculating = False
-
-        return hook
+    def _speculate(self, pos: int, predict: Callable[[], torch.Tensor]) -> None:
+        cur = self._cur
+        if cur is not None:
+            cur.spec[self._local[pos]] = predict()
 
     def _stack_post(self, mod: nn.Module, args: tuple, out: Any) -> None:
         cur, self._cur = self._cur, None
@@ -520,7 +484,7 @@ class RoutingRecorder:
         """``model.generate`` on one (left-padded) batch, recording and committing it."""
         default_eos = self.eos
         if "eos_token_id" in generate_kwargs:
-            self.eos = _eos_array(generate_kwargs["eos_token_id"])
+            self.eos = eos_ids(generate_kwargs["eos_token_id"])
         try:
             return self._generate(
                 request_ids, input_ids, attention_mask, prompt_texts, tags, generate_kwargs

@@ -199,3 +199,25 @@ def test_unsupported_architecture():
     with pytest.raises(RuntimeEngineError, match="does not support it yet"):
         OffloadEngine.from_model(model)
     assert issubclass(RuntimeEngineError, MoetraceError)
+
+
+def test_speculative_hooks_removed_and_lookahead_checked():
+    """The speculative prefetch's layer hooks go with close(); it predicts the next layer
+    only, so another lookahead is refused before anything is attached."""
+    import dataclasses
+
+    base = tiny_model("olmoe")
+    plan = dataclasses.replace(
+        _plan_for(base, slots=6), prefetch=PrefetchConfig("speculative", lookahead=1, fetch=2)
+    )
+    model = clone(base)
+    layers = list(model.model.layers)
+    with OffloadEngine.from_model(model, plan):
+        assert sum(len(layer._forward_hooks) for layer in layers) == len(layers) - 1
+    assert not any(layer._forward_hooks for layer in layers)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    far = dataclasses.replace(plan, prefetch=PrefetchConfig("speculative", lookahead=2))
+    model = clone(base)
+    with pytest.raises(RuntimeEngineError, match="lookahead 1"):
+        OffloadEngine.from_model(model, far)
+    assert not model._forward_hooks and not model._forward_pre_hooks

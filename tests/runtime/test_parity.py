@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from rt_models import find_layers_info, tiny_model
+from rt_models import clone, find_layers_info, tiny_model
 
 from moetrace.runtime import OffloadEngine
+from moetrace.runtime.session import generate
 from moetrace.store.arrays import load_routing
 from moetrace.store.hardware import load_hardware
 from moetrace.store.plan import Budget, CacheLayout, EvictionConfig, Plan, RoutingShape
@@ -143,3 +144,137 @@ def test_runtime_drift_switch_matches_simulator(tmp_path):
     assert drift is not None and drift["switched"] and drift["switched_at_access"] >= 20
     assert drift == sim.summary()["drift"]
     assert np.array_equal(sim.stats[K.S_HIT], hits)
+
+
+def _tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary (``w1`` .. ``w63``)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, 64)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<pad>")
+
+
+def _replay(trace_dir, plan, order: str = "arrival"):
+    events = build_events(load_routing(open_trace(trace_dir), order=order), order=order)
+    return events, simulate(events, plan, load_hardware())
+
+
+@pytest.mark.parametrize(("arch", "fetch"), [("olmoe", 0), ("deepseek_v3", 0), ("qwen2_moe", 2)])
+def test_runtime_speculative_prefetch_matches_simulator(tmp_path, arch, fetch):
+    """The runtime's speculative prefetch is the tracer's speculative pick (the next MoE
+    layer's router on this layer's normalised output, through the tracer's adapter): the
+    simulator's replay of the run's own speculative trace has the same hits and prefetches."""
+    from moetrace.store.plan import PrefetchConfig
+
+    model = tiny_model(arch)
+    info = find_layers_info(model)
+    L = len(info.moe_layers)
+    plan = Plan(
+        routing=RoutingShape.of(info),
+        budget=Budget(slots=4 * L, bytes_per_expert=info.bytes_per_expert),
+        layout=CacheLayout("per_layer", (4,) * L),
+        eviction=EvictionConfig("lru"),
+        prefetch=PrefetchConfig("speculative", lookahead=1, fetch=fetch),
+    )
+    prompts = [
+        " ".join(f"w{t}" for t in torch.randint(1, 64, (n,), generator=g).tolist())
+        for n, g in ((5, torch.Generator().manual_seed(5)), (9, torch.Generator().manual_seed(9)))
+    ]
+    with OffloadEngine.from_model(model, plan) as eng:
+        # the run's own trace; speculative columns because the plan prefetches speculatively
+        generate(eng, _tokenizer(), prompts, max_new_tokens=6, trace_dir=tmp_path / "trace")
+        counters = {k: v.copy() for k, v in eng.stats.counters.items()}
+    assert open_trace(tmp_path / "trace").manifest.speculative
+    _, sim = _replay(tmp_path / "trace", plan)
+    assert counters["prefetch_issued"].sum() > 0
+    for name, stat in (
+        ("accesses", K.S_ACCESS),
+        ("hits", K.S_HIT),
+        ("prefetch_issued", K.S_PF_ISSUED),
+        ("prefetch_used", K.S_PF_USED),
+    ):
+        assert np.array_equal(sim.stats[stat], counters[name]), (
+            name,
+            counters[name].sum(),
+            sim.stats[stat].sum(),
+        )
+
+
+def _early_eos(new: torch.Tensor, pad: int) -> int | None:
+    """A token one row emits first and early while the other emits it later or never."""
+    rows = new.tolist()
+    for pos in range(1, len(rows[0]) - 2):
+        for row in rows:
+            cand = row[pos]
+            if cand == pad or cand in row[:pos]:
+                continue
+            firsts = [r.index(cand) if cand in r else len(r) for r in rows]
+            if min(firsts) == pos and max(firsts) > pos + 1:
+                return cand
+    return None
+
+
+@pytest.mark.parametrize(
+    ("implementation", "slots"), [("grouped_mm", 3), ("eager", 8), ("batched_mm", 5)]
+)
+def test_runtime_padded_batch_with_early_eos_matches_tracer(tmp_path, implementation, slots):
+    """A left-padded batch of two prompts where one row stops early at EOS: the runtime
+    counts the experts of live tokens only (no padding, nothing after a row's EOS), as the
+    tracer records them, so its accesses equal the trace's events and its hits the
+    simulator's; every row's logits stay bit-identical to the model without offloading
+    (padding and finished rows are computed with the experts they chose)."""
+    pad, new_tokens = 0, 6
+    g = torch.Generator().manual_seed(3)
+    short, long = torch.randint(1, 64, (4,), generator=g), torch.randint(1, 64, (7,), generator=g)
+    ids = torch.stack([torch.cat([torch.full((3,), pad), short]), long])
+    mask = (ids != pad).long()
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    eos = None
+    for seed in range(6):  # weights under which one row emits an EOS early
+        base = tiny_model("olmoe", implementation, seed=seed)
+        with torch.no_grad():
+            probe = base.generate(ids, **kw)[:, ids.shape[1] :]
+        eos = _early_eos(probe, pad)
+        if eos is not None:
+            break
+    assert eos is not None
+    base.generation_config.eos_token_id = eos  # the recorder, generate and the engine read it
+    with torch.no_grad():
+        ref_logits = base(ids, attention_mask=mask).logits
+        ref_out = base.generate(ids, **kw)
+    model = clone(base)
+    info = find_layers_info(model)
+    L = len(info.moe_layers)
+    plan = Plan(
+        routing=RoutingShape.of(info),
+        budget=Budget(slots=slots * L, bytes_per_expert=info.bytes_per_expert),
+        layout=CacheLayout("per_layer", (slots,) * L),
+        eviction=EvictionConfig("lru"),
+    )
+    with OffloadEngine.from_model(model, plan, log_accesses=True) as eng:
+        with RoutingRecorder(model, tmp_path / "trace") as rec:
+            out = rec.generate(["r0", "r1"], ids, **kw)
+        log = list(eng.stats.accesses_log or [])
+        counters = {k: v.copy() for k, v in eng.stats.counters.items()}
+        tokens = eng.stats.tokens.copy()
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(out, ref_out)
+    new = out[:, ids.shape[1] :].tolist()
+    lengths = [r.index(eos) + 1 if eos in r else len(r) for r in new]
+    assert min(lengths) < max(lengths) == new_tokens  # one row finished early
+    events, sim = _replay(tmp_path / "trace", plan, order="forward")
+    assert len(log) == events.num_events
+    for i, (layer, ph, need, _) in enumerate(log):
+        assert (events.layer[i], events.phase[i]) == (layer, ph)
+        assert tuple(events.experts[events.ptr[i] : events.ptr[i + 1]]) == need
+    assert np.array_equal(sim.stats[K.S_ACCESS], counters["accesses"])
+    assert np.array_equal(sim.stats[K.S_HIT], counters["hits"])
+    assert np.array_equal(events.tokens_by_phase, tokens)
+    assert 0 < counters["hits"].sum() < counters["accesses"].sum()

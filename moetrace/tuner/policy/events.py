@@ -40,6 +40,7 @@ class Events:
     token_request: np.ndarray  # int32 (n_tok,)
     spec_ptr: np.ndarray | None = None  # speculative next-layer experts, CSR per event
     spec_experts: np.ndarray | None = None
+    spec_counts: np.ndarray | None = None  # int32: tokens of the event predicting each
 
     @property
     def num_events(self) -> int:
@@ -126,9 +127,9 @@ def build_events(routing: Any, *, order: str = "arrival", granularity: str = "pa
     token_experts = np.full((n_tok, L, k), -1, dtype=np.int16)
     token_experts[tok_id, layer] = routing.experts
     tok_first = np.flatnonzero(tok_new)
-    spec_ptr = spec_experts = None
+    spec_ptr = spec_experts = spec_counts = None
     if getattr(routing, "speculative", None) is not None:
-        spec_ptr, spec_experts, _ = _union_csr(evkey, routing.speculative, uniq_ev, E)
+        spec_ptr, spec_experts, spec_counts = _union_csr(evkey, routing.speculative, uniq_ev, E)
     return Events(
         num_layers=L,
         num_experts=E,
@@ -148,6 +149,7 @@ def build_events(routing: Any, *, order: str = "arrival", granularity: str = "pa
         token_request=routing.request[tok_first].astype(np.int32),
         spec_ptr=spec_ptr,
         spec_experts=spec_experts,
+        spec_counts=spec_counts,
     )
 
 

@@ -180,7 +180,9 @@ class OraclePrefetch(Prefetcher):
 
 @register_prefetcher
 class SpeculativePrefetch(Prefetcher):
-    """The recorded speculative next-layer gate (trace columns s0..; ProMoE-style)."""
+    """The recorded speculative next-layer gate (trace columns s0..; ProMoE-style): per
+    event the experts its tokens' gate picks, most picked first (ties: lower id first),
+    ``fetch`` of them (all with ``fetch`` 0), as the runtime fetches them."""
 
     name = "speculative"
     fetch_all = True
@@ -193,6 +195,13 @@ class SpeculativePrefetch(Prefetcher):
         tl = events.layer.astype(np.int64) + 1
         rows = np.flatnonzero((tl < events.num_layers) & (fetch > 0))
         owner, exp = _gather(events.spec_ptr, events.spec_experts, rows)
+        if events.spec_counts is not None:
+            _, count = _gather(events.spec_ptr, events.spec_counts, rows)
+            order = np.lexsort((-count.astype(np.int64), owner))  # stable: ids ascending
+            owner, exp = owner[order], exp[order]
+        rank = np.arange(len(owner)) - np.searchsorted(owner, owner, side="left")
+        keep = rank < fetch[rows][owner]
+        owner, exp = owner[keep], exp[keep]
         return _from_triplets(events.num_events, rows[owner], tl[rows][owner], exp)
 
     def predict(
