@@ -114,6 +114,29 @@ def run_cmd(
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="cpu", show_default=True)
+@click.option(
+    "--replay", "replay", default=None, type=click.Path(exists=True, file_okay=False),
+    help="Replay this trace's routing through a skeleton at its expert size instead.",
+)  # fmt: skip
+@click.option("--store", default=None, help="Replay: expert store folder (built or reused).")
+@click.option(
+    "--scale", default=1.0, show_default=True, type=float, help="Replay: expert size factor."
+)
+@click.option(
+    "--requests",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Replay: last N requests.",
+)
+@click.option(
+    "--max-tokens", default=None, type=click.IntRange(1), help="Replay: at most N tokens."
+)
+@click.option("--hardware", default=None, help="Replay: hardware profile (default: measured now).")
+@click.option(
+    "--tier", default="disk", show_default=True, type=click.Choice(["disk", "host"]),
+    help="Replay: experts between loads on disk (no page cache) or in host memory.",
+)  # fmt: skip
 @click.option("--out", "out", default=None, type=OutputFile(), help="JSON file.")
 def bench_cmd(
     model: str | None,
@@ -123,14 +146,42 @@ def bench_cmd(
     repeats: int,
     max_new_tokens: int,
     device: str,
+    replay: str | None,
+    store: str | None,
+    scale: float,
+    requests: int,
+    max_tokens: int | None,
+    hardware: str | None,
+    tier: str,
     out: str | None,
 ) -> None:
     """Tokens/s of a plan vs all experts resident vs LRU on demand (interleaved runs).
 
+    With --replay TRACE: the trace's last requests run token by token through a model
+    skeleton with the trace's routing shape and expert size (times --scale), experts read
+    from an expert store on disk without the page cache, routing forced to the recorded
+    one; measured tokens/s and stall per token next to the simulator's for the same run.
+
     \b
     Example:
       moetrace bench --plan plans/demo.json --budget 16MiB --repeats 5 --out bench.json
+      moetrace bench --replay out/ds --plan ds.json --store /ssd/ds-store --scale 0.25 \\
+          --requests 4 --max-tokens 200 --out replay.json
     """
+    if replay is not None:
+        from moetrace.runtime.replay import ReplayConfig, run_replay
+
+        if store is None:
+            raise click.UsageError("--replay needs --store (a folder for the replay's experts)")
+        cfg = ReplayConfig(
+            replay, plan, store, scale, requests, max_tokens, repeats, hardware,
+            device=device, tier=tier,
+        )  # fmt: skip
+        data = run_replay(cfg)
+        if out:
+            write_output(out, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        click.echo(format_replay(data))
+        return
     from moetrace.runtime.bench import BenchConfig, run_bench
 
     prompts = prompt_list or ("def main():", "The history of the Python language")
@@ -146,9 +197,32 @@ def bench_cmd(
         click.echo(f"{variant:>13}: {med:8.2f} tok/s (min {lo:.2f}, max {hi:.2f})")
 
 
+def format_replay(data: dict) -> str:
+    """The replay's table: measured (median, min-max) vs modeled, per variant."""
+    lines = [
+        f"{data['tokens']} tokens, {data['skeleton']['bytes_per_expert']} bytes per expert, "
+        f"link {data['hardware']['link_bandwidth_gbps']} GB/s (measured profile)",
+        f"{'variant':>13}  {'tok/s':>7} {'(min-max)':>15}  {'stall ms/tok':>12} "
+        f"{'(min-max)':>15}  {'model':>7}  {'error':>6}  {'hit':>5}  {'peak MiB':>8}",
+    ]
+    for v, r in data["variants"].items():
+        t, s, m = r["tokens_per_second"], r["stall_per_token_ms"], r["model"]
+        err = r.get("stall_error")
+        lines.append(
+            f"{v:>13}  {t['median']:7.2f} ({t['min_max'][0]:6.2f}-{t['min_max'][1]:6.2f})  "
+            f"{s['median']:12.2f} ({s['min_max'][0]:6.2f}-{s['min_max'][1]:6.2f})  "
+            f"{m['stall_per_token_ms']:7.2f}  {'' if err is None else f'{err:+.0%}':>6}  "
+            f"{r['hit_rate']:5.3f}  {r['peak_expert_bytes'] / 2**20:8.1f}"
+        )
+    return "\n".join(lines)
+
+
 @click.command("profile")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--model", default=None, help="Model folder to time a layer of (default: demo).")
+@click.option(
+    "--model", default=None,
+    help="Model folder to time a layer of (default: demo), or an expert store: its disk reads.",
+)  # fmt: skip
 @click.option("--bytes", "nbytes", default="64MiB", show_default=True, help="Copy size.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--name", default=None, help="Profile name.")

@@ -108,7 +108,9 @@ class LayerFiles:
                     raise
                 log.warning("%s: no O_DIRECT on this file system; reading with DONTNEED", path)
                 self.mode = "dontneed"
-        return os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead past the expert
+        return fd
 
     def read_into(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
         """Fill ``out`` (the slot's host tensors, by name) with the expert; return bytes."""

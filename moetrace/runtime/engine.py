@@ -24,6 +24,7 @@ from moetrace.devices import check_device
 from moetrace.errors import ConfigError, RuntimeEngineError
 from moetrace.runtime import experts as X
 from moetrace.runtime.checks import Footprint, check_plan, default_plan, model_info
+from moetrace.runtime.compute import SlotCompute
 from moetrace.runtime.expert_store import (
     DiskExpertSource,
     ExpertSource,
@@ -49,23 +50,6 @@ from moetrace.tuner.policy.eviction import eviction_spec
 from moetrace.tuner.policy.prefetch import get_prefetcher
 
 log = logging.getLogger(__name__)
-
-
-WINDOW_GAP = 16
-"""Unused slots between two used ones above which grouped_mm gets two windows (an empty
-group costs about 1 us on a CPU, a second call about 30 us)."""
-
-
-def slot_windows(slots: Sequence[int], gap: int = WINDOW_GAP) -> list[tuple[int, int]]:
-    """Half-open slot ranges covering sorted ``slots``, split where more than ``gap``
-    slots in a row are unused."""
-    out: list[tuple[int, int]] = []
-    for s in slots:
-        if out and s - out[-1][1] <= gap:
-            out[-1] = (out[-1][0], s + 1)
-        else:
-            out.append((s, s + 1))
-    return out
 
 
 class OffloadEngine:
@@ -126,6 +110,9 @@ class OffloadEngine:
         self.footprint: Footprint = check_plan(plan, self.info, self.device, budget_bytes)
         L, E = len(self.layers), self.info.num_experts
         spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
+        self._settled = spec.pinned.reshape(L, E).all(axis=1) & (plan.adaptation.window == 0)
+        """Layers with every expert pinned and no drift detector: every access a hit and
+        nothing for the cache to decide, so their calls skip it."""
         try:
             self.cache = ExpertCache(plan.layout, spec, E)
             self.prefetcher = get_prefetcher(plan.prefetch, L, E) if prefetch else None
@@ -159,10 +146,9 @@ class OffloadEngine:
             self.memory,
             async_loads=async_prefetch,
         )
-        self._lut = torch.full(
-            (self.info.num_experts + 1,), self.pool.total_slots, dtype=torch.long,
-            device=self.device,
-        )  # fmt: skip
+        self.compute = SlotCompute(
+            self.pool, self.cache.state.where, self.info.num_experts, self.inner
+        )
         self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers), memory=self.memory)
         self._unswitched = plan.adaptation.window > 0  # a switch still to report
         if plan.adaptation.window > 0:
@@ -173,8 +159,8 @@ class OffloadEngine:
         self._phase = PREFILL
         self._handles: list[Any] = []
         self._previous: str | None = None
-        for (layer, expert), slot in sorted(self.cache.slot_of.items(), key=lambda kv: kv[1]):
-            self.pool.load(slot, layer, expert)
+        pins = sorted(self.cache.slot_of.items(), key=lambda kv: kv[1])
+        self.pool.load_many([(slot, layer, expert) for (layer, expert), slot in pins])
         self._install()
 
     # ------------------------------------------------------------ constructors
@@ -221,6 +207,7 @@ class OffloadEngine:
         # live positions (not padding, rows not finished), decided as the tracer does
         self._arg = argument_reader(self.model)
         self._rows = LiveRows()
+        self._one_row_live = False
         self._live: torch.Tensor | None = None  # (tokens,) of this forward; None: all live
         self._handles.append(
             self.model.register_forward_pre_hook(self._phase_hook, with_kwargs=True)
@@ -267,11 +254,23 @@ class OffloadEngine:
         eos = self.eos_token_id
         if eos is None:
             eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids_np = None if ids is None else ids.cpu().numpy()
+        eos_np = eos_ids(eos)
+        if (
+            shape[0] == 1
+            and (self._phase == PREFILL or self._one_row_live)
+            and (mask is None or bool(mask.all()))
+            and (ids_np is None or not set(ids_np.ravel().tolist()) & set(eos_np.tolist()))
+        ):  # one row, no padding, no EOS fed: every position is live (the common case)
+            self._one_row_live = self._rows.skip(shape, new=self._phase == PREFILL)
+            self.stats.tokens[self._phase] += shape[1]
+            return
+        self._one_row_live = False
         live = self._rows.update(
             shape,
-            None if ids is None else ids.cpu().numpy(),
+            ids_np,
             None if mask is None else mask.cpu().numpy() > 0,
-            eos_ids(eos),
+            eos_np,
             new=self._phase == PREFILL,
         )
         n = int(live.sum())
@@ -312,15 +311,21 @@ class OffloadEngine:
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
         layer, ph = ref.index, self._phase
+        idx = top_k_index.cpu().numpy()  # the one host sync of the call (none on a CPU)
         live = self._live_rows(top_k_index)
-        routed = top_k_index if live is None else top_k_index[live]
+        routed = idx if live is None else idx[live.cpu().numpy()]
         flat = routed.reshape(-1)
-        uniq, counts = torch.unique(flat[flat >= 0], return_counts=True)
-        need = uniq.cpu().numpy().astype(np.int64, copy=False)
+        self.compute.dropped = bool(idx.size) and int(idx.min()) < 0
+        if self.compute.dropped:
+            flat = flat[flat >= 0]
+        count = np.bincount(flat, minlength=self.info.num_experts)
+        need = np.flatnonzero(count)
         if live is not None and routed.shape[0] == 0:  # padding, finished rows: no event
-            args = (ref, module, hidden, top_k_index, top_k_weights, need, [], True)
-            return self._compute_rows(*args)[0]
+            args = (layer, module, hidden, top_k_index, top_k_weights, idx, need, [], True)
+            return self.compute.rows(*args)[0]
         st = self.stats
+        if self._settled[layer]:
+            return self._settled_call(ref, module, hidden, top_k_index, top_k_weights, idx, need)
         out = self.cache.event(layer, need, ph)
         status = out[:, 2]
         n, nhit = len(need), int((status == HIT).sum())
@@ -357,15 +362,39 @@ class OffloadEngine:
                 (layer, ph, tuple(need.tolist()), tuple((status == HIT).tolist()))
             )
         if self.prefetcher is not None and not self._speculative:
-            self._issue_prefetch(ref, int(routed.shape[0]), uniq, counts, ph)
+            self._issue_prefetch(ref, int(routed.shape[0]), need, count[need], ph)
         t0 = time.perf_counter()
-        result, s = self._compute_rows(
-            ref, module, hidden, top_k_index, top_k_weights, need, streamed, live is not None
-        )
+        result, s = self.compute.rows(
+            layer, module, hidden, top_k_index, top_k_weights, idx, need, streamed,
+            live is not None,
+        )  # fmt: skip
+        if self.compute.bytes_streamed:
+            st.add("bytes_demand", layer, ph, self.compute.bytes_streamed)
         stall += s
         self.memory.check()
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         st.add("stall_s", layer, ph, stall)
+        return result
+
+    def _settled_call(
+        self,
+        ref: X.MoELayerRef,
+        module: nn.Module,
+        hidden: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        idx: np.ndarray,
+        need: np.ndarray,
+    ) -> torch.Tensor:
+        """A call of a layer whose experts are all pinned: every access hits."""
+        layer, ph, st = ref.index, self._phase, self.stats
+        st.add("accesses", layer, ph, len(need))
+        st.add("hits", layer, ph, len(need))
+        if st.accesses_log is not None:
+            st.accesses_log.append((layer, ph, tuple(need.tolist()), (True,) * len(need)))
+        t0 = time.perf_counter()
+        result = self.compute.dense(layer, module, hidden, top_k_index, top_k_weights, idx, need)
+        st.add("compute_s", layer, ph, time.perf_counter() - t0)
         return result
 
     def _report_switch(self) -> None:
@@ -388,8 +417,8 @@ class OffloadEngine:
         self,
         ref: X.MoELayerRef,
         tokens: int,
-        uniq: torch.Tensor,
-        counts: torch.Tensor,
+        uniq: np.ndarray,
+        counts: np.ndarray,
         ph: int,
     ) -> None:
         """A routing-based prediction from this layer's live tokens' experts."""
@@ -399,8 +428,8 @@ class OffloadEngine:
             return
         predicted = self.prefetcher.predict(
             ref.index,
-            uniq.cpu().numpy(),
-            counts.cpu().numpy().astype(np.float64),
+            uniq,
+            counts.astype(np.float64),
             tokens=tokens,
             fetch=self.fetch[ph],
         ).tolist()
@@ -454,146 +483,3 @@ class OffloadEngine:
             self.stats.add("bytes_prefetch", target, ph, moved)
 
     # ------------------------------------------------------------ compute
-    def _compute_rows(
-        self,
-        ref: X.MoELayerRef,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        need: np.ndarray,
-        streamed: Sequence[int],
-        dead: bool,
-    ) -> tuple[torch.Tensor, float]:
-        """Every row's output: ``need`` (the live tokens' experts: resident, or
-        ``streamed``) and, with ``dead`` rows (padding, finished), the experts only those
-        chose: not accesses, so the cache is not asked; read from their slots when
-        resident, streamed otherwise. Returns the output and the seconds stalled."""
-        stall = 0.0
-        extra = set(streamed)
-        if dead:
-            every = torch.unique(top_k_index[top_k_index >= 0]).cpu().numpy().astype(np.int64)
-            for e in np.setdiff1d(every, need).tolist():
-                slot = self.cache.slot(ref.index, e)
-                if slot is None:
-                    extra.add(e)
-                else:
-                    stall += self.pool.wait(slot)
-            need = every
-        if extra:
-            out, s = self._compute_streaming(ref, module, hidden, top_k_index, top_k_weights, extra)
-            return out, stall + s
-        return self._compute(ref, module, hidden, top_k_index, top_k_weights, need, {}), stall
-
-    def _compute(
-        self,
-        ref: X.MoELayerRef,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        need: np.ndarray | Sequence[int],
-        extra_slots: dict[int, int],
-    ) -> torch.Tensor:
-        """The model's own experts implementation, reading the slots in place.
-
-        ``batched_mm``/``grouped_mm`` get the whole slot storage as their expert tensors
-        and the routing mapped to slot numbers (their per-pair arithmetic does not depend
-        on which row holds an expert); ``eager`` sums experts in ascending expert order,
-        so it gets the ``need`` experts (ascending) as :class:`SlotRows` views."""
-        E = ref.num_experts
-        where = self.cache.state.where[ref.index * E : (ref.index + 1) * E]
-        fn = X.inner_forward(module, self.inner)
-        if self.inner == "eager":
-            slots = [extra_slots.get(int(e), int(where[e])) for e in need]
-            rank = torch.full((E + 1,), len(slots), dtype=torch.long, device=self.device)
-            rank[torch.as_tensor(need, dtype=torch.long).to(self.device)] = torch.arange(
-                len(slots), device=self.device
-            )
-            rows = {name: X.SlotRows(t, slots) for name, t in self.pool.storage.items()}
-            proxy = X.ExpertsProxy(module, rows, len(slots))
-            local = rank[top_k_index]  # -1 (dropped) reads the sentinel at rank[-1]
-            return fn(proxy, hidden, local.to(top_k_index.dtype), top_k_weights)
-        lut = self._lut
-        lut[:E].copy_(torch.from_numpy(where))
-        for e, s in extra_slots.items():
-            lut[e] = s
-        slot_index = lut[top_k_index]  # -1 (dropped) reads the sentinel at lut[-1]
-        if self.inner != "grouped_mm":  # batched_mm gathers per pair: no cost per slot
-            proxy = X.ExpertsProxy(module, self.pool.storage, self.pool.total_slots)
-            return fn(proxy, hidden, slot_index.to(top_k_index.dtype), top_k_weights)
-        # grouped_mm pays for every group (slot) of its weight tensor, used or not: give it
-        # windows of the storage around the slots in use, one call if one window holds them
-        slots = sorted(extra_slots.get(int(e), int(where[e])) for e in need)
-        windows = slot_windows(slots)
-        if len(windows) == 1:
-            lo, hi = windows[0]
-            proxy = X.ExpertsProxy(module, self._window(lo, hi), hi - lo)
-            return fn(proxy, hidden, (slot_index - lo).to(top_k_index.dtype), top_k_weights)
-        # several windows: each (token, expert) pair as its own row with top-k 1, summed
-        # per token afterwards the way grouped_mm sums (see _compute_streaming)
-        T, k = top_k_index.shape
-        flat = slot_index.reshape(-1)
-        rep = hidden.repeat_interleave(k, dim=0)
-        weights = top_k_weights.reshape(-1, 1)
-        pair_out = torch.zeros_like(rep)
-        for lo, hi in windows:
-            mask = (flat >= lo) & (flat < hi)
-            proxy = X.ExpertsProxy(module, self._window(lo, hi), hi - lo)
-            pair_out[mask] = fn(
-                proxy, rep[mask], (flat[mask] - lo).view(-1, 1).to(top_k_index.dtype),
-                weights[mask],
-            )  # fmt: skip
-        return pair_out.view(T, k, -1).sum(dim=1).to(hidden.dtype)
-
-    def _window(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
-        return {name: t[lo:hi] for name, t in self.pool.storage.items()}
-
-    def _compute_streaming(
-        self,
-        ref: X.MoELayerRef,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        streamed: set[int],
-    ) -> tuple[torch.Tensor, float]:
-        """Expert chunks whose streamed experts fit the streaming slots.
-
-        Each (token, expert) pair is computed as its own row (the model's implementation
-        with top-k 1), every expert's rows in one call so each matmul sees the same rows
-        as without offloading; the k outputs of a token are then summed the way the inner
-        implementation sums them (ascending expert order for ``eager``).
-        """
-        T, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        weights = top_k_weights.reshape(-1, 1)
-        rep = hidden.repeat_interleave(k, dim=0)
-        cached = sorted({int(e) for e in flat.tolist() if e >= 0} - streamed)
-        stream = sorted(streamed)
-        size = self.pool.stream_slots
-        groups = [stream[i : i + size] for i in range(0, len(stream), size)] or [[]]
-        pair_out = torch.zeros_like(rep)
-        stall = 0.0
-        for n, group in enumerate(groups):
-            extra_slots = {e: self.pool.stream_slot(i) for i, e in enumerate(group)}
-            t0 = time.perf_counter()
-            moved = self.pool.load_many([(s, ref.index, e) for e, s in extra_slots.items()])
-            stall += time.perf_counter() - t0
-            self.stats.add("bytes_demand", ref.index, self._phase, moved)
-            need = sorted(group + (cached if n == 0 else []))
-            mask = torch.isin(flat, torch.tensor(need, dtype=flat.dtype, device=flat.device))
-            if not bool(mask.any()):
-                continue
-            pair_out[mask] = self._compute(
-                ref, module, rep[mask], flat[mask].view(-1, 1), weights[mask], need, extra_slots
-            )
-        per_token = pair_out.view(T, k, -1)
-        if self.inner == "eager":
-            order = torch.argsort(top_k_index, dim=1, stable=True)
-            per_token = torch.gather(per_token, 1, order.unsqueeze(-1).expand_as(per_token))
-            out = torch.zeros_like(hidden)
-            for j in range(k):
-                out += per_token[:, j]
-            return out, stall
-        return per_token.sum(dim=1).to(hidden.dtype), stall

@@ -197,15 +197,16 @@ class ExpertsProxy:
     def __init__(
         self, module: nn.Module, tensors: dict[str, torch.Tensor | SlotRows], num_experts: int
     ):
+        self.__dict__.update(tensors)
         self.__dict__["_module"] = module
-        self.__dict__["_tensors"] = tensors
         self.__dict__["num_experts"] = num_experts
 
     def __getattr__(self, name: str) -> Any:
-        tensors = self.__dict__["_tensors"]
-        if name in tensors:
-            return tensors[name]
-        return getattr(self.__dict__["_module"], name)
+        """The module's attribute, kept for the next lookup (a module's flags, config and
+        activation do not change while it is offloaded)."""
+        value = getattr(self.__dict__["_module"], name)
+        self.__dict__[name] = value
+        return value
 
 
 def inner_forward(module: nn.Module, implementation: str) -> Callable[..., torch.Tensor]:

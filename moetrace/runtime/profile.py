@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from moetrace.devices import check_device
+from moetrace.runtime.expert_store import ExpertSource
 from moetrace.store.hardware import HardwareProfile
 
 TOKEN_COUNTS = (1, 4, 16)
@@ -101,8 +102,121 @@ def _compute(device: torch.device, model_dir: str | None, repeats: int) -> tuple
                 torch.cuda.synchronize(device)
             samples.append(time.perf_counter() - t0)
         times.append(statistics.median(samples) * 1e6)
-    slope, base = np.polyfit(np.asarray(TOKEN_COUNTS, float), np.asarray(times), 1)
+    return _fit(times)
+
+
+def _fit(times_us: list[float]) -> tuple[float, float]:
+    slope, base = np.polyfit(np.asarray(TOKEN_COUNTS, float), np.asarray(times_us), 1)
     return max(float(base), 0.0), max(float(slope), 0.0)
+
+
+def profile_store(
+    store: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    read_mode: str | None = None,
+    implementation: str = "eager",
+    source: ExpertSource | None = None,
+    reads: int = 12,
+    repeats: int = 20,
+    name: str | None = None,
+) -> HardwareProfile:
+    """Measure an expert store's tier on this machine through the runtime itself.
+
+    The link: reads of random (layer, expert) from the store through the engine's demand
+    path (the I/O thread, no page cache), one alone and top-k back to back as an event's
+    misses are, ``reads`` times each: the time per read of a batch gives the bandwidth
+    and the rest of a lone read the latency (the simulator's ``xfer`` and ``lat``). The compute: one MoE layer's
+    experts call through the engine with its experts resident (engine overhead included),
+    at 1, 4 and 16 tokens. This is the profile the trace replay's model uses. ``source``
+    replaces the store's disk reads (the replay's host tier)."""
+    from moetrace.runtime.checks import default_plan, model_info
+    from moetrace.runtime.engine import OffloadEngine
+    from moetrace.runtime.expert_store import DiskExpertSource, StoreIndex
+
+    dev = check_device(device)
+    root = Path(store)
+    index = StoreIndex.load(root)
+    model = _store_skeleton(root, implementation)
+    from moetrace.runtime.experts import find_moe_layers
+
+    layers = find_moe_layers(model)
+    k, E = index.top_k, index.num_experts
+    info = model_info(layers, max(index.layer_ids) + 1, index.fingerprint, "profile")
+    plan = default_plan(info, 2 * k)
+    if source is None:
+        source = DiskExpertSource(root, index, read_mode)
+    rng = np.random.default_rng(0)
+    with OffloadEngine(model, source, plan, device=dev, fingerprint=index.fingerprint) as eng:
+        # back-to-back reads, as an event's misses are queued: one read, then top-k
+        single, batch = [], []
+        for _ in range(reads):
+            picks = [(int(rng.integers(len(layers))), int(rng.integers(E))) for _ in range(k + 1)]
+            t0 = time.perf_counter()
+            eng.pool.load_many([(0, *picks[0])])
+            single.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            eng.pool.load_many([(s, la, e) for s, (la, e) in enumerate(picks[1:])])
+            batch.append(time.perf_counter() - t0)
+        ref = layers[0]
+        dtype = ref.params[0].dtype
+        hidden_size = int(model.config.hidden_size)
+        chosen = torch.as_tensor(rng.choice(E, size=k, replace=False), device=dev)
+        times = []
+        with torch.no_grad():
+            for tokens in TOKEN_COUNTS:
+                h = torch.randn(tokens, hidden_size, device=dev, dtype=dtype)
+                idx = torch.stack([chosen[torch.randperm(k)] for _ in range(tokens)])
+                w = torch.full((tokens, k), 1.0 / k, device=dev, dtype=dtype)
+                ref.experts(h, idx, w)  # loads the k experts
+                samples = []
+                for _ in range(repeats):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t0 = time.perf_counter()
+                    ref.experts(h, idx, w)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    samples.append(time.perf_counter() - t0)
+                times.append(statistics.median(samples) * 1e6)
+        mode = getattr(source, "mode", source.tier)
+    # memory-bound: the cost is not linear in tokens; exact at 1 and 16 tokens
+    per_token = max((times[-1] - times[0]) / (TOKEN_COUNTS[-1] - TOKEN_COUNTS[0]), 0.0)
+    base = max(times[0] - per_token * TOKEN_COUNTS[0], 0.0)
+    t1, tk = statistics.median(single), statistics.median(batch)
+    xfer = max((tk - t1) / (k - 1), 1e-9) if k > 1 else t1
+    latency = max(t1 - xfer, 0.0)
+    return HardwareProfile(
+        name=name or f"measured-store-{dev.type}",
+        link_bandwidth_gbps=round(index.bytes_per_expert / xfer / 1e9, 4),
+        transfer_latency_us=round(latency * 1e6, 2),
+        layer_compute_base_us=round(base, 2),
+        layer_compute_per_token_us=round(per_token, 3),
+        device_memory_gib=None,
+        description=(
+            f"measured by moetrace profile on the expert store {root.name}: {reads} times one "
+            f"read and {k} back-to-back reads of {index.bytes_per_expert} bytes ({mode} mode; "
+            f"medians {t1 * 1e3:.2f} and {tk * 1e3:.2f} ms, so {xfer * 1e3:.2f} ms per read "
+            f"plus {latency * 1e3:.2f} ms latency); a layer of top-{k} "
+            f"through the engine at {TOKEN_COUNTS} tokens: {[round(x, 1) for x in times]} us"
+        ),
+        source="moetrace profile",
+    )
+
+
+def _store_skeleton(root: Path, implementation: str) -> torch.nn.Module:
+    """The store's model on the meta device with its experts detached."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moetrace.runtime.expert_store import detach_experts
+    from moetrace.runtime.experts import find_moe_layers
+
+    config = AutoConfig.from_pretrained(root)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.set_experts_implementation(implementation)
+    detach_experts(model, find_moe_layers(model))
+    return model.eval()
 
 
 def profile_hardware(
@@ -113,7 +227,12 @@ def profile_hardware(
     repeats: int = 5,
     name: str | None = None,
 ) -> HardwareProfile:
-    """Measure this machine and return a hardware profile."""
+    """Measure this machine and return a hardware profile (for an expert store given as
+    ``model``: its reads and compute through the runtime, :func:`profile_store`)."""
+    from moetrace.runtime.expert_store import is_store
+
+    if model is not None and is_store(model):
+        return profile_store(model, device=device, name=name)
     dev = check_device(device)
     gbps, latency = _bandwidth(dev, nbytes, repeats)
     base, per_token = _compute(dev, model, repeats)

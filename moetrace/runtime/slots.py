@@ -6,10 +6,11 @@ preallocated tensor per expert parameter with ``num_slots + stream_slots`` rows,
 from the :class:`~moetrace.runtime.memory.ExpertMemory` ledger (measured, checked against
 the budget), and the loads into them.
 
-Loads model the simulator's link: with a disk tier every read, demand or prefetch, goes
-through one I/O thread in issue order, so a demand load queues behind the prefetches
-already issued exactly as in the timing model; host-memory sources copy on the caller's
-thread (CPU) or on a side stream with events (CUDA). A slot is waited for before use.
+Loads model the simulator's link: every load, demand or prefetch, goes through one queue
+in issue order, so a demand load waits behind the prefetches already issued exactly as in
+the timing model: one I/O thread for a disk tier, one side stream with an event per copy
+for host memory -> CUDA (the host waits on the event, so stalls are measured). Host
+memory -> CPU copies run on the caller's thread. A slot is waited for before use.
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class SlotPool:
         """Fill each ``(slot, layer, expert)`` and wait for all; return bytes moved."""
         for slot, _, _ in loads:
             self.wait(slot)
+        if self._cuda and not self._queued:  # on the link's stream, behind the prefetches
+            moved = sum(self._copy_on_stream(s, la, e) for s, la, e in loads)
+            for s, _, _ in loads:
+                self.wait(s)
+            return moved
         if not self._queued:
             return sum(self.source.read_into(la, e, self.views(s)) for s, la, e in loads)
         assert self._io is not None
@@ -105,20 +111,25 @@ class SlotPool:
     def load_async(self, slot: int, layer: int, expert: int) -> int:
         """Start filling ``slot`` in the background; :meth:`wait` before using it."""
         self.wait(slot)
-        if self._cuda and self.source.tier != "disk":
-            assert self._stream is not None
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                moved = self.source.read_into(layer, expert, self.views(slot))
-                event = torch.cuda.Event()
-                event.record(self._stream)
-            self._pending[slot] = event
-            return moved
+        if self._cuda and not self._queued:
+            return self._copy_on_stream(slot, layer, expert)
         if self._io is None:
             return self.load(slot, layer, expert)
         fut: Future[int] = self._io.submit(self.source.read_into, layer, expert, self.views(slot))
         self._pending[slot] = fut
         return self.bytes_per_slot
+
+    def _copy_on_stream(self, slot: int, layer: int, expert: int) -> int:
+        """Start a host -> device copy into ``slot`` on the link's side stream (after the
+        work already queued on the compute stream, which may still read the slot)."""
+        assert self._stream is not None
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            moved = self.source.read_into(layer, expert, self.views(slot))
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._pending[slot] = event
+        return moved
 
     def wait(self, slot: int) -> float:
         """Wait for a pending load into ``slot``; return the seconds stalled."""
@@ -130,8 +141,8 @@ class SlotPool:
         t0 = time.perf_counter()
         if isinstance(pending, Future):
             pending.result()
-        else:
-            torch.cuda.current_stream(self.device).wait_event(pending)
+        else:  # the host waits for the copy: the stall is measured, and kernels launched
+            pending.synchronize()  # after this see the slot filled
         return time.perf_counter() - t0
 
     def drain(self) -> None:

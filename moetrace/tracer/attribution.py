@@ -141,6 +141,18 @@ class LiveRows:
         self._attr = Attributor(("causal",))
         self._rows = 0
 
+    def skip(self, shape: tuple[int, int], *, new: bool) -> bool:
+        """A pass of one row with every position real and no EOS fed: all live. Its
+        attribution is skipped (the row cannot have finished); returns True, so the
+        caller may keep skipping until a pass needs :meth:`update`. The next
+        :meth:`update` of this row starts from the row's unfinished state."""
+        if new or self._rows != shape[0]:
+            self._attr.ensure(shape[0])
+            for slot in range(shape[0]):
+                self._attr.reset(slot)
+            self._rows = shape[0]
+        return True
+
     def update(
         self,
         shape: tuple[int, int],

@@ -1,0 +1,283 @@
+"""Trace-driven runtime replay: a recorded workload through the real engine, real reads.
+
+The skeleton (:mod:`moetrace.runtime.skeleton`) has the trace's routing shape at its real
+expert size (or ``scale`` of it); its experts live in an expert store read without the page
+cache. Each token of the replayed requests runs every MoE layer's experts call with the
+recorded routing forced (the simulator's token-granularity events, in the same order),
+through the engine: cache decisions, demand and prefetch reads on the I/O thread, compute
+from the slots. Variants (the plan, LRU on demand at the same slots, every expert
+resident where it fits in RAM) run interleaved; next to each, the simulator's replay of
+the same events under the same plan with the measured hardware profile: the timing
+model's error, measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from moetrace import __version__
+from moetrace.errors import ConfigError
+from moetrace.runtime.checks import default_plan, model_info
+from moetrace.runtime.engine import OffloadEngine
+from moetrace.runtime.expert_store import DiskExpertSource, HostExpertSource, StoreIndex
+from moetrace.runtime.experts import find_moe_layers
+from moetrace.runtime.skeleton import SkeletonShape, build_skeleton, build_store
+from moetrace.store.hardware import HardwareProfile
+from moetrace.store.plan import Budget, Plan, load_plan
+from moetrace.tuner.policy.events import Events
+from moetrace.tuner.sim.engine import simulate
+from moetrace.tuner.sim.trace import events_for, load_traces
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("plan", "lru", "all_resident")
+TIERS = ("disk", "host")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What to replay, where and how often."""
+
+    trace: str
+    plan: str
+    store: str
+    scale: float = 1.0
+    requests: int = 8
+    """The last ``requests`` requests of the trace (in arrival order) are replayed."""
+    max_tokens: int | None = None
+    repeats: int = 3
+    hardware: str | None = None
+    """A hardware profile JSON; None: measure one on the store (``moetrace profile``)."""
+    variants: tuple[str, ...] = VARIANTS
+    device: str = "cpu"
+    read_mode: str | None = None
+    implementation: str = "eager"
+    tier: str = "disk"
+    """Where experts live between loads: ``disk`` (the store, no page cache) or ``host``
+    (the store's experts read once into host memory, pinned for CUDA)."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ConfigError(f"repeats must be >= 1, got {self.repeats}")
+        if self.requests < 1:
+            raise ConfigError(f"requests must be >= 1, got {self.requests}")
+        if self.tier not in TIERS:
+            raise ConfigError(f"tier must be one of {TIERS}, got {self.tier!r}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"variants must be among {VARIANTS}, got {list(self.variants)}")
+
+
+@dataclass
+class VariantRun:
+    """Measured figures of one variant's runs, and the simulator's for the same events."""
+
+    seconds: list[float] = field(default_factory=list)
+    stall_s: list[float] = field(default_factory=list)
+    hit_rate: float = 0.0
+    peak_expert_bytes: int = 0
+    limit_bytes: int = 0
+    model: dict[str, float] | None = None
+
+
+def _events(cfg: ReplayConfig) -> tuple[Events, Any]:
+    loaded = load_traces([cfg.trace])
+    n = len(loaded.routing.request_ids)
+    keep = np.arange(max(0, n - cfg.requests), n)
+    ev = events_for(loaded, keep, granularity="token")
+    if cfg.max_tokens is not None and ev.token_experts.shape[0] > cfg.max_tokens:
+        cut = cfg.max_tokens * ev.num_layers
+        ev = _first_events(ev, cut)
+    return ev, loaded
+
+
+def _first_events(ev: Events, n: int) -> Events:
+    """The first ``n`` events (whole tokens) of token-granularity events."""
+    m = int(ev.ptr[n])
+    ntok = n // ev.num_layers
+    tokens_by_phase = np.bincount(ev.token_phase[:ntok].astype(np.int64), minlength=2)
+    return dataclasses.replace(
+        ev,
+        layer=ev.layer[:n], phase=ev.phase[:n], request=ev.request[:n],
+        pass_id=ev.pass_id[:n], tokens=ev.tokens[:n], ptr=ev.ptr[: n + 1],
+        experts=ev.experts[:m], counts=ev.counts[:m],
+        pass_event=ev.pass_event[:ntok], tokens_by_phase=tokens_by_phase,
+        token_experts=ev.token_experts[:ntok], token_phase=ev.token_phase[:ntok],
+        token_request=ev.token_request[:ntok], spec_ptr=None, spec_experts=None,
+        spec_counts=None,
+    )  # fmt: skip
+
+
+def _scaled(plan: Plan, bpe: int, fingerprint: str) -> Plan:
+    """The plan for the skeleton: same slots and policy, the skeleton's expert size."""
+    budget = Budget(slots=plan.budget.slots, bytes=plan.budget.slots * bpe, bytes_per_expert=bpe)
+    routing = dataclasses.replace(plan.routing, fingerprint=fingerprint)
+    worst = (plan.layout.total_slots + plan.routing.top_k) * bpe
+    return dataclasses.replace(plan, budget=budget, routing=routing, worst_case_bytes=worst)
+
+
+def host_experts(store: str, index: StoreIndex, pin: bool) -> HostExpertSource:
+    """Every expert of ``store`` read into host memory (the host tier)."""
+    disk = DiskExpertSource(store, index)
+    tensors = []
+    for layer in range(len(index.layer_ids)):
+        per = {
+            p.name: torch.empty((index.num_experts, *p.shape), dtype=p.dtype) for p in index.params
+        }
+        for e in range(index.num_experts):
+            disk.read_into(layer, e, {n: t[e] for n, t in per.items()})
+        tensors.append(per)
+    disk.close()
+    return HostExpertSource(tensors, pin=pin)
+
+
+def _run(
+    model: torch.nn.Module, source_args: tuple, plan: Plan, ev: Events, cfg: ReplayConfig
+) -> tuple[float, float, float, int, int]:
+    """One timed replay: (seconds, stall seconds, hit rate, peak bytes, limit)."""
+    store, index, host = source_args
+    source = host if host is not None else DiskExpertSource(store, index, cfg.read_mode)
+    engine = OffloadEngine(
+        model, source, plan, device=cfg.device, fingerprint=plan.routing.fingerprint
+    )
+    try:
+        layers = engine.layers
+        dev = engine.device
+        dtype = layers[0].params[0].dtype
+        hidden = torch.randn(1, model.config.hidden_size, dtype=dtype, device=dev) * 0.1
+        idx_all = torch.from_numpy(ev.experts.astype(np.int64)).to(dev)
+        ptr = ev.ptr.tolist()
+        ev_layer, ev_phase = ev.layer.tolist(), ev.phase.tolist()
+        weights = {}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(ev.num_events):
+                lo, hi = ptr[i], ptr[i + 1]
+                n = hi - lo
+                w = weights.get(n)
+                if w is None:
+                    w = weights[n] = torch.full((1, n), 1.0 / n, dtype=dtype, device=dev)
+                engine.set_phase(ev_phase[i])
+                layers[ev_layer[i]].experts(hidden, idx_all[lo:hi].view(1, n), w)
+        engine.pool.drain()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        s = engine.stats.summary()
+        return (
+            seconds, s["stall_s"], s["hit_rate"], engine.stats.peak_expert_bytes,
+            int(engine.memory.limit or 0),
+        )  # fmt: skip
+    finally:
+        engine.close()
+
+
+def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
+    """Replay, measure, model; a JSON-ready result (config, versions, medians, raw)."""
+    ev, loaded = _events(cfg)
+    shape = SkeletonShape.for_trace(loaded.model, cfg.scale)
+    index = build_store(shape, cfg.store)
+    model = build_skeleton(shape, cfg.implementation)
+    bpe = shape.bytes_per_expert
+    layers = find_moe_layers(model)
+    info = model_info(layers, max(shape.moe_layers) + 1, shape.fingerprint, "replay skeleton")
+    the_plan = load_plan(cfg.plan)
+    the_plan.check_compatible(loaded.model)
+    plans = {"plan": _scaled(the_plan, bpe, shape.fingerprint)}
+    plans["lru"] = default_plan(info, the_plan.layout.total_slots)
+    if "all_resident" in cfg.variants:
+        from moetrace.runtime.checks import _available_memory
+
+        need = len(shape.moe_layers) * shape.num_experts * bpe
+        avail = _available_memory(torch.device(cfg.device)) or 0
+        if need < 0.7 * avail:
+            plans["all_resident"] = default_plan(info, len(shape.moe_layers) * shape.num_experts)
+        else:
+            log.warning("all experts (%d bytes) do not fit in memory here; skipped", need)
+    variants = [v for v in cfg.variants if v in plans]
+    host = None
+    if cfg.tier == "host":
+        host = host_experts(cfg.store, index, pin=torch.device(cfg.device).type == "cuda")
+    hardware = _hardware(cfg, host)
+    runs = {v: VariantRun() for v in variants}
+    for _ in range(cfg.repeats):
+        for v in variants:
+            sec, stall, hit, peak, limit = _run(model, (cfg.store, index, host), plans[v], ev, cfg)
+            r = runs[v]
+            r.seconds.append(sec)
+            r.stall_s.append(stall)
+            r.hit_rate, r.peak_expert_bytes, r.limit_bytes = (
+                hit,
+                max(r.peak_expert_bytes, peak),
+                limit,
+            )
+    tokens = int(ev.token_experts.shape[0])
+    for v in variants:
+        summ = simulate(ev, plans[v], hardware, bytes_per_expert=bpe).summary()
+        runs[v].model = {
+            "hit_rate": float(summ["hit_rate"] or 0.0),
+            "stall_per_token_ms": 1e3 * float(summ["stall_s"]) / tokens,
+            "tokens_per_second": tokens / float(summ["total_s"]),
+            "bytes_moved": float(summ["bytes_moved"]),
+        }
+    return _result(cfg, shape, hardware, tokens, runs)
+
+
+def _hardware(cfg: ReplayConfig, host: HostExpertSource | None) -> HardwareProfile:
+    if cfg.hardware is not None:
+        from moetrace.store.hardware import load_hardware
+
+        return load_hardware(cfg.hardware)
+    from moetrace.runtime.profile import profile_store
+
+    return profile_store(cfg.store, device=cfg.device, read_mode=cfg.read_mode,
+                         implementation=cfg.implementation, source=host)  # fmt: skip
+
+
+def _result(
+    cfg: ReplayConfig,
+    shape: SkeletonShape,
+    hw: HardwareProfile,
+    tokens: int,
+    runs: dict[str, VariantRun],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "skeleton": dataclasses.asdict(shape) | {"bytes_per_expert": shape.bytes_per_expert},
+        "hardware": hw.to_json(),
+        "versions": {
+            "moetrace": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "tokens": tokens,
+        "variants": {},
+    }
+    for v, r in runs.items():
+        tps = [tokens / s for s in r.seconds]
+        stall = [1e3 * s / tokens for s in r.stall_s]
+        med_stall = statistics.median(stall)
+        row: dict[str, Any] = {
+            "tokens_per_second": {"median": statistics.median(tps), "min_max": [min(tps), max(tps)], "raw": tps},
+            "stall_per_token_ms": {"median": med_stall, "min_max": [min(stall), max(stall)], "raw": stall},
+            "hit_rate": r.hit_rate,
+            "peak_expert_bytes": r.peak_expert_bytes,
+            "expert_memory_limit_bytes": r.limit_bytes,
+            "model": r.model,
+        }  # fmt: skip
+        if r.model and r.model["stall_per_token_ms"] > 0:
+            row["stall_error"] = med_stall / r.model["stall_per_token_ms"] - 1.0
+        out["variants"][v] = row
+    return out
