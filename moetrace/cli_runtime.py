@@ -132,7 +132,11 @@ def run_cmd(
 @click.option(
     "--max-tokens", default=None, type=click.IntRange(1), help="Replay: at most N tokens."
 )
-@click.option("--hardware", default=None, help="Replay: hardware profile (default: measured now).")
+@click.option(
+    "--hardware",
+    default=None,
+    help="Replay: hardware profile (default: measured between the runs).",
+)
 @click.option(
     "--tier", default="disk", show_default=True, type=click.Choice(["disk", "host"]),
     help="Replay: experts between loads on disk (no page cache) or in host memory.",
@@ -169,13 +173,13 @@ def bench_cmd(
           --requests 4 --max-tokens 200 --out replay.json
     """
     if replay is not None:
-        from moetrace.runtime.replay import ReplayConfig, run_replay
+        from moetrace.runtime.replay import ReplayConfig, format_replay, run_replay
 
         if store is None:
             raise click.UsageError("--replay needs --store (a folder for the replay's experts)")
         cfg = ReplayConfig(
-            replay, plan, store, scale, requests, max_tokens, repeats, hardware,
-            device=device, tier=tier,
+            replay, plan, store, scale=scale, requests=requests, max_tokens=max_tokens,
+            repeats=repeats, hardware=hardware, device=device, tier=tier,
         )  # fmt: skip
         data = run_replay(cfg)
         if out:
@@ -195,26 +199,6 @@ def bench_cmd(
     for variant, med in data["median"].items():
         lo, hi = data["min_max"][variant]
         click.echo(f"{variant:>13}: {med:8.2f} tok/s (min {lo:.2f}, max {hi:.2f})")
-
-
-def format_replay(data: dict) -> str:
-    """The replay's table: measured (median, min-max) vs modeled, per variant."""
-    lines = [
-        f"{data['tokens']} tokens, {data['skeleton']['bytes_per_expert']} bytes per expert, "
-        f"link {data['hardware']['link_bandwidth_gbps']} GB/s (measured profile)",
-        f"{'variant':>13}  {'tok/s':>7} {'(min-max)':>15}  {'stall ms/tok':>12} "
-        f"{'(min-max)':>15}  {'model':>7}  {'error':>6}  {'hit':>5}  {'peak MiB':>8}",
-    ]
-    for v, r in data["variants"].items():
-        t, s, m = r["tokens_per_second"], r["stall_per_token_ms"], r["model"]
-        err = r.get("stall_error")
-        lines.append(
-            f"{v:>13}  {t['median']:7.2f} ({t['min_max'][0]:6.2f}-{t['min_max'][1]:6.2f})  "
-            f"{s['median']:12.2f} ({s['min_max'][0]:6.2f}-{s['min_max'][1]:6.2f})  "
-            f"{m['stall_per_token_ms']:7.2f}  {'' if err is None else f'{err:+.0%}':>6}  "
-            f"{r['hit_rate']:5.3f}  {r['peak_expert_bytes'] / 2**20:8.1f}"
-        )
-    return "\n".join(lines)
 
 
 @click.command("profile")

@@ -12,7 +12,9 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +112,60 @@ def _fit(times_us: list[float]) -> tuple[float, float]:
     return max(float(base), 0.0), max(float(slope), 0.0)
 
 
-def profile_store(
+@dataclass
+class StoreSamples:
+    """Raw timings of an expert store through the runtime (seconds), mergeable so
+    measurements taken at several moments (interleaved with a benchmark's runs) make one
+    profile: ``single`` lone reads, ``batch`` top-k back-to-back reads, ``compute[i]``
+    one layer's call at ``TOKEN_COUNTS[i]`` tokens."""
+
+    store: str
+    bytes_per_expert: int
+    top_k: int
+    mode: str
+    single: list[float] = field(default_factory=list)
+    batch: list[float] = field(default_factory=list)
+    compute: list[list[float]] = field(default_factory=lambda: [[] for _ in TOKEN_COUNTS])
+
+    def merge(self, other: StoreSamples) -> StoreSamples:
+        self.single += other.single
+        self.batch += other.batch
+        for mine, theirs in zip(self.compute, other.compute, strict=True):
+            mine += theirs
+        return self
+
+    def profile(self, name: str | None = None, device: str = "cpu") -> HardwareProfile:
+        """The hardware profile of these samples' medians: the time per read of a batch
+        is the link's (bandwidth), the rest of a lone read its latency (the simulator's
+        ``xfer`` and ``lat``); compute exact at 1 and 16 tokens (memory-bound, not
+        linear in between)."""
+        k = self.top_k
+        times = [statistics.median(c) * 1e6 for c in self.compute]
+        per_token = max((times[-1] - times[0]) / (TOKEN_COUNTS[-1] - TOKEN_COUNTS[0]), 0.0)
+        base = max(times[0] - per_token * TOKEN_COUNTS[0], 0.0)
+        t1, tk = statistics.median(self.single), statistics.median(self.batch)
+        xfer = max((tk - t1) / (k - 1), 1e-9) if k > 1 else t1
+        latency = max(t1 - xfer, 0.0)
+        return HardwareProfile(
+            name=name or f"measured-store-{device}",
+            link_bandwidth_gbps=round(self.bytes_per_expert / xfer / 1e9, 4),
+            transfer_latency_us=round(latency * 1e6, 2),
+            layer_compute_base_us=round(base, 2),
+            layer_compute_per_token_us=round(per_token, 3),
+            device_memory_gib=None,
+            description=(
+                f"measured by moetrace profile on the expert store {Path(self.store).name}: "
+                f"{len(self.single)} times one read and {k} back-to-back reads of "
+                f"{self.bytes_per_expert} bytes ({self.mode} mode; medians {t1 * 1e3:.2f} and "
+                f"{tk * 1e3:.2f} ms, so {xfer * 1e3:.2f} ms per read plus "
+                f"{latency * 1e3:.2f} ms latency); a layer of top-{k} through the engine at "
+                f"{TOKEN_COUNTS} tokens: {[round(x, 1) for x in times]} us"
+            ),
+            source="moetrace profile",
+        )
+
+
+def measure_store(
     store: str | os.PathLike[str],
     *,
     device: str = "cpu",
@@ -119,57 +174,52 @@ def profile_store(
     source: ExpertSource | None = None,
     reads: int = 12,
     repeats: int = 20,
-    name: str | None = None,
-) -> HardwareProfile:
-    """Measure an expert store's tier on this machine through the runtime itself.
+    seed: int = 0,
+) -> StoreSamples:
+    """Time an expert store's tier on this machine through the runtime itself.
 
     The link: reads of random (layer, expert) from the store through the engine's demand
     path (the I/O thread, no page cache), one alone and top-k back to back as an event's
-    misses are, ``reads`` times each: the time per read of a batch gives the bandwidth
-    and the rest of a lone read the latency (the simulator's ``xfer`` and ``lat``). The compute: one MoE layer's
-    experts call through the engine with its experts resident (engine overhead included),
-    at 1, 4 and 16 tokens. This is the profile the trace replay's model uses. ``source``
-    replaces the store's disk reads (the replay's host tier)."""
+    misses are, ``reads`` times each. The compute: one MoE layer's experts call through
+    the engine with its experts resident (engine overhead included), at 1, 4 and 16
+    tokens, ``repeats`` times each. ``source`` replaces the store's disk reads (the
+    replay's host tier)."""
     from moetrace.runtime.checks import default_plan, model_info
     from moetrace.runtime.engine import OffloadEngine
     from moetrace.runtime.expert_store import DiskExpertSource, StoreIndex
+    from moetrace.runtime.experts import find_moe_layers
 
     dev = check_device(device)
     root = Path(store)
     index = StoreIndex.load(root)
     model = _store_skeleton(root, implementation)
-    from moetrace.runtime.experts import find_moe_layers
-
     layers = find_moe_layers(model)
     k, E = index.top_k, index.num_experts
     info = model_info(layers, max(index.layer_ids) + 1, index.fingerprint, "profile")
     plan = default_plan(info, 2 * k)
     if source is None:
         source = DiskExpertSource(root, index, read_mode)
-    rng = np.random.default_rng(0)
+    out = StoreSamples(str(root), index.bytes_per_expert, k, getattr(source, "mode", source.tier))
+    rng = np.random.default_rng(seed)
     with OffloadEngine(model, source, plan, device=dev, fingerprint=index.fingerprint) as eng:
-        # back-to-back reads, as an event's misses are queued: one read, then top-k
-        single, batch = [], []
-        for _ in range(reads):
+        for _ in range(reads):  # back-to-back reads, as an event's misses are queued
             picks = [(int(rng.integers(len(layers))), int(rng.integers(E))) for _ in range(k + 1)]
             t0 = time.perf_counter()
             eng.pool.load_many([(0, *picks[0])])
-            single.append(time.perf_counter() - t0)
+            out.single.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             eng.pool.load_many([(s, la, e) for s, (la, e) in enumerate(picks[1:])])
-            batch.append(time.perf_counter() - t0)
+            out.batch.append(time.perf_counter() - t0)
         ref = layers[0]
         dtype = ref.params[0].dtype
         hidden_size = int(model.config.hidden_size)
         chosen = torch.as_tensor(rng.choice(E, size=k, replace=False), device=dev)
-        times = []
         with torch.no_grad():
-            for tokens in TOKEN_COUNTS:
+            for i, tokens in enumerate(TOKEN_COUNTS):
                 h = torch.randn(tokens, hidden_size, device=dev, dtype=dtype)
                 idx = torch.stack([chosen[torch.randperm(k)] for _ in range(tokens)])
                 w = torch.full((tokens, k), 1.0 / k, device=dev, dtype=dtype)
                 ref.experts(h, idx, w)  # loads the k experts
-                samples = []
                 for _ in range(repeats):
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
@@ -177,31 +227,20 @@ def profile_store(
                     ref.experts(h, idx, w)
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
-                    samples.append(time.perf_counter() - t0)
-                times.append(statistics.median(samples) * 1e6)
-        mode = getattr(source, "mode", source.tier)
-    # memory-bound: the cost is not linear in tokens; exact at 1 and 16 tokens
-    per_token = max((times[-1] - times[0]) / (TOKEN_COUNTS[-1] - TOKEN_COUNTS[0]), 0.0)
-    base = max(times[0] - per_token * TOKEN_COUNTS[0], 0.0)
-    t1, tk = statistics.median(single), statistics.median(batch)
-    xfer = max((tk - t1) / (k - 1), 1e-9) if k > 1 else t1
-    latency = max(t1 - xfer, 0.0)
-    return HardwareProfile(
-        name=name or f"measured-store-{dev.type}",
-        link_bandwidth_gbps=round(index.bytes_per_expert / xfer / 1e9, 4),
-        transfer_latency_us=round(latency * 1e6, 2),
-        layer_compute_base_us=round(base, 2),
-        layer_compute_per_token_us=round(per_token, 3),
-        device_memory_gib=None,
-        description=(
-            f"measured by moetrace profile on the expert store {root.name}: {reads} times one "
-            f"read and {k} back-to-back reads of {index.bytes_per_expert} bytes ({mode} mode; "
-            f"medians {t1 * 1e3:.2f} and {tk * 1e3:.2f} ms, so {xfer * 1e3:.2f} ms per read "
-            f"plus {latency * 1e3:.2f} ms latency); a layer of top-{k} "
-            f"through the engine at {TOKEN_COUNTS} tokens: {[round(x, 1) for x in times]} us"
-        ),
-        source="moetrace profile",
-    )
+                    out.compute[i].append(time.perf_counter() - t0)
+    return out
+
+
+def profile_store(
+    store: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    name: str | None = None,
+    **kw: Any,
+) -> HardwareProfile:
+    """The hardware profile of an expert store's tier (:func:`measure_store`): the one
+    the trace replay's model uses and a plan for that store should be tuned with."""
+    return measure_store(store, device=device, **kw).profile(name, check_device(device).type)
 
 
 def _store_skeleton(root: Path, implementation: str) -> torch.nn.Module:

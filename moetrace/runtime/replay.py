@@ -31,8 +31,9 @@ from moetrace.runtime.checks import default_plan, model_info
 from moetrace.runtime.engine import OffloadEngine
 from moetrace.runtime.expert_store import DiskExpertSource, HostExpertSource, StoreIndex
 from moetrace.runtime.experts import find_moe_layers
+from moetrace.runtime.profile import measure_store
 from moetrace.runtime.skeleton import SkeletonShape, build_skeleton, build_store
-from moetrace.store.hardware import HardwareProfile
+from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import Budget, Plan, load_plan
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sim.engine import simulate
@@ -53,7 +54,9 @@ class ReplayConfig:
     store: str
     scale: float = 1.0
     requests: int = 8
-    """The last ``requests`` requests of the trace (in arrival order) are replayed."""
+    """The last ``requests`` requests of the trace (in arrival order) are replayed..."""
+    only: tuple[int, ...] | None = None
+    """...or the last ``requests`` of these request indices (e.g. a plan's held-out ones)."""
     max_tokens: int | None = None
     repeats: int = 3
     hardware: str | None = None
@@ -93,7 +96,10 @@ class VariantRun:
 def _events(cfg: ReplayConfig) -> tuple[Events, Any]:
     loaded = load_traces([cfg.trace])
     n = len(loaded.routing.request_ids)
-    keep = np.arange(max(0, n - cfg.requests), n)
+    pool = np.arange(n) if cfg.only is None else np.sort(np.asarray(cfg.only, np.int64))
+    if pool.size == 0 or pool.min() < 0 or pool.max() >= n:
+        raise ConfigError(f"requests to replay must be among the trace's {n} requests")
+    keep = pool[-cfg.requests :]
     ev = events_for(loaded, keep, granularity="token")
     if cfg.max_tokens is not None and ev.token_experts.shape[0] > cfg.max_tokens:
         cut = cfg.max_tokens * ev.num_layers
@@ -208,9 +214,15 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     host = None
     if cfg.tier == "host":
         host = host_experts(cfg.store, index, pin=torch.device(cfg.device).type == "cuda")
-    hardware = _hardware(cfg, host)
+    samples = None
     runs = {v: VariantRun() for v in variants}
-    for _ in range(cfg.repeats):
+    for rep in range(cfg.repeats):
+        if cfg.hardware is None:  # the profile, measured between the runs (A B A B ...)
+            got = measure_store(
+                cfg.store, device=cfg.device, read_mode=cfg.read_mode,
+                implementation=cfg.implementation, source=host, reads=6, repeats=6, seed=rep,
+            )  # fmt: skip
+            samples = got if samples is None else samples.merge(got)
         for v in variants:
             sec, stall, hit, peak, limit = _run(model, (cfg.store, index, host), plans[v], ev, cfg)
             r = runs[v]
@@ -221,6 +233,11 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                 max(r.peak_expert_bytes, peak),
                 limit,
             )
+    hardware = (
+        load_hardware(cfg.hardware)
+        if cfg.hardware is not None
+        else samples.profile(device=torch.device(cfg.device).type)  # type: ignore[union-attr]
+    )
     tokens = int(ev.token_experts.shape[0])
     for v in variants:
         summ = simulate(ev, plans[v], hardware, bytes_per_expert=bpe).summary()
@@ -231,17 +248,6 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
             "bytes_moved": float(summ["bytes_moved"]),
         }
     return _result(cfg, shape, hardware, tokens, runs)
-
-
-def _hardware(cfg: ReplayConfig, host: HostExpertSource | None) -> HardwareProfile:
-    if cfg.hardware is not None:
-        from moetrace.store.hardware import load_hardware
-
-        return load_hardware(cfg.hardware)
-    from moetrace.runtime.profile import profile_store
-
-    return profile_store(cfg.store, device=cfg.device, read_mode=cfg.read_mode,
-                         implementation=cfg.implementation, source=host)  # fmt: skip
 
 
 def _result(
@@ -281,3 +287,23 @@ def _result(
             row["stall_error"] = med_stall / r.model["stall_per_token_ms"] - 1.0
         out["variants"][v] = row
     return out
+
+
+def format_replay(data: dict[str, Any]) -> str:
+    """The replay's table: measured (median, min-max) vs modeled, per variant."""
+    lines = [
+        f"{data['tokens']} tokens, {data['skeleton']['bytes_per_expert']} bytes per expert, "
+        f"link {data['hardware']['link_bandwidth_gbps']} GB/s (measured profile)",
+        f"{'variant':>13}  {'tok/s':>7} {'(min-max)':>15}  {'stall ms/tok':>12} "
+        f"{'(min-max)':>15}  {'model':>7}  {'error':>6}  {'hit':>5}  {'peak MiB':>8}",
+    ]
+    for v, r in data["variants"].items():
+        t, s, m = r["tokens_per_second"], r["stall_per_token_ms"], r["model"]
+        err = r.get("stall_error")
+        lines.append(
+            f"{v:>13}  {t['median']:7.2f} ({t['min_max'][0]:6.2f}-{t['min_max'][1]:6.2f})  "
+            f"{s['median']:12.2f} ({s['min_max'][0]:6.2f}-{s['min_max'][1]:6.2f})  "
+            f"{m['stall_per_token_ms']:7.2f}  {'' if err is None else f'{err:+.0%}':>6}  "
+            f"{r['hit_rate']:5.3f}  {r['peak_expert_bytes'] / 2**20:8.1f}"
+        )
+    return "\n".join(lines)

@@ -46,3 +46,48 @@ def test_cuda_identical_with_speculative_prefetch(arch, prompt_ids):
     assert torch.equal(out, ref)
     assert s["prefetch_issued"] > 0
     assert_within_budget(eng, 6 * info.bytes_per_expert)
+
+
+def test_cuda_disk_store_and_replay(tmp_path, prompt_ids):
+    """A v2 store read into CUDA slots (pinned bounce), outputs identical; the trace
+    replay host -> GPU runs and its hit rates equal the simulator's."""
+    from moetrace.runtime import prepare_store
+    from moetrace.runtime.replay import ReplayConfig, run_replay
+    from moetrace.store.plan import save_plan
+    from moetrace.tracer.recorder import RoutingRecorder
+    from moetrace.tuner.sim.engine import make_plan
+    from moetrace.tuner.sim.trace import events_for, load_traces
+
+    base = tiny_model("olmoe")
+    ref = base.generate(prompt_ids, max_new_tokens=5, do_sample=False)
+    base.save_pretrained(tmp_path / "model")
+    prepare_store(tmp_path / "model", tmp_path / "store")
+    bpe = find_layers_info(base).bytes_per_expert
+    with OffloadEngine.from_store(
+        str(tmp_path / "store"), device="cuda", budget_bytes=7 * bpe
+    ) as eng:
+        out = eng.model.generate(prompt_ids.cuda(), max_new_tokens=5, do_sample=False)
+        assert eng.stats.summary()["misses"] > 0
+        assert_within_budget(eng, 7 * bpe)
+    assert torch.equal(out.cpu(), ref)
+    with RoutingRecorder(base, tmp_path / "trace") as rec:
+        rec.generate(["r0"], prompt_ids, max_new_tokens=6, do_sample=False)
+    loaded = load_traces([tmp_path / "trace"])
+    ev = events_for(loaded, granularity="token")
+    plan = make_plan(ev, loaded.shape, CacheLayout("per_layer", (4, 3, 4)), "lru",
+                     bytes_per_expert=bpe)  # fmt: skip
+    save_plan(plan, tmp_path / "plan.json")
+    data = run_replay(
+        ReplayConfig(
+            str(tmp_path / "trace"),
+            str(tmp_path / "plan.json"),
+            str(tmp_path / "rs"),
+            requests=1,
+            repeats=1,
+            device="cuda",
+            tier="host",
+        )  # fmt: skip
+    )
+    for row in data["variants"].values():
+        assert row["hit_rate"] == pytest.approx(row["model"]["hit_rate"])
+        assert row["peak_expert_bytes"] <= row["expert_memory_limit_bytes"]
