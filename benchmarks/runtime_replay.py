@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plan", default=None, help="a plan to replay instead of tuning one")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/runtime_replay.json"))
     args = ap.parse_args()
     loaded = load_traces([args.trace])
@@ -47,6 +48,8 @@ def main() -> None:
     hw_path = work / "profile.json"
     hw_path.write_text(json.dumps(hw.to_json(), indent=1) + "\n")
     t0 = time.perf_counter()
+    if args.plan is not None:
+        return _replay_only(args)
     tuned = tune(
         [args.trace],
         TuneConfig(
@@ -80,6 +83,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"plan: {p.layout.kind} {p.eviction.policy} + {p.prefetch.name}, tuned in {tune_s:.0f} s")
+    print(format_replay(data))
+
+
+def _replay_only(args: argparse.Namespace) -> None:
+    """Replay a given plan (tuned before, e.g. by an earlier run of this script)."""
+    loaded = load_traces([args.trace])
+    _, held_out = split_requests(len(loaded.routing.request_ids), 0.5, 0)
+    cfg = ReplayConfig(
+        args.trace, args.plan, args.store, scale=args.scale, requests=args.requests,
+        max_tokens=args.max_tokens, repeats=args.repeats, only=tuple(int(i) for i in held_out),
+    )  # fmt: skip
+    data = run_replay(cfg)
+    data["tune"] = {"plan_file": args.plan}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(format_replay(data))
 
 

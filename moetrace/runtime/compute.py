@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,19 @@ def slot_windows(slots: Sequence[int], gap: int = WINDOW_GAP) -> list[tuple[int,
         else:
             out.append((s, s + 1))
     return out
+
+
+class ExpertsCall(NamedTuple):
+    """One experts call as transformers makes it, with its routing on the host."""
+
+    layer: int
+    """MoE layer index (0..L-1)."""
+    module: nn.Module
+    hidden: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    idx: np.ndarray
+    """``top_k_index`` on the host."""
 
 
 class SlotCompute:
@@ -71,18 +85,11 @@ class SlotCompute:
         return t if t.dtype == like.dtype else t.to(like.dtype)
 
     def dense(
-        self,
-        layer: int,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        idx: np.ndarray,
-        need: np.ndarray,
-        extra_slots: dict[int, int] | None = None,
+        self, call: ExpertsCall, need: np.ndarray, extra_slots: dict[int, int] | None = None
     ) -> torch.Tensor:
         """The call when every ``need`` expert (ascending) has a slot (cache or
-        ``extra_slots``); ``idx`` is ``top_k_index`` on the host."""
+        ``extra_slots``)."""
+        layer, module, hidden, top_k_index, top_k_weights, idx = call
         E = self.E
         where = self.where[layer * E : (layer + 1) * E]
         fn = self._fns.get(type(module))
@@ -136,16 +143,7 @@ class SlotCompute:
         return p
 
     def rows(
-        self,
-        layer: int,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        idx: np.ndarray,
-        need: np.ndarray,
-        streamed: Sequence[int],
-        dead: bool,
+        self, call: ExpertsCall, need: np.ndarray, streamed: Sequence[int], dead: bool
     ) -> tuple[torch.Tensor, float]:
         """Every row's output: ``need`` (the live tokens' experts: resident, or
         ``streamed``) and, with ``dead`` rows (padding, finished), the experts only those
@@ -155,8 +153,8 @@ class SlotCompute:
         stall = 0.0
         extra = set(streamed)
         if dead:
-            every = np.unique(idx[idx >= 0]).astype(np.int64)
-            base = layer * self.E
+            every = np.unique(call.idx[call.idx >= 0]).astype(np.int64)
+            base = call.layer * self.E
             for e in np.setdiff1d(every, need).tolist():
                 slot = int(self.where[base + e])
                 if slot < 0:
@@ -165,20 +163,11 @@ class SlotCompute:
                     stall += self.pool.wait(slot)
             need = every
         if extra:
-            out, s = self.streaming(layer, module, hidden, top_k_index, top_k_weights, idx, extra)
+            out, s = self.streaming(call, extra)
             return out, stall + s
-        return self.dense(layer, module, hidden, top_k_index, top_k_weights, idx, need), stall
+        return self.dense(call, need), stall
 
-    def streaming(
-        self,
-        layer: int,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        idx: np.ndarray,
-        streamed: set[int],
-    ) -> tuple[torch.Tensor, float]:
+    def streaming(self, call: ExpertsCall, streamed: set[int]) -> tuple[torch.Tensor, float]:
         """Expert chunks whose streamed experts fit the staging slots.
 
         Each (token, expert) pair is computed as its own row (the model's implementation
@@ -186,6 +175,7 @@ class SlotCompute:
         as without offloading; the k outputs of a token are then summed the way the inner
         implementation sums them (ascending expert order for ``eager``).
         """
+        layer, _, hidden, top_k_index, top_k_weights, idx = call
         T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         flat_np = idx.reshape(-1)
@@ -209,10 +199,11 @@ class SlotCompute:
             if not mask_np.any():
                 continue
             mask = torch.from_numpy(mask_np).to(flat.device)
-            pair_out[mask] = self.dense(
-                layer, module, rep[mask], flat[mask].view(-1, 1), weights[mask],
-                flat_np[mask_np].reshape(-1, 1), need, extra_slots,
+            part = call._replace(
+                hidden=rep[mask], top_k_index=flat[mask].view(-1, 1),
+                top_k_weights=weights[mask], idx=flat_np[mask_np].reshape(-1, 1),
             )  # fmt: skip
+            pair_out[mask] = self.dense(part, need, extra_slots)
         per_token = pair_out.view(T, k, -1)
         if self.inner == "eager":
             order = torch.argsort(top_k_index, dim=1, stable=True)

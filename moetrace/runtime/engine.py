@@ -24,7 +24,7 @@ from moetrace.devices import check_device
 from moetrace.errors import ConfigError, RuntimeEngineError
 from moetrace.runtime import experts as X
 from moetrace.runtime.checks import Footprint, check_plan, default_plan, model_info
-from moetrace.runtime.compute import SlotCompute
+from moetrace.runtime.compute import ExpertsCall, SlotCompute
 from moetrace.runtime.expert_store import (
     DiskExpertSource,
     ExpertSource,
@@ -320,12 +320,12 @@ class OffloadEngine:
             flat = flat[flat >= 0]
         count = np.bincount(flat, minlength=self.info.num_experts)
         need = np.flatnonzero(count)
+        call = ExpertsCall(layer, module, hidden, top_k_index, top_k_weights, idx)
         if live is not None and routed.shape[0] == 0:  # padding, finished rows: no event
-            args = (layer, module, hidden, top_k_index, top_k_weights, idx, need, [], True)
-            return self.compute.rows(*args)[0]
+            return self.compute.rows(call, need, [], True)[0]
         st = self.stats
         if self._settled[layer]:
-            return self._settled_call(ref, module, hidden, top_k_index, top_k_weights, idx, need)
+            return self._settled_call(call, need)
         out = self.cache.event(layer, need, ph)
         status = out[:, 2]
         n, nhit = len(need), int((status == HIT).sum())
@@ -364,10 +364,7 @@ class OffloadEngine:
         if self.prefetcher is not None and not self._speculative:
             self._issue_prefetch(ref, int(routed.shape[0]), need, count[need], ph)
         t0 = time.perf_counter()
-        result, s = self.compute.rows(
-            layer, module, hidden, top_k_index, top_k_weights, idx, need, streamed,
-            live is not None,
-        )  # fmt: skip
+        result, s = self.compute.rows(call, need, streamed, live is not None)
         if self.compute.bytes_streamed:
             st.add("bytes_demand", layer, ph, self.compute.bytes_streamed)
         stall += s
@@ -376,24 +373,15 @@ class OffloadEngine:
         st.add("stall_s", layer, ph, stall)
         return result
 
-    def _settled_call(
-        self,
-        ref: X.MoELayerRef,
-        module: nn.Module,
-        hidden: torch.Tensor,
-        top_k_index: torch.Tensor,
-        top_k_weights: torch.Tensor,
-        idx: np.ndarray,
-        need: np.ndarray,
-    ) -> torch.Tensor:
+    def _settled_call(self, call: ExpertsCall, need: np.ndarray) -> torch.Tensor:
         """A call of a layer whose experts are all pinned: every access hits."""
-        layer, ph, st = ref.index, self._phase, self.stats
+        layer, ph, st = call.layer, self._phase, self.stats
         st.add("accesses", layer, ph, len(need))
         st.add("hits", layer, ph, len(need))
         if st.accesses_log is not None:
             st.accesses_log.append((layer, ph, tuple(need.tolist()), (True,) * len(need)))
         t0 = time.perf_counter()
-        result = self.compute.dense(layer, module, hidden, top_k_index, top_k_weights, idx, need)
+        result = self.compute.dense(call, need)
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         return result
 

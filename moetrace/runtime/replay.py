@@ -87,10 +87,13 @@ class VariantRun:
 
     seconds: list[float] = field(default_factory=list)
     stall_s: list[float] = field(default_factory=list)
+    read_s: list[float] = field(default_factory=list)
+    """Every read's own time on the I/O thread, over all runs."""
     hit_rate: float = 0.0
     peak_expert_bytes: int = 0
     limit_bytes: int = 0
     model: dict[str, float] | None = None
+    model_run_link: dict[str, float] | None = None
 
 
 def _events(cfg: ReplayConfig) -> tuple[Events, Any]:
@@ -150,7 +153,8 @@ def host_experts(store: str, index: StoreIndex, pin: bool) -> HostExpertSource:
 def _run(
     model: torch.nn.Module, source_args: tuple, plan: Plan, ev: Events, cfg: ReplayConfig
 ) -> tuple[float, float, float, int, int]:
-    """One timed replay: (seconds, stall seconds, hit rate, peak bytes, limit)."""
+    """One timed replay: (seconds, stall seconds, hit rate, peak bytes, limit, the
+    reads' own seconds)."""
     store, index, host = source_args
     source = host if host is not None else DiskExpertSource(store, index, cfg.read_mode)
     engine = OffloadEngine(
@@ -182,7 +186,7 @@ def _run(
         s = engine.stats.summary()
         return (
             seconds, s["stall_s"], s["hit_rate"], engine.stats.peak_expert_bytes,
-            int(engine.memory.limit or 0),
+            int(engine.memory.limit or 0), list(engine.pool.read_seconds),
         )  # fmt: skip
     finally:
         engine.close()
@@ -216,16 +220,22 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         host = host_experts(cfg.store, index, pin=torch.device(cfg.device).type == "cuda")
     samples = None
     runs = {v: VariantRun() for v in variants}
+    draws = []  # each profile draw's time per read (ms): how much the link drifted
     for rep in range(cfg.repeats):
-        if cfg.hardware is None:  # the profile, measured between the runs (A B A B ...)
-            got = measure_store(
-                cfg.store, device=cfg.device, read_mode=cfg.read_mode,
-                implementation=cfg.implementation, source=host, reads=6, repeats=6, seed=rep,
-            )  # fmt: skip
-            samples = got if samples is None else samples.merge(got)
-        for v in variants:
-            sec, stall, hit, peak, limit = _run(model, (cfg.store, index, host), plans[v], ev, cfg)
+        for i, v in enumerate(variants):
+            if cfg.hardware is None:  # the profile, measured before every run (A B A B)
+                got = measure_store(
+                    cfg.store, device=cfg.device, read_mode=cfg.read_mode,
+                    implementation=cfg.implementation, source=host, reads=4, repeats=4,
+                    seed=rep * len(variants) + i,
+                )  # fmt: skip
+                draws.append(1e3 * statistics.median(got.batch) / got.top_k)
+                samples = got if samples is None else samples.merge(got)
+            sec, stall, hit, peak, limit, reads = _run(
+                model, (cfg.store, index, host), plans[v], ev, cfg
+            )
             r = runs[v]
+            r.read_s += reads
             r.seconds.append(sec)
             r.stall_s.append(stall)
             r.hit_rate, r.peak_expert_bytes, r.limit_bytes = (
@@ -240,14 +250,29 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     )
     tokens = int(ev.token_experts.shape[0])
     for v in variants:
-        summ = simulate(ev, plans[v], hardware, bytes_per_expert=bpe).summary()
-        runs[v].model = {
-            "hit_rate": float(summ["hit_rate"] or 0.0),
-            "stall_per_token_ms": 1e3 * float(summ["stall_s"]) / tokens,
-            "tokens_per_second": tokens / float(summ["total_s"]),
-            "bytes_moved": float(summ["bytes_moved"]),
-        }
-    return _result(cfg, shape, hardware, tokens, runs)
+        runs[v].model = _modeled(ev, plans[v], hardware, bpe, tokens)
+        if runs[v].read_s:  # the same model with the link as this variant's reads measured
+            t = statistics.median(runs[v].read_s)
+            link = dataclasses.replace(
+                hardware, link_bandwidth_gbps=bpe / t / 1e9, transfer_latency_us=0.0
+            )
+            runs[v].model_run_link = _modeled(ev, plans[v], link, bpe, tokens)
+            runs[v].model_run_link["read_ms_median"] = 1e3 * t
+    out = _result(cfg, shape, hardware, tokens, runs)
+    out["profile_draws_ms_per_read"] = draws
+    return out
+
+
+def _modeled(
+    ev: Events, plan: Plan, hardware: HardwareProfile, bpe: int, tokens: int
+) -> dict[str, float]:
+    summ = simulate(ev, plan, hardware, bytes_per_expert=bpe).summary()
+    return {
+        "hit_rate": float(summ["hit_rate"] or 0.0),
+        "stall_per_token_ms": 1e3 * float(summ["stall_s"]) / tokens,
+        "tokens_per_second": tokens / float(summ["total_s"]),
+        "bytes_moved": float(summ["bytes_moved"]),
+    }
 
 
 def _result(
@@ -285,6 +310,9 @@ def _result(
         }  # fmt: skip
         if r.model and r.model["stall_per_token_ms"] > 0:
             row["stall_error"] = med_stall / r.model["stall_per_token_ms"] - 1.0
+        if r.model_run_link and r.model_run_link["stall_per_token_ms"] > 0:
+            row["model_run_link"] = r.model_run_link
+            row["stall_error_run_link"] = med_stall / r.model_run_link["stall_per_token_ms"] - 1.0
         out["variants"][v] = row
     return out
 
@@ -295,15 +323,20 @@ def format_replay(data: dict[str, Any]) -> str:
         f"{data['tokens']} tokens, {data['skeleton']['bytes_per_expert']} bytes per expert, "
         f"link {data['hardware']['link_bandwidth_gbps']} GB/s (measured profile)",
         f"{'variant':>13}  {'tok/s':>7} {'(min-max)':>15}  {'stall ms/tok':>12} "
-        f"{'(min-max)':>15}  {'model':>7}  {'error':>6}  {'hit':>5}  {'peak MiB':>8}",
+        f"{'(min-max)':>15}  {'model':>7}  {'error':>6}  {'run-link':>8}  {'error':>6}  "
+        f"{'hit':>5}  {'peak MiB':>8}",
     ]
     for v, r in data["variants"].items():
         t, s, m = r["tokens_per_second"], r["stall_per_token_ms"], r["model"]
         err = r.get("stall_error")
+        m2, err2 = r.get("model_run_link"), r.get("stall_error_run_link")
+        run_link = "" if m2 is None else f"{m2['stall_per_token_ms']:8.2f}"
         lines.append(
             f"{v:>13}  {t['median']:7.2f} ({t['min_max'][0]:6.2f}-{t['min_max'][1]:6.2f})  "
             f"{s['median']:12.2f} ({s['min_max'][0]:6.2f}-{s['min_max'][1]:6.2f})  "
             f"{m['stall_per_token_ms']:7.2f}  {'' if err is None else f'{err:+.0%}':>6}  "
+            f"{run_link:>8}  "
+            f"{'' if err2 is None else f'{err2:+.0%}':>6}  "
             f"{r['hit_rate']:5.3f}  {r['peak_expert_bytes'] / 2**20:8.1f}"
         )
     return "\n".join(lines)

@@ -65,6 +65,8 @@ class SlotPool:
         )
         self._queued = self._io is not None and source.tier == "disk"
         """Demand loads go through the I/O thread too (one link, in issue order)."""
+        self.read_seconds: list[float] = []
+        """How long each read on the I/O thread took (the link's own time, no queueing)."""
         self.async_loads = async_loads
 
     @property
@@ -105,8 +107,14 @@ class SlotPool:
         if not self._queued:
             return sum(self.source.read_into(la, e, self.views(s)) for s, la, e in loads)
         assert self._io is not None
-        futs = [self._io.submit(self.source.read_into, la, e, self.views(s)) for s, la, e in loads]
+        futs = [self._io.submit(self._timed_read, la, e, self.views(s)) for s, la, e in loads]
         return sum(f.result() for f in futs)
+
+    def _timed_read(self, layer: int, expert: int, out: dict[str, torch.Tensor]) -> int:
+        t0 = time.perf_counter()
+        moved = self.source.read_into(layer, expert, out)
+        self.read_seconds.append(time.perf_counter() - t0)
+        return moved
 
     def load_async(self, slot: int, layer: int, expert: int) -> int:
         """Start filling ``slot`` in the background; :meth:`wait` before using it."""
@@ -115,7 +123,7 @@ class SlotPool:
             return self._copy_on_stream(slot, layer, expert)
         if self._io is None:
             return self.load(slot, layer, expert)
-        fut: Future[int] = self._io.submit(self.source.read_into, layer, expert, self.views(slot))
+        fut: Future[int] = self._io.submit(self._timed_read, layer, expert, self.views(slot))
         self._pending[slot] = fut
         return self.bytes_per_slot
 
