@@ -135,15 +135,16 @@ class StoreSamples:
         return self
 
     def profile(self, name: str | None = None, device: str = "cpu") -> HardwareProfile:
-        """The hardware profile of these samples' medians: the time per read of a batch
-        is the link's (bandwidth), the rest of a lone read its latency (the simulator's
-        ``xfer`` and ``lat``); compute exact at 1 and 16 tokens (memory-bound, not
+        """The hardware profile of these samples: the mean time per read of a batch is
+        the link's (bandwidth; the mean, as the simulator sums reads and a disk's slow
+        reads count), the rest of a lone read its latency (the simulator's ``xfer`` and
+        ``lat``); compute from medians, exact at 1 and 16 tokens (memory-bound, not
         linear in between)."""
         k = self.top_k
         times = [statistics.median(c) * 1e6 for c in self.compute]
         per_token = max((times[-1] - times[0]) / (TOKEN_COUNTS[-1] - TOKEN_COUNTS[0]), 0.0)
         base = max(times[0] - per_token * TOKEN_COUNTS[0], 0.0)
-        t1, tk = statistics.median(self.single), statistics.median(self.batch)
+        t1, tk = statistics.fmean(self.single), statistics.fmean(self.batch)
         xfer = max((tk - t1) / (k - 1), 1e-9) if k > 1 else t1
         latency = max(t1 - xfer, 0.0)
         return HardwareProfile(
@@ -156,7 +157,7 @@ class StoreSamples:
             description=(
                 f"measured by moetrace profile on the expert store {Path(self.store).name}: "
                 f"{len(self.single)} times one read and {k} back-to-back reads of "
-                f"{self.bytes_per_expert} bytes ({self.mode} mode; medians {t1 * 1e3:.2f} and "
+                f"{self.bytes_per_expert} bytes ({self.mode} mode; means {t1 * 1e3:.2f} and "
                 f"{tk * 1e3:.2f} ms, so {xfer * 1e3:.2f} ms per read plus "
                 f"{latency * 1e3:.2f} ms latency); a layer of top-{k} through the engine at "
                 f"{TOKEN_COUNTS} tokens: {[round(x, 1) for x in times]} us"
