@@ -88,6 +88,7 @@ class LayerFiles:
         self.paths = tuple(paths)
         self.mode = mode or ("direct" if layout.packed and hasattr(os, "O_DIRECT") else "dontneed")
         self._fds: list[int] = []
+        self._plain: dict[int, int] = {}  # buffered fds, for buffers O_DIRECT cannot take
         self._lock = threading.Lock()
         try:
             for p in self.paths:
@@ -123,6 +124,8 @@ class LayerFiles:
                 got = os.preadv(fd, views, base)
                 want = lay.stride
             else:
+                if self.mode == "direct":  # unaligned buffers (a host tier's tensors)
+                    fd = self._plain_fd(layer)
                 got = want = 0
                 for v, off, n in zip(views, lay.offsets, lay.nbytes, strict=True):
                     got += os.preadv(fd, [v], base + off)
@@ -138,11 +141,18 @@ class LayerFiles:
             )
         return sum(lay.nbytes)
 
+    def _plain_fd(self, layer: int) -> int:
+        fd = self._plain.get(layer)
+        if fd is None:
+            fd = self._plain[layer] = os.open(self.paths[layer], os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds:
+            for fd in [*self._fds, *self._plain.values()]:
                 os.close(fd)
-            self._fds = []
+            self._fds, self._plain = [], {}
 
 
 def write_layer_file(

@@ -82,3 +82,17 @@ def test_replay_cli_and_bad_input(trace_and_plan, tmp_path):
     assert res.exit_code == 2 and "--scale" in res.output
     with pytest.raises(ConfigError, match="variants"):
         ReplayConfig("t", "p", "s", variants=("fast",))
+
+
+def test_replay_host_tier(trace_and_plan, tmp_path):
+    """Experts read once from the store into host memory (unaligned tensors: the direct
+    reader falls back to buffered reads for them), then loads are host copies."""
+    root, plan = trace_and_plan
+    cfg = ReplayConfig(
+        str(root / "trace"), str(plan), str(tmp_path / "store"), requests=1, repeats=1,
+        variants=("lru",), tier="host", hardware="pcie4-x16",
+    )  # fmt: skip
+    row = run_replay(cfg)["variants"]["lru"]
+    assert row["hit_rate"] == pytest.approx(row["model"]["hit_rate"]) and row["hit_rate"] < 1
+    with pytest.raises(ConfigError, match="tier"):
+        ReplayConfig("t", "p", "s", tier="tape")
