@@ -81,3 +81,23 @@ def assert_within_budget(engine, budget_bytes: int) -> None:
         budget_bytes,
     )
     assert engine.stats.peak_expert_bytes >= engine.pool.device_bytes
+
+
+def layer_plan(info, caps: tuple[int, ...], policy: str = "lru", prefetch=None):
+    """A per-layer plan with ``caps`` slots per layer for the model ``info`` describes."""
+    from moetrace.store.plan import (
+        Budget,
+        CacheLayout,
+        EvictionConfig,
+        Plan,
+        PrefetchConfig,
+        RoutingShape,
+    )
+
+    return Plan(
+        routing=RoutingShape.of(info),
+        budget=Budget(slots=sum(caps), bytes_per_expert=info.bytes_per_expert),
+        layout=CacheLayout("per_layer", caps),
+        eviction=EvictionConfig(policy),
+        prefetch=prefetch or PrefetchConfig(),
+    )

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from rt_models import assert_within_budget, clone, find_layers_info, tiny_model
+from rt_models import assert_within_budget, clone, find_layers_info, layer_plan, tiny_model
 from safetensors.torch import save_file
 
 from moetrace.errors import RuntimeEngineError
@@ -230,27 +230,14 @@ def test_bad_store_version_is_a_clear_error(tmp_path, prompt_ids):
 def test_disk_prefetch_reads_in_the_background(tmp_path, prompt_ids):
     """Speculative prefetch from a v2 store: reads queued on the I/O thread (demand loads
     behind them), outputs identical, prefetched experts used."""
-    from moetrace.store.plan import (
-        Budget,
-        CacheLayout,
-        EvictionConfig,
-        Plan,
-        PrefetchConfig,
-        RoutingShape,
-    )
+    from moetrace.store.plan import PrefetchConfig
 
     model = tiny_model("olmoe")
     ref = model.generate(prompt_ids, max_new_tokens=6, do_sample=False)
     model.save_pretrained(tmp_path / "model")
     prepare_store(tmp_path / "model", tmp_path / "s")
     info = find_layers_info(model)
-    plan = Plan(
-        routing=RoutingShape.of(info),
-        budget=Budget(slots=15, bytes_per_expert=info.bytes_per_expert),
-        layout=CacheLayout("per_layer", (5, 5, 5)),
-        eviction=EvictionConfig("lru"),
-        prefetch=PrefetchConfig("speculative", fetch=3),
-    )
+    plan = layer_plan(info, (5, 5, 5), prefetch=PrefetchConfig("speculative", fetch=3))
     with OffloadEngine.from_store(str(tmp_path / "s"), plan) as eng:
         assert eng.pool._queued and eng.pool._io is not None
         out = eng.model.generate(prompt_ids, max_new_tokens=6, do_sample=False)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from rt_models import find_layers_info, tiny_model
+from rt_models import find_layers_info, layer_plan, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -60,13 +60,7 @@ def test_store_layout_and_disk_run_identical(model_dir, store_dir, prompt_ids):
 def test_cli_run_with_plan_and_stats(model_dir, store_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     info = find_layers_info(base)
-    plan = Plan(
-        routing=RoutingShape.of(info),
-        budget=Budget(slots=6, bytes_per_expert=info.bytes_per_expert),
-        layout=CacheLayout("per_layer", (2, 2, 2)),
-        eviction=EvictionConfig("lru"),
-    )
-    plan_path = save_plan(plan, tmp_path / "plan.json")
+    plan_path = save_plan(layer_plan(info, (2, 2, 2)), tmp_path / "plan.json")
     stats = tmp_path / "stats.json"
     runner = CliRunner()
     for model in (str(model_dir), str(store_dir)):
