@@ -69,7 +69,8 @@ def all_resident_plan(info: ModelInfo) -> Plan:
     return default_plan(info, slots)
 
 
-def _available_memory(device: torch.device) -> int | None:
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now (None when the OS will not say)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -115,7 +116,7 @@ def check_plan(
             )
         plan.check_budget(slots=allowed, bytes=budget_bytes)
     need = fp.total_bytes
-    avail = _available_memory(device)
+    avail = available_memory(device)
     if avail is not None and need > avail:
         raise RuntimeEngineError(
             f"plan needs {need} bytes of expert slots on {device}, only {avail} are available"

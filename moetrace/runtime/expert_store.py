@@ -330,11 +330,24 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
         raise RuntimeEngineError(f"dense tensor {name!r} has no place in the model")
 
 
+def meta_model(config: Any, dtype: torch.dtype, implementation: str | None = None) -> nn.Module:
+    """The model of ``config`` on the ``meta`` device with its expert tensors detached
+    (the runtime's slots hold them); nothing is materialized."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if implementation is not None:
+        model.set_experts_implementation(implementation)
+    detach_experts(model, find_moe_layers(model))
+    return model
+
+
 def load_skeleton(
     store: str | os.PathLike[str], device: torch.device
 ) -> tuple[nn.Module, StoreIndex]:
     """The model of an expert store with dense weights on ``device`` and no experts."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     root = Path(store)
     index = StoreIndex.load(root)
@@ -342,13 +355,7 @@ def load_skeleton(
         config = AutoConfig.from_pretrained(root)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{root}: cannot read config ({exc})") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, index.dtype))
-    layers = find_moe_layers(model)
-    for ref in layers:
-        for p in ref.params:
-            ref.experts._parameters.pop(p.name)
-        ref.experts._moetrace_params = expert_params_from_index(index)
+    model = meta_model(config, getattr(torch, index.dtype))
     dense = root / DENSE_FILE
     with safe_open(str(dense), framework="pt", device="cpu") as fh:
         aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
@@ -373,10 +380,6 @@ def load_skeleton(
         raise RuntimeEngineError(f"{dense}: missing dense tensors {left[:3]}")
     model.eval()
     return model, index
-
-
-def expert_params_from_index(index: StoreIndex) -> tuple[ExpertParam, ...]:
-    return index.params
 
 
 __all__ = [

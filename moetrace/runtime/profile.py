@@ -185,15 +185,18 @@ def measure_store(
     the engine with its experts resident (engine overhead included), at 1, 4 and 16
     tokens, ``repeats`` times each. ``source`` replaces the store's disk reads (the
     replay's host tier)."""
+    from transformers import AutoConfig
+
     from moetrace.runtime.checks import default_plan, model_info
     from moetrace.runtime.engine import OffloadEngine
-    from moetrace.runtime.expert_store import DiskExpertSource, StoreIndex
+    from moetrace.runtime.expert_store import DiskExpertSource, StoreIndex, meta_model
     from moetrace.runtime.experts import find_moe_layers
 
     dev = check_device(device)
     root = Path(store)
     index = StoreIndex.load(root)
-    model = _store_skeleton(root, implementation)
+    config = AutoConfig.from_pretrained(root)
+    model = meta_model(config, getattr(torch, index.dtype), implementation).eval()
     layers = find_moe_layers(model)
     k, E = index.top_k, index.num_experts
     info = model_info(layers, max(index.layer_ids) + 1, index.fingerprint, "profile")
@@ -242,21 +245,6 @@ def profile_store(
     """The hardware profile of an expert store's tier (:func:`measure_store`): the one
     the trace replay's model uses and a plan for that store should be tuned with."""
     return measure_store(store, device=device, **kw).profile(name, check_device(device).type)
-
-
-def _store_skeleton(root: Path, implementation: str) -> torch.nn.Module:
-    """The store's model on the meta device with its experts detached."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moetrace.runtime.expert_store import detach_experts
-    from moetrace.runtime.experts import find_moe_layers
-
-    config = AutoConfig.from_pretrained(root)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model.set_experts_implementation(implementation)
-    detach_experts(model, find_moe_layers(model))
-    return model.eval()
 
 
 def profile_hardware(

@@ -27,7 +27,7 @@ import torch
 
 from moetrace import __version__
 from moetrace.errors import ConfigError
-from moetrace.runtime.checks import default_plan, model_info
+from moetrace.runtime.checks import available_memory, default_plan, model_info
 from moetrace.runtime.engine import OffloadEngine
 from moetrace.runtime.expert_store import DiskExpertSource, HostExpertSource, StoreIndex
 from moetrace.runtime.experts import find_moe_layers
@@ -206,10 +206,8 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     plans = {"plan": _scaled(the_plan, bpe, shape.fingerprint)}
     plans["lru"] = default_plan(info, the_plan.layout.total_slots)
     if "all_resident" in cfg.variants:
-        from moetrace.runtime.checks import _available_memory
-
         need = len(shape.moe_layers) * shape.num_experts * bpe
-        avail = _available_memory(torch.device(cfg.device)) or 0
+        avail = available_memory(torch.device(cfg.device)) or 0
         if need < 0.7 * avail:
             plans["all_resident"] = default_plan(info, len(shape.moe_layers) * shape.num_experts)
         else:

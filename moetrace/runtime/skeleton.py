@@ -25,9 +25,9 @@ from moetrace.runtime.expert_store import (
     EXPERTS_DIR,
     STORE_INDEX,
     StoreIndex,
-    detach_experts,
     is_store,
     layer_file,
+    meta_model,
 )
 from moetrace.runtime.experts import find_moe_layers
 from moetrace.store.schema import ModelInfo
@@ -106,16 +106,9 @@ class SkeletonShape:
 def build_skeleton(shape: SkeletonShape, implementation: str = "eager") -> nn.Module:
     """The skeleton on the meta device, its expert tensors detached (the runtime's slots
     hold them)."""
-    from transformers import AutoModelForCausalLM
-
-    config = shape.config()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=shape.torch_dtype)
-    model.set_experts_implementation(implementation)
-    layers = find_moe_layers(model)
-    if tuple(r.layer_id for r in layers) != shape.moe_layers:
+    model = meta_model(shape.config(), shape.torch_dtype, implementation)
+    if tuple(r.layer_id for r in find_moe_layers(model)) != shape.moe_layers:
         raise RuntimeEngineError("the skeleton's MoE layers do not match the trace's")
-    detach_experts(model, layers)
     return model.eval()
 
 
