@@ -57,6 +57,8 @@ class ExpertsCall(NamedTuple):
     top_k_weights: torch.Tensor
     idx: np.ndarray
     """``top_k_index`` on the host."""
+    dropped: bool = False
+    """The routing holds -1 (dropped) entries."""
 
 
 class SlotCompute:
@@ -71,10 +73,6 @@ class SlotCompute:
         self.E = num_experts
         self.inner = inner
         self.device = pool.device
-        self.bytes_streamed = 0
-        """Bytes read into the staging slots by the last :meth:`rows` call."""
-        self.dropped = False
-        """Set by the caller when the routing of the call holds -1 (dropped) entries."""
         self._proxies: dict[tuple[int, int, int], X.ExpertsProxy] = {}
         self._fns: dict[type, Callable[..., torch.Tensor]] = {}
 
@@ -89,14 +87,14 @@ class SlotCompute:
     ) -> torch.Tensor:
         """The call when every ``need`` expert (ascending) has a slot (cache or
         ``extra_slots``)."""
-        layer, module, hidden, top_k_index, top_k_weights, idx = call
+        layer, module, hidden, top_k_index, top_k_weights, idx, dropped = call
         E = self.E
         where = self.where[layer * E : (layer + 1) * E]
         fn = self._fns.get(type(module))
         if fn is None:
             fn = self._fns[type(module)] = X.inner_forward(module, self.inner)
         total = self.pool.total_slots
-        if extra_slots or self.dropped:
+        if extra_slots or dropped:
             slot_of = np.empty(E + 1, np.int64)  # entry E: the sentinel -1 (dropped) reads
             slot_of[:E] = where
             slot_of[E] = total  # out of every window
@@ -144,12 +142,12 @@ class SlotCompute:
 
     def rows(
         self, call: ExpertsCall, need: np.ndarray, streamed: Sequence[int], dead: bool
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, float, int]:
         """Every row's output: ``need`` (the live tokens' experts: resident, or
         ``streamed``) and, with ``dead`` rows (padding, finished), the experts only those
         chose: not accesses, so the cache is not asked; read from their slots when
-        resident, streamed otherwise. Returns the output and the seconds stalled."""
-        self.bytes_streamed = 0
+        resident, streamed otherwise. Returns the output, the seconds stalled and the bytes
+        read into the staging slots."""
         stall = 0.0
         extra = set(streamed)
         if dead:
@@ -163,11 +161,11 @@ class SlotCompute:
                     stall += self.pool.wait(slot)
             need = every
         if extra:
-            out, s = self.streaming(call, extra)
-            return out, stall + s
-        return self.dense(call, need), stall
+            out, s, moved = self.streaming(call, extra)
+            return out, stall + s, moved
+        return self.dense(call, need), stall, 0
 
-    def streaming(self, call: ExpertsCall, streamed: set[int]) -> tuple[torch.Tensor, float]:
+    def streaming(self, call: ExpertsCall, streamed: set[int]) -> tuple[torch.Tensor, float, int]:
         """Expert chunks whose streamed experts fit the staging slots.
 
         Each (token, expert) pair is computed as its own row (the model's implementation
@@ -175,7 +173,7 @@ class SlotCompute:
         as without offloading; the k outputs of a token are then summed the way the inner
         implementation sums them (ascending expert order for ``eager``).
         """
-        layer, _, hidden, top_k_index, top_k_weights, idx = call
+        layer, _, hidden, top_k_index, top_k_weights, idx, _ = call
         T, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         flat_np = idx.reshape(-1)
@@ -186,13 +184,11 @@ class SlotCompute:
         size = self.pool.stream_slots
         groups = [stream[i : i + size] for i in range(0, len(stream), size)] or [[]]
         pair_out = torch.zeros_like(rep)
-        stall = 0.0
+        stall, moved = 0.0, 0
         for n, group in enumerate(groups):
             extra_slots = {e: self.pool.stream_slot(i) for i, e in enumerate(group)}
             t0 = time.perf_counter()
-            self.bytes_streamed += self.pool.load_many(
-                [(s, layer, e) for e, s in extra_slots.items()]
-            )
+            moved += self.pool.load_many([(s, layer, e) for e, s in extra_slots.items()])
             stall += time.perf_counter() - t0
             need = np.asarray(sorted(group + (cached if n == 0 else [])), np.int64)
             mask_np = np.isin(flat_np, need)
@@ -211,5 +207,5 @@ class SlotCompute:
             out = torch.zeros_like(hidden)
             for j in range(k):
                 out += per_token[:, j]
-            return out, stall
-        return per_token.sum(dim=1).to(hidden.dtype), stall
+            return out, stall, moved
+        return per_token.sum(dim=1).to(hidden.dtype), stall, moved

@@ -315,12 +315,12 @@ class OffloadEngine:
         live = self._live_rows(top_k_index)
         routed = idx if live is None else idx[live.cpu().numpy()]
         flat = routed.reshape(-1)
-        self.compute.dropped = bool(idx.size) and int(idx.min()) < 0
-        if self.compute.dropped:
+        dropped = bool(idx.size) and int(idx.min()) < 0
+        if dropped:
             flat = flat[flat >= 0]
         count = np.bincount(flat, minlength=self.info.num_experts)
         need = np.flatnonzero(count)
-        call = ExpertsCall(layer, module, hidden, top_k_index, top_k_weights, idx)
+        call = ExpertsCall(layer, module, hidden, top_k_index, top_k_weights, idx, dropped)
         if live is not None and routed.shape[0] == 0:  # padding, finished rows: no event
             return self.compute.rows(call, need, [], True)[0]
         st = self.stats
@@ -364,9 +364,9 @@ class OffloadEngine:
         if self.prefetcher is not None and not self._speculative:
             self._issue_prefetch(ref, int(routed.shape[0]), need, count[need], ph)
         t0 = time.perf_counter()
-        result, s = self.compute.rows(call, need, streamed, live is not None)
-        if self.compute.bytes_streamed:
-            st.add("bytes_demand", layer, ph, self.compute.bytes_streamed)
+        result, s, moved = self.compute.rows(call, need, streamed, live is not None)
+        if moved:
+            st.add("bytes_demand", layer, ph, moved)
         stall += s
         self.memory.check()
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
