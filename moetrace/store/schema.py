@@ -136,6 +136,10 @@ class Manifest:
     speculative: bool = False
     """True when activations carry the speculative next-layer prediction columns."""
     format_version: int = FORMAT_VERSION
+    gate_weights: bool | None = None
+    """Whether the source had gate weights: True (recorded from the router), False (the
+    source has none, e.g. imports and server recordings: ``w*`` columns are null), None
+    (not stated: traces written before this field)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", dict(self.tags))
@@ -183,6 +187,7 @@ class Manifest:
                 weight_dtype=data.get("weight_dtype", "float32"),
                 speculative=bool(data.get("speculative", False)),
                 format_version=version,
+                gate_weights=_optional_bool(data.get("gate_weights"), f"{where}: gate_weights"),
             )
         except TraceFormatError as exc:
             msg = str(exc)
@@ -200,6 +205,11 @@ class Manifest:
             and self.weight_dtype == other.weight_dtype
             and self.speculative == other.speculative
         )
+
+
+def _optional_bool(value: Any, where: str) -> bool | None:
+    _require(value is None or isinstance(value, bool), f"{where} must be true, false or null")
+    return value
 
 
 def routing_fingerprint(

@@ -108,9 +108,10 @@ def connect(
         "created": m.source.created,
         "weight_dtype": m.weight_dtype,
         "speculative": m.speculative,
+        "gate_weights": m.gate_weights,
         "tags": json.dumps(dict(m.tags)),
     }
-    types = {"created": pa.float64(), "speculative": pa.bool_()}
+    types = {"created": pa.float64(), "speculative": pa.bool_(), "gate_weights": pa.bool_()}
     manifest_tbl = pa.table(
         {
             k: pa.array(

@@ -326,6 +326,11 @@ class TraceWriter:
             )
         w = None
         if weights is not None:
+            if self.manifest.gate_weights is False:
+                raise TraceWriteError(
+                    f"request {request_id!r}: the manifest says the source has no gate "
+                    "weights (gate_weights=false), so weights must be None"
+                )
             w = np.asarray(weights)
             if w.shape != shape:
                 raise TraceWriteError(

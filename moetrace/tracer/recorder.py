@@ -49,6 +49,7 @@ def manifest_for(
         source=source or SourceInfo(kind="recorded", origin="RoutingRecorder"),
         tags=dict(tags or {}),
         speculative=speculative,
+        gate_weights=True,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -184,6 +185,7 @@ def test_round_trip(
     inferred=st.lists(st.sampled_from(["top_k", "num_layers", "moe_layers"]), unique=True),
     bytes_per_expert=st.one_of(st.none(), st.integers(1, 2**40)),
     created=st.floats(0, 4e9, allow_nan=False),
+    gate_weights=st.sampled_from([None, True, False]),
 )
 def test_manifest_json_round_trip(
     manifest: Manifest,
@@ -192,6 +194,7 @@ def test_manifest_json_round_trip(
     inferred: list[str],
     bytes_per_expert: int | None,
     created: float,
+    gate_weights: bool | None,
 ) -> None:
     m = Manifest(
         model=ModelInfo(
@@ -208,6 +211,7 @@ def test_manifest_json_round_trip(
         tags=manifest.tags,
         weight_dtype=manifest.weight_dtype,
         speculative=manifest.speculative,
+        gate_weights=gate_weights,
     )
     text = m.dumps()
     back = Manifest.from_json(json.loads(text))
@@ -221,6 +225,7 @@ def test_manifest_json_round_trip(
         ({"format": "other"}, "not a moetrace trace manifest"),
         ({"format_version": 2}, "format version 2"),
         ({"weight_dtype": "int8"}, "weight_dtype"),
+        ({"gate_weights": "no"}, "gate_weights must be true, false or null"),
         ({"model": {"name": "x"}}, "missing or invalid field"),
     ],
 )
@@ -244,3 +249,25 @@ def test_manifest_from_json_rejects(patch: dict, needle: str) -> None:
 def test_model_info_validation(kwargs: dict, needle: str) -> None:
     with pytest.raises(TraceFormatError, match=needle):
         make_manifest(**kwargs)
+
+
+def test_manifest_without_gate_weights_reads_as_not_stated() -> None:
+    data = make_manifest().to_json()
+    del data["gate_weights"]  # a manifest written before the field existed
+    assert Manifest.from_json(data).gate_weights is None
+
+
+def test_writer_refuses_weights_when_the_source_has_none(tmp_path) -> None:
+    import numpy as np
+
+    from moetrace.errors import TraceWriteError
+    from moetrace.store.writer import TraceWriter
+
+    m = dataclasses.replace(make_manifest(), gate_weights=False)
+    rows = dict(token=[0], step=[0], phase=0, forward=[0], layer=[1])
+    with TraceWriter(tmp_path / "t", m) as w:
+        w.begin_request("r")
+        with pytest.raises(TraceWriteError, match="no gate weights"):
+            w.add_activations("r", **rows, experts=np.array([[0, 1]]), weights=np.ones((1, 2)))
+        w.add_activations("r", **rows, experts=np.array([[0, 1]]))
+        w.abandon_request("r")

@@ -348,6 +348,7 @@ def import_trace(
             path=str(src_path.resolve()),
             tool_version=__version__,
         ),
+        gate_weights=False,
     )
     counts = {"requests": 0, "prefill": 0, "decode": 0, "activations": 0, "forwards": 0}
     marker = {"format": format, "src": str(src_path), "started": time.time(), "error": None}
