@@ -51,9 +51,25 @@ class AnalysisError(MoetraceError):
     """A trace cannot be analyzed as asked (empty phase, no requests, ...)."""
 
 
+class CountTraceError(AnalysisError):
+    """A trace holds per-expert counts only, and the caller needs token-level routing."""
+
+
 class RuntimeEngineError(MoetraceError):
     """The offloading runtime cannot run as asked (budget, device, architecture)."""
 
 
 class DashboardError(MoetraceError):
     """The dashboard server cannot start (port in use, Streamlit failed, not ready in time)."""
+
+
+class ServerError(MoetraceError):
+    """An inference server could not be reached or answered with an error or bad data.
+
+    ``transient``: a retry may help (connection reset, timeout, HTTP 5xx / 429);
+    ``status``: the HTTP status, when there was one."""
+
+    def __init__(self, message: str, *, transient: bool = False, status: int | None = None):
+        super().__init__(message)
+        self.transient = transient
+        self.status = status
