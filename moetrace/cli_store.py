@@ -214,6 +214,11 @@ def inspect_cmd(trace: str, as_json: bool) -> None:
             f"{s.source.get('path') or ''}".strip(),
         ),
     ]
+    if s.content == "counts":
+        items[2:5] = [
+            ("content", "per-expert counts only (no token-level routing)"),
+            ("counts", f"{s.counted} expert activations from {s.count_sources} source(s)"),
+        ]
     if s.incomplete_import:
         items.append(("WARNING", "an import into this trace did not finish; rerun it"))
     click.echo(_kv_lines(items))
@@ -236,7 +241,8 @@ def sql_cmd(trace: str, query: str, fmt: str, limit: int | None) -> None:
 
     Views: activations (one row per request, token, MoE layer; experts and weights
     lists), activations_raw (columns e0.., w0..), activations_long (one row per
-    selected expert), requests, manifest, moe_layers.
+    selected expert), requests, manifest, moe_layers, counts (per-expert activation
+    counts: the only data of a count trace).
 
     Read-only: only queries run (SELECT, WITH, FROM, VALUES, DESCRIBE, SUMMARIZE, SHOW,
     EXPLAIN of a query); COPY, EXPORT, ATTACH, INSTALL, LOAD, SET, CREATE, INSERT... are

@@ -75,6 +75,36 @@ def _analyze_summary(report: Any) -> str:
     return "\n".join(lines)
 
 
+def _count_summary(report: Any) -> str:
+    """A count trace's analysis: the skew lines, one line per MoE layer, what is missing."""
+    skew = report.skew
+    lines = [
+        f"{report.model}: per-expert counts only (from {report.source or 'unknown'}), "
+        f"{report.num_accesses} expert activations, {len(report.moe_layers)} MoE layers x "
+        f"{report.num_experts} experts, top-{report.top_k}, phase {report.phase}",
+        "",
+        "Verdict:",
+        *[f"  - {line}" for line in report.lines],
+        "",
+        f"{'layer':>5} {'accesses':>10} {'gini':>5} {'H bits':>6} {'hot50':>5} {'hot80':>5} "
+        f"{'hot90':>5} {'zipf':>5}",
+    ]
+    for i, layer in enumerate(report.moe_layers):
+        hot = [skew.hot_set[h][i] for h in ("0.5", "0.8", "0.9")]
+        lines.append(
+            f"{layer:>5} {skew.accesses[i]:>10} {_num(skew.gini[i], '.2f'):>5} "
+            f"{_num(skew.entropy_bits[i], '.2f'):>6} {hot[0]:>5} {hot[1]:>5} {hot[2]:>5} "
+            f"{_num(skew.zipf_exponent[i], '.2f'):>5}"
+        )
+    lines.append(
+        f"{'all':>5} {sum(skew.accesses):>10} {_num(skew.model_gini, '.2f'):>5} "
+        f"{_num(skew.model_entropy_bits, '.2f'):>6} {'':>5} {'':>5} {'':>5} "
+        f"{_num(skew.model_zipf_exponent, '.2f'):>5}"
+    )
+    lines += ["", "hotNN: experts covering NN% of a layer's activations."]
+    return "\n".join(lines)
+
+
 def _add_analyze(group: click.Group) -> None:
     from moetrace.tuner.analyze import PHASE_CHOICES
 
@@ -110,18 +140,23 @@ def _add_analyze(group: click.Group) -> None:
         Prints a verdict (cache size for 80%/90% hits under LRU and the optimum, which
         predictors beat frequency), then a per-layer table. See docs/analyze.md.
 
+        A count trace (per-expert counts only, e.g. imported with sglang-counts) gets the
+        skew section only (frequency, Gini, entropy, hot sets, Zipf exponent per layer).
+
         \b
         Example:
           moetrace analyze out/deepseek --json deepseek-analysis.json
           moetrace analyze out/llama4 --phase decode --cache-sizes 16,32,25%
         """
         from moetrace.tuner.analyze import AnalyzeConfig, analyze
+        from moetrace.tuner.mining.report import AnalysisReport
 
         sizes = None
         if cache_sizes is not None:
             sizes = tuple(x.strip() for x in cache_sizes.split(",") if x.strip())
         report = analyze(trace, AnalyzeConfig(phase=phase, cache_sizes=sizes, seed=seed))
-        click.echo(_analyze_summary(report))
+        summary = _analyze_summary if isinstance(report, AnalysisReport) else _count_summary
+        click.echo(summary(report))
         if json_out is not None:
             report.save(json_out)
             click.echo(f"\nreport written to {json_out}")

@@ -78,6 +78,10 @@ def summary(path: str, stamp: Stamp) -> TraceSummary:
 
 @st.cache_data(show_spinner="Counting expert activations...", max_entries=16)
 def phase_counts(path: str, stamp: Stamp) -> X.PhaseCounts:
+    if trace(path, stamp).is_count_trace:  # per-expert counts only: read them
+        from moetrace.dashboard.data import experts as X
+
+        return X.count_phase_counts(reopen(path))
     return summary(path, stamp).phase_counts()
 
 

@@ -72,8 +72,9 @@ def sidebar() -> None:
         )
 
 
-def page_context(*, need_rows: bool = True) -> PageContext:
-    """The selected trace and phase; stops the page with st.error on bad input."""
+def page_context(*, need_rows: bool = True, counts_ok: bool = False) -> PageContext:
+    """The selected trace and phase; stops the page with st.error on bad input, and with
+    st.info on a count trace (per-expert counts only) unless the page can show counts."""
     try:
         inputs = _inputs()
     except MoetraceError as exc:
@@ -90,16 +91,28 @@ def page_context(*, need_rows: bool = True) -> PageContext:
     except MoetraceError as exc:
         st.error(f"Cannot open trace {path}: {exc}")
         st.stop()
+    if need_rows and ov.counts_only and not counts_ok:
+        origin = cache.trace(path, st_stamp).manifest.source.origin
+        st.info(
+            f"Trace {path} holds per-expert counts only"
+            + (f" (imported from {origin})" if origin else "")
+            + ": this page needs token-level routing (reuse, groups, requests, plans). "
+            "The Overview and Experts pages show the counts."
+        )
+        st.stop()
     if need_rows and ov.empty:
         st.error(f"Trace {path} has no activations: nothing to show on this page.")
         st.stop()
     return PageContext(inputs, path, st_stamp, ov, phase)
 
 
-def run_page(render: Callable[[PageContext], None], *, need_rows: bool = True) -> None:
+def run_page(
+    render: Callable[[PageContext], None], *, need_rows: bool = True, counts_ok: bool = False
+) -> None:
     """Build the context and render a page; a MoetraceError becomes an st.error, a
-    missing tuner function a "not available" warning."""
-    ctx = page_context(need_rows=need_rows)
+    missing tuner function a "not available" warning. ``counts_ok``: the page can show a
+    count trace (per-expert counts only)."""
+    ctx = page_context(need_rows=need_rows, counts_ok=counts_ok)
     try:
         render(ctx)
     except MoetraceError as exc:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from moetrace.errors import AnalysisError, TraceFormatError
+from moetrace.errors import AnalysisError, CountTraceError, TraceFormatError
 from moetrace.store import schema as S
 from moetrace.store.reader import Trace
 from moetrace.store.sql import connect
@@ -74,6 +74,19 @@ def _out_of_range(ids: np.ndarray, num_experts: int) -> bool:
     return bool(ids.size) and (int(ids.min()) < S.DROPPED_EXPERT or int(ids.max()) >= num_experts)
 
 
+def require_routing(trace: Trace) -> None:
+    """Raise :class:`CountTraceError` (one line) when ``trace`` holds counts only."""
+    if not trace.is_count_trace:
+        return
+    origin = trace.manifest.source.origin
+    raise CountTraceError(
+        f"{trace.path} holds per-expert counts only"
+        + (f" (imported from {origin})" if origin else "")
+        + "; the simulator replays token-level routing: record with "
+        "`moetrace record --server` or import per-token dumps (sglang-dump)"
+    )
+
+
 def load_routing(
     trace: Trace,
     *,
@@ -84,7 +97,10 @@ def load_routing(
 ) -> Routing:
     """Load routing rows of a trace, optionally one phase, a subset of requests and a
     subset of MoE layers (``layers``: MoE-layer indices, renumbered 0..n-1 in the given
-    order; the other layers are never read)."""
+    order; the other layers are never read). A count trace (per-expert counts only) has
+    no routing: :class:`CountTraceError` (every simulator, tuner and replay load comes
+    through here)."""
+    require_routing(trace)
     if order not in ORDERS:
         raise AnalysisError(f"order must be one of {ORDERS}, got {order!r}")
     if phase is not None and phase not in S.PHASES:

@@ -75,6 +75,44 @@ def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     return [(act_dir / n, req_dir / n) for n in sorted(acts & reqs)]
 
 
+def committed_count_parts(path: str | os.PathLike[str]) -> list[Path]:
+    """The committed counts parts of a count trace, in name order (``.tmp-`` files are
+    writes in progress and skipped)."""
+    directory = Path(path) / S.COUNTS_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(S.PART_PREFIX) and p.name.endswith(".parquet")
+    )
+
+
+def _check_counts_values(part: Path, manifest: S.Manifest) -> None:
+    """Layers, experts and counts of a counts part must fit the manifest (parts are small:
+    at most layers x experts rows per source, so the columns are read)."""
+    try:
+        table = pq.read_table(part, columns=["layer", "expert", "count"])
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+    layer, expert, count = (table.column(i).to_numpy() for i in range(3))
+    bad_layer = np.setdiff1d(layer, np.asarray(manifest.model.moe_layers))
+    if bad_layer.size:
+        raise TraceFormatError(
+            f"{part}: layer {int(bad_layer[0])} is not a MoE layer of the manifest "
+            f"{list(manifest.model.moe_layers)} (the manifest and the data disagree)"
+        )
+    E = manifest.model.num_experts
+    if expert.size and (int(expert.min()) < 0 or int(expert.max()) >= E):
+        bad = int(expert[(expert < 0) | (expert >= E)][0])
+        raise TraceFormatError(
+            f"{part}: expert id {bad} is out of range [0, {E}) for the manifest's "
+            f"num_experts={E} (the manifest and the data disagree)"
+        )
+    if count.size and int(count.min()) < 0:
+        raise TraceFormatError(f"{part}: negative count {int(count.min())}")
+
+
 def _check_part(part: Path, expected: pa.Schema) -> pq.FileMetaData:
     """Validate one part's footer and schema; return its Parquet metadata."""
     try:
@@ -225,11 +263,30 @@ class Trace:
         if validate:
             _check_unique_requests([p.requests for p in parts])
         self.parts: tuple[PartInfo, ...] = tuple(parts)
+        count_parts = committed_count_parts(self.path) if self.manifest.is_counts else []
+        if self.manifest.is_counts and parts:
+            raise TraceFormatError(
+                f"{parts[0].activations}: the manifest says the trace holds counts only "
+                "(content: counts), but it has activations parts"
+            )
+        for part in count_parts if validate else ():
+            _check_part(part, S.COUNTS_SCHEMA)
+            _check_counts_values(part, self.manifest)
+        self.count_parts: tuple[Path, ...] = tuple(count_parts)
 
     # ------------------------------------------------------------------ facts
     @property
     def top_k(self) -> int:
         return self.manifest.top_k
+
+    @property
+    def is_count_trace(self) -> bool:
+        """Whether the trace holds per-expert counts only (no token-level routing)."""
+        return self.manifest.is_counts
+
+    @property
+    def count_files(self) -> list[str]:
+        return [str(p) for p in self.count_parts]
 
     @property
     def num_activations(self) -> int:
@@ -242,7 +299,8 @@ class Trace:
     @property
     def size_bytes(self) -> int:
         manifest = self.path / S.MANIFEST_NAME
-        return sum(p.bytes for p in self.parts) + manifest.stat().st_size
+        counts = sum(p.stat().st_size for p in self.count_parts)
+        return sum(p.bytes for p in self.parts) + counts + manifest.stat().st_size
 
     @property
     def activation_files(self) -> list[str]:
@@ -264,6 +322,16 @@ class Trace:
             return S.REQUESTS_SCHEMA.empty_table()
         table = pa.concat_tables(tables)
         return table.sort_by([("arrival", "ascending"), ("request_id", "ascending")])
+
+    def counts(self) -> pa.Table:
+        """Per-expert activation counts: ``layer`` (model layer id), ``expert``, ``phase``
+        (string; null when the source does not say) and ``count``, summed over sources,
+        zero counts omitted. A count trace reads its counts parts; a routing trace counts
+        its activations (dropped slots excluded); both through the ``counts`` SQL view."""
+        return self.sql(
+            "SELECT layer, expert, phase, sum(count)::BIGINT AS count FROM counts "
+            "GROUP BY ALL HAVING sum(count) > 0 ORDER BY layer, expert, phase NULLS FIRST"
+        )
 
     def _read(self, part: Path, columns: Sequence[str] | None) -> pa.Table:
         try:

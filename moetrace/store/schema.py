@@ -7,6 +7,12 @@ describes it for people. A trace is a directory::
     requests/part-<writer>-<seq>.parquet     one row per request
     activations/part-<writer>-<seq>.parquet  one row per (request, token, MoE layer)
 
+or, for a *count trace* (``manifest.content == "counts"``: per-expert activation counts
+only, e.g. imported from SGLang's ``stat`` expert-distribution dumps)::
+
+    manifest.json
+    counts/part-<writer>-<seq>.parquet       one row per (source, layer, expert, phase)
+
 An activations part is committed only when the requests part of the same name exists
 (the writer renames the activations part first and the requests part last). Files whose
 name starts with ``.tmp-`` are in-progress writes and ignored by readers.
@@ -41,6 +47,12 @@ MAX_EXPERTS = 1 << 15
 """Most routed experts a trace can hold: expert ids are int16 (0..32767)."""
 WEIGHT_DTYPES = ("float32", "float16")
 SOURCE_KINDS = ("recorded", "imported", "synthetic")
+COUNTS_DIR = "counts"
+CONTENT_ROUTING = "routing"
+CONTENT_COUNTS = "counts"
+CONTENT_KINDS = (CONTENT_ROUTING, CONTENT_COUNTS)
+"""What a trace holds: token-level routing (requests + activations parts) or per-expert
+activation counts only (counts parts). Manifests without the field hold routing."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -140,12 +152,19 @@ class Manifest:
     """Whether the source had gate weights: True (recorded from the router), False (the
     source has none, e.g. imports and server recordings: ``w*`` columns are null), None
     (not stated: traces written before this field)."""
+    content: str = CONTENT_ROUTING
+    """``routing`` (requests and activations parts) or ``counts`` (counts parts only);
+    absent in manifests written before this field, which hold routing."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", dict(self.tags))
         _require(
             self.weight_dtype in WEIGHT_DTYPES,
             f"weight_dtype must be one of {WEIGHT_DTYPES}, got {self.weight_dtype!r}",
+        )
+        _require(
+            self.content in CONTENT_KINDS,
+            f"content must be one of {CONTENT_KINDS}, got {self.content!r}",
         )
         _require(
             self.format_version == FORMAT_VERSION,
@@ -155,6 +174,11 @@ class Manifest:
     @property
     def top_k(self) -> int:
         return self.model.top_k
+
+    @property
+    def is_counts(self) -> bool:
+        """Whether the trace holds per-expert counts only (no token-level routing)."""
+        return self.content == CONTENT_COUNTS
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -188,6 +212,7 @@ class Manifest:
                 speculative=bool(data.get("speculative", False)),
                 format_version=version,
                 gate_weights=_optional_bool(data.get("gate_weights"), f"{where}: gate_weights"),
+                content=data.get("content", CONTENT_ROUTING),
             )
         except TraceFormatError as exc:
             msg = str(exc)
@@ -204,6 +229,7 @@ class Manifest:
             and self.model.top_k == other.model.top_k
             and self.weight_dtype == other.weight_dtype
             and self.speculative == other.speculative
+            and self.content == other.content
         )
 
 
@@ -288,6 +314,21 @@ REQUESTS_SCHEMA = pa.schema(
     ],
     metadata={b"moetrace.format_version": str(FORMAT_VERSION).encode()},
 )
+
+
+COUNTS_SCHEMA = pa.schema(
+    [
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("expert", pa.int16(), nullable=False),
+        pa.field("phase", PHASE_TYPE),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("source", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+    ],
+    metadata={b"moetrace.format_version": str(FORMAT_VERSION).encode()},
+)
+"""Physical schema of a counts part: activations of ``expert`` at model layer ``layer``
+(one of ``model.moe_layers``), in ``phase`` (null: not known), counted in ``source`` (an
+id of what was counted, e.g. ``sha256:<hex>`` of an imported dump file)."""
 
 
 def prompt_hash(text: str) -> str:

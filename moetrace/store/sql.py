@@ -8,6 +8,9 @@ Views (see docs/trace-format.md):
 ``requests``          one row per request
 ``manifest``          one row with the manifest's scalar fields
 ``moe_layers``        one row per MoE layer: ``layer``, ``layer_index``
+``counts``            per-expert activation counts: ``layer, expert, phase, count, source``
+                      (a count trace's counts parts; for a routing trace, its activations
+                      counted, ``source`` null)
 
 ``connect(trace, read_only=True)`` and :func:`open_read_only` (what ``moetrace sql`` uses)
 lock the connection down for untrusted SQL: see :func:`lock_down` and :func:`check_read_only`.
@@ -87,6 +90,7 @@ def connect(
     )
     con.execute(f"CREATE OR REPLACE VIEW activations_long AS {ranks}")
     con.execute(f"CREATE OR REPLACE VIEW requests AS SELECT * FROM {req_src}")
+    con.execute(f"CREATE OR REPLACE VIEW counts AS {_counts_sql(con, trace)}")
     m = trace.manifest
     row = {
         "format_version": m.format_version,
@@ -110,6 +114,7 @@ def connect(
         "speculative": m.speculative,
         "gate_weights": m.gate_weights,
         "tags": json.dumps(dict(m.tags)),
+        "content": m.content,
     }
     types = {"created": pa.float64(), "speculative": pa.bool_(), "gate_weights": pa.bool_()}
     manifest_tbl = pa.table(
@@ -132,8 +137,23 @@ def connect(
     con.register("_moe_layers_tbl", layers_tbl)
     con.execute("CREATE OR REPLACE VIEW moe_layers AS SELECT * FROM _moe_layers_tbl")
     if read_only:
-        lock_down(con, trace.activation_files + trace.request_files)
+        lock_down(con, trace.activation_files + trace.request_files + trace.count_files)
     return con
+
+
+def _counts_sql(con: duckdb.DuckDBPyConnection, trace: Trace) -> str:
+    """The ``counts`` view's query: the counts parts, or the activations counted."""
+    if trace.is_count_trace:
+        src = _source(con, "counts", trace.count_files, S.COUNTS_SCHEMA)
+        return (
+            "SELECT layer, expert, phase::VARCHAR AS phase, count, source::VARCHAR AS source "
+            f"FROM {src}"
+        )
+    return (
+        "SELECT layer, expert::SMALLINT AS expert, phase::VARCHAR AS phase, "
+        "count(*)::BIGINT AS count, NULL::VARCHAR AS source "
+        "FROM activations_long WHERE expert >= 0 GROUP BY ALL"
+    )
 
 
 def lock_down(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:

@@ -41,11 +41,25 @@ class TraceSummary:
     tags: dict[str, str] = field(default_factory=dict)
     incomplete_import: bool = False
     """True while an import into the trace runs, or after one failed (rerun it)."""
+    content: str = "routing"
+    """``routing``, or ``counts`` for a count trace (per-expert counts only)."""
+    counted: int = 0
+    """A count trace's expert activations (sum of its counts); 0 for a routing trace."""
+    count_sources: int = 0
+    """A count trace's sources (e.g. imported dump files)."""
 
     def __post_init__(self) -> None:
         from moetrace.errors import AnalysisError
 
-        for name in ("requests", "prefill_tokens", "decode_tokens", "activations", "parts"):
+        for name in (
+            "requests",
+            "prefill_tokens",
+            "decode_tokens",
+            "activations",
+            "parts",
+            "counted",
+            "count_sources",
+        ):
             if getattr(self, name) < 0:
                 raise AnalysisError(f"TraceSummary.{name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
@@ -87,6 +101,12 @@ def summarize(trace: Trace | str | os.PathLike[str]) -> TraceSummary:
             .column(0)[0]
             .as_py()
         )
+    counted = sources = 0
+    if trace.is_count_trace:
+        row = trace.sql(
+            "SELECT coalesce(sum(count), 0)::BIGINT AS n, count(DISTINCT source) AS s FROM counts"
+        ).to_pylist()[0]
+        counted, sources = int(row["n"]), int(row["s"])
     act_bytes = sum(p.activations.stat().st_size for p in trace.parts)
     n_act = trace.num_activations
     source = asdict(m.source)
@@ -106,11 +126,14 @@ def summarize(trace: Trace | str | os.PathLike[str]) -> TraceSummary:
         bytes_per_expert=m.model.bytes_per_expert,
         has_weights=has_weights,
         speculative=m.speculative,
-        parts=len(trace.parts),
+        parts=len(trace.parts) + len(trace.count_parts),
         size_bytes=trace.size_bytes,
         bytes_per_activation=act_bytes / n_act if n_act else 0.0,
         inferred=m.model.inferred,
         source=source,
         tags=dict(m.tags),
         incomplete_import=(trace.path / IMPORT_MARKER).exists(),
+        content=m.content,
+        counted=counted,
+        count_sources=sources,
     )

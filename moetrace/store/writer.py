@@ -48,6 +48,11 @@ DEFAULT_THREADS = 2
 LOCK_NAME = ".lock"
 
 
+def new_writer_id() -> str:
+    """A writer's id in part names: ``<time_ns hex>-<pid>-<random>``, unique per writer."""
+    return f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
         fd = os.open(path, os.O_RDONLY)
@@ -96,10 +101,10 @@ def write_manifest(directory: Path, manifest: S.Manifest) -> S.Manifest:
                 f"{target}: the trace holds another model or layout "
                 f"(fingerprint {existing.model.fingerprint}, top_k {existing.top_k}, "
                 f"{existing.model.num_experts} experts, weight_dtype {existing.weight_dtype}, "
-                f"speculative {existing.speculative}) than this writer's "
-                f"({manifest.model.fingerprint}, top_k {manifest.top_k}, "
+                f"speculative {existing.speculative}, content {existing.content}) than this "
+                f"writer's ({manifest.model.fingerprint}, top_k {manifest.top_k}, "
                 f"{manifest.model.num_experts} experts, weight_dtype {manifest.weight_dtype}, "
-                f"speculative {manifest.speculative})"
+                f"speculative {manifest.speculative}, content {manifest.content})"
             ) from None
         return existing
     finally:
@@ -142,7 +147,7 @@ class TraceWriter:
         self.top_k = self.manifest.top_k
         self.part_rows = part_rows
         self.compression = compression
-        self.writer_id = f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.writer_id = new_writer_id()
         self._act_schema = S.activations_schema(self.manifest)
         self._weight_np = np.float16 if self.manifest.weight_dtype == "float16" else np.float32
         self._moe_layers = np.asarray(self.manifest.model.moe_layers, dtype=np.int64)

@@ -21,6 +21,7 @@ from moetrace.errors import AnalysisError
 from moetrace.store import schema as S
 from moetrace.store.arrays import Routing, load_routing
 from moetrace.store.reader import Trace, open_trace
+from moetrace.tuner.analyze_counts import analyze_counts
 from moetrace.tuner.mining import frequency as F
 from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import phases as P
@@ -31,10 +32,10 @@ from moetrace.tuner.mining.mrc import lru_hit_curve
 from moetrace.tuner.mining.report import (
     REPORT_VERSION,
     AnalysisReport,
+    CountReport,
     GroupStats,
     PhaseStats,
     RequestStats,
-    SkewStats,
     TransitionStats,
 )
 from moetrace.tuner.mining.reuse import stack_distances
@@ -132,24 +133,6 @@ def _rows(a: np.ndarray) -> tuple[tuple[float, ...], ...]:
 
 def _irows(a: np.ndarray) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(x) for x in row) for row in a)
-
-
-def _skew(freq: np.ndarray, tokens: np.ndarray) -> SkewStats:
-    gini = [F.gini(f) for f in freq]
-    ent = [F.entropy_bits(f) for f in freq]
-    zipf = [F.zipf_exponent(f) for f in freq]
-    return SkewStats(
-        accesses=tuple(int(x) for x in freq.sum(axis=1)),
-        tokens=tuple(int(x) for x in tokens),
-        frequency=_irows(freq),
-        gini=tuple(gini),
-        entropy_bits=tuple(ent),
-        hot_set={str(h): tuple(F.hot_set_size(f, h) for f in freq) for h in F.HOT_FRACTIONS},
-        zipf_exponent=tuple(zipf),
-        model_gini=float(np.nanmean(gini)) if not np.all(np.isnan(gini)) else float("nan"),
-        model_entropy_bits=float(np.nanmean(ent)) if not np.all(np.isnan(ent)) else float("nan"),
-        model_zipf_exponent=float(np.nanmean(zipf)) if not np.all(np.isnan(zipf)) else float("nan"),
-    )
 
 
 def _groups(
@@ -287,11 +270,17 @@ def _phases(
 
 def analyze(
     trace: Trace | str | os.PathLike[str], config: AnalyzeConfig | None = None
-) -> AnalysisReport:
-    """Analyze a trace (a :class:`Trace` or its directory); see the module docstring."""
+) -> AnalysisReport | CountReport:
+    """Analyze a trace (a :class:`Trace` or its directory); see the module docstring.
+
+    A count trace (per-expert counts only) gets a :class:`CountReport` (skew only, see
+    :mod:`moetrace.tuner.analyze_counts`); every other option of ``config`` needs routing.
+    """
     cfg = config or AnalyzeConfig()
     if not isinstance(trace, Trace):
         trace = open_trace(trace)
+    if trace.is_count_trace:
+        return analyze_counts(trace, phase=cfg.phase)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     m = trace.manifest
@@ -336,7 +325,7 @@ def analyze(
     freq = sum(freqs.values()) if phase is None else freqs[phase]
     rows = layer_rows(routing)
     tokens = np.array([r.size for r in rows], dtype=np.int64)
-    skew = _skew(freq, tokens)
+    skew = F.skew_stats(freq, tokens)
     t = lap("skew", t)
     reuse, mrc = reuse_and_mrc(routing, rows, sizes, cfg.seed)
     t = lap("reuse_mrc", t)

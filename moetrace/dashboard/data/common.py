@@ -21,11 +21,14 @@ def stamp(path: str | os.PathLike[str]) -> tuple[float, ...]:
     """Modification times of a trace's manifest and part folders (a cache key part).
 
     Committing a part renames it into ``activations/`` and ``requests/``, which changes
-    those folders' mtimes, so a trace that grows gets a new stamp.
+    those folders' mtimes, so a trace that grows gets a new stamp (a count trace's
+    ``counts/`` folder is added when present).
     """
     base = Path(path)
     out = []
-    for p in (base / S.MANIFEST_NAME, base / S.ACTIVATIONS_DIR, base / S.REQUESTS_DIR):
+    counts = base / S.COUNTS_DIR
+    extra = (counts,) if counts.is_dir() else ()
+    for p in (base / S.MANIFEST_NAME, base / S.ACTIVATIONS_DIR, base / S.REQUESTS_DIR, *extra):
         try:
             out.append(p.stat().st_mtime)
         except OSError:

@@ -9,8 +9,10 @@ import pyarrow as pa
 
 from moetrace.dashboard.data.common import phase_arg, phase_where, query, reopen, unpivot_sql
 from moetrace.errors import AnalysisError
+from moetrace.store import schema as S
 from moetrace.store.reader import Trace
 from moetrace.store.sql import connect, run_query
+from moetrace.tuner.analyze_counts import count_matrix
 from moetrace.tuner.mining.frequency import frequency_matrices
 
 
@@ -90,6 +92,17 @@ def phase_counts(trace: Trace) -> PhaseCounts:
     for r in rows:
         tokens[r["phase"]][layer_index[int(r["layer"])]] = int(r["n"])
     return PhaseCounts(tuple(m.model.moe_layers), freqs, tokens)
+
+
+def count_phase_counts(trace: Trace) -> PhaseCounts:
+    """:class:`PhaseCounts` of a count trace (its counts parts; counts of unknown phase,
+    such as SGLang's, only in phase ``'all'``). Tokens are estimated as counts / top_k."""
+    m = trace.manifest
+    total = count_matrix(trace)
+    counts = {p: count_matrix(trace, p) for p in S.PHASES}
+    counts["unknown"] = total - sum(counts.values())
+    tokens = {p: c.sum(axis=1) // m.top_k for p, c in counts.items()}
+    return PhaseCounts(tuple(m.model.moe_layers), counts, tokens)
 
 
 def expert_counts(

@@ -9,6 +9,7 @@ from moetrace.dashboard.data.common import query
 from moetrace.errors import AnalysisError, MoetraceError
 from moetrace.store import schema as S
 from moetrace.store.reader import Trace
+from moetrace.tuner.mining.report import CountReport
 
 VERDICT_AUTO_ROWS = 3_000_000
 """Up to this many activation rows the verdict is computed when the page opens."""
@@ -33,6 +34,10 @@ class Overview:
     has_weights: bool
     tags: dict[str, str] = field(default_factory=dict)
     request_tag_keys: tuple[str, ...] = ()
+    counted: int = 0
+    """A count trace's expert activations (sum of its counts); 0 for a routing trace."""
+    counts_only: bool = False
+    """The trace holds per-expert counts only (no token-level routing)."""
 
     def __post_init__(self) -> None:
         if self.requests < 0 or self.activations < 0:
@@ -43,7 +48,7 @@ class Overview:
 
     @property
     def empty(self) -> bool:
-        return self.activations == 0
+        return self.activations == 0 and self.counted == 0
 
 
 def overview(trace: Trace) -> Overview:
@@ -65,6 +70,11 @@ def overview(trace: Trace) -> Overview:
         trace, "SELECT DISTINCT unnest(map_keys(tags)) AS k FROM requests ORDER BY 1"
     ).column("k")
     origin = m.source.origin or ""
+    counted = 0
+    if trace.is_count_trace:
+        counted = int(
+            query(trace, "SELECT coalesce(sum(count), 0) FROM counts").column(0)[0].as_py()
+        )
     return Overview(
         path=str(trace.path),
         model=m.model.name,
@@ -83,6 +93,8 @@ def overview(trace: Trace) -> Overview:
         has_weights=has_weights,
         tags=dict(m.tags),
         request_tag_keys=tuple(str(k) for k in keys.to_pylist()),
+        counted=counted,
+        counts_only=trace.is_count_trace,
     )
 
 
@@ -106,6 +118,8 @@ def verdict(trace: Trace, phase: str = "all") -> VerdictView:
         report = analyze(trace, AnalyzeConfig(phase=phase, sections=()))
     except MoetraceError as exc:
         return VerdictView(unavailable=str(exc))
+    if isinstance(report, CountReport):  # a count trace: skew only
+        return VerdictView(lines=report.lines, seconds=report.timings.get("total", 0.0))
     return VerdictView(
         lines=tuple(report.verdict.lines),
         caching_pays=report.verdict.caching_pays,

@@ -22,6 +22,7 @@ def _facts(ov: Overview) -> dict[str, object]:
         "prefill tokens": ov.tokens.get("prefill", 0),
         "decode tokens": ov.tokens.get("decode", 0),
         "activation rows": ov.activations,
+        "content": "per-expert counts only" if ov.counts_only else "token-level routing",
         "layers (all)": ov.num_layers,
         "MoE layers": f"{len(ov.moe_layers)}: {', '.join(map(str, ov.moe_layers))}",
         "routed experts per layer": ov.num_experts,
@@ -38,7 +39,13 @@ def render(ctx: PageContext) -> None:
     ov = ctx.overview
     st.title("Overview")
     st.caption(f"Trace `{ctx.trace_path}`")
-    if ov.empty:
+    if ov.counts_only:
+        st.info(
+            f"Trace {ctx.trace_path} holds per-expert counts only ({ov.counted:,} expert "
+            "activations, no token-level routing): the verdict and the Experts page use "
+            "them; reuse, groups, requests and plans need routing."
+        )
+    elif ov.empty:
         st.error(f"Trace {ctx.trace_path} has no activations (0 requests with routing).")
     cols = st.columns(4)
     cols[0].metric("Model", ov.model)
@@ -58,8 +65,10 @@ def render(ctx: PageContext) -> None:
         st.subheader("Verdict")
         if ov.empty:
             st.info("No verdict: the trace is empty.")
-        elif ov.activations <= VERDICT_AUTO_ROWS or st.button(
-            f"Compute the verdict (runs moetrace analyze on {ov.activations:,} rows)"
+        elif (
+            ov.counts_only
+            or ov.activations <= VERDICT_AUTO_ROWS
+            or st.button(f"Compute the verdict (runs moetrace analyze on {ov.activations:,} rows)")
         ):
             v = cache.verdict(ctx.trace_path, ctx.stamp, ctx.phase)
             if v.unavailable:

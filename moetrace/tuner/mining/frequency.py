@@ -7,6 +7,7 @@ import numpy as np
 from moetrace.errors import AnalysisError
 from moetrace.store import schema as S
 from moetrace.store.reader import Trace
+from moetrace.tuner.mining.report import SkewStats
 
 HOT_FRACTIONS = (0.5, 0.8, 0.9)
 
@@ -93,3 +94,26 @@ def zipf_exponent(counts: np.ndarray, min_count: int = 5) -> float:
         return float("nan")
     slope = np.polyfit(np.log(ranks[keep]), np.log(x[keep]), 1)[0]
     return float(-slope)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def skew_stats(freq: np.ndarray, tokens: np.ndarray) -> SkewStats:
+    """Skew of (L, E) activation counts ``freq``; ``tokens``: (L,) token rows per layer."""
+    gini_ = [gini(f) for f in freq]
+    ent = [entropy_bits(f) for f in freq]
+    zipf = [zipf_exponent(f) for f in freq]
+    return SkewStats(
+        accesses=tuple(int(x) for x in freq.sum(axis=1)),
+        tokens=tuple(int(x) for x in tokens),
+        frequency=tuple(tuple(int(x) for x in row) for row in freq),
+        gini=tuple(gini_),
+        entropy_bits=tuple(ent),
+        hot_set={str(h): tuple(hot_set_size(f, h) for f in freq) for h in HOT_FRACTIONS},
+        zipf_exponent=tuple(zipf),
+        model_gini=_mean(gini_),
+        model_entropy_bits=_mean(ent),
+        model_zipf_exponent=_mean(zipf),
+    )

@@ -21,6 +21,17 @@ from moetrace.tuner.mining.serial import Serializable
 from moetrace.tuner.mining.transitions import TransitionScore
 
 REPORT_VERSION = 1
+COUNT_REPORT_VERSION = 1
+COUNT_REPORT_KIND = "counts"
+NEEDS_ROUTING = (
+    "reuse distances",
+    "miss-ratio curves (LRU, LFU, Belady)",
+    "co-activation groups",
+    "layer transitions",
+    "requests",
+    "phases",
+)
+"""Sections of the analysis that need token-level routing (not in a count trace)."""
 Matrix = tuple[tuple[float, ...], ...]
 IntMatrix = tuple[tuple[int, ...], ...]
 
@@ -173,10 +184,66 @@ class AnalysisReport(Serializable):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AnalysisReport:
-        try:
-            data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AnalysisError(f"{path}: cannot read analysis report ({exc})") from None
-        if not isinstance(data, dict) or "report_version" not in data:
-            raise AnalysisError(f"{path}: not an analysis report (no report_version)")
+        data = _read_report(path)
+        if data.get("kind") == COUNT_REPORT_KIND:
+            raise AnalysisError(
+                f"{path}: a count report (the analysis of a count trace: skew only), not a "
+                "full analysis report; load it with CountReport.load"
+            )
+        return cls.from_dict(data)
+
+
+def _read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data: Any = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AnalysisError(f"{path}: cannot read analysis report ({exc})") from None
+    if not isinstance(data, dict) or "report_version" not in data:
+        raise AnalysisError(f"{path}: not an analysis report (no report_version)")
+    return data
+
+
+@dataclass(frozen=True)
+class CountReport(Serializable):
+    """The analysis of a count trace: what per-expert counts allow (expert frequency and
+    skew per MoE layer); the sections in ``needs_routing`` need token-level routing.
+
+    ``skew.tokens`` are estimated as accesses / top_k (each token counts at k experts)."""
+
+    report_version: int
+    kind: str
+    trace: str
+    model: str
+    source: str | None
+    """Where the counts came from (the importer format, e.g. ``sglang-counts``)."""
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    phase: str
+    num_accesses: int
+    skew: SkewStats
+    lines: tuple[str, ...]
+    """The verdict lines counts allow (skew only)."""
+    needs_routing: tuple[str, ...] = NEEDS_ROUTING
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.report_version != COUNT_REPORT_VERSION:
+            raise AnalysisError(
+                f"count report version {self.report_version} is not supported "
+                f"(this moetrace reads {COUNT_REPORT_VERSION})"
+            )
+        if self.kind != COUNT_REPORT_KIND:
+            raise AnalysisError(
+                f"count report kind must be {COUNT_REPORT_KIND!r}, got {self.kind!r}"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CountReport:
+        data = _read_report(path)
+        if data.get("kind") != COUNT_REPORT_KIND:
+            raise AnalysisError(f"{path}: not a count report (kind {data.get('kind')!r})")
         return cls.from_dict(data)

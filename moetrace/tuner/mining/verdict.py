@@ -25,6 +25,16 @@ def _size(size: int | None, num_experts: int) -> str:
     return f"{size}/{num_experts} ({size / num_experts:.0%})"
 
 
+def skew_line(skew: SkewStats, num_experts: int) -> str:
+    """The verdict's line on expert skew (what per-expert counts alone can tell)."""
+    hot80 = [h / num_experts for h in skew.hot_set["0.8"]]
+    return (
+        f"Skew: mean Gini {skew.model_gini:.2f}, 80% of activations on "
+        f"{sum(hot80) / len(hot80):.0%} of experts on average, Zipf exponent "
+        f"{skew.model_zipf_exponent:.2f}."
+    )
+
+
 def make_verdict(
     num_experts: int,
     skew: SkewStats,
@@ -53,12 +63,7 @@ def make_verdict(
             f"{mrc.model_lfu[i]:.3f}, optimum {mrc.model_belady[i]:.3f} hit rate "
             f"(uniform routing would give {c / num_experts:.3f})."
         )
-    hot80 = [h / num_experts for h in skew.hot_set["0.8"]]
-    lines.append(
-        f"Skew: mean Gini {skew.model_gini:.2f}, 80% of activations on "
-        f"{sum(hot80) / len(hot80):.0%} of experts on average, Zipf exponent "
-        f"{skew.model_zipf_exponent:.2f}."
-    )
+    lines.append(skew_line(skew, num_experts))
     lifted: list[str] = []
     parts: list[str] = []
     if transitions is not None and transitions.scores:
