@@ -73,15 +73,15 @@ class FakeServer:
         return p, n
 
     def _draw(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """k distinct experts per (row, MoE layer), Zipf-skewed, each layer its own hot
+        experts (Gumbel top-k: sampling without replacement in proportion)."""
         m = self.model
-        probs = 1.0 / np.arange(1, m.num_experts + 1) ** 1.1
-        probs /= probs.sum()
-        out = np.empty((rows, len(m.moe_layers), m.top_k), np.int64)
-        for r in range(rows):
-            for j in range(len(m.moe_layers)):
-                perm = np.roll(np.arange(m.num_experts), 3 * j)
-                out[r, j] = perm[rng.choice(m.num_experts, m.top_k, replace=False, p=probs)]
-        return out
+        layers = len(m.moe_layers)
+        logp = -1.1 * np.log(np.arange(1, m.num_experts + 1))
+        keys = logp + rng.gumbel(size=(rows, layers, m.num_experts))
+        top = np.argsort(-keys, axis=2)[:, :, : m.top_k]
+        shift = 3 * np.arange(layers)[None, :, None]
+        return (top + shift) % m.num_experts
 
     def expected(self, prompt: str, index: int, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
         """(prefill rows, decode rows) in MoE-layer terms: ``(tokens, moe layers, top_k)``."""
