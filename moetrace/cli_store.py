@@ -11,7 +11,7 @@ import click
 import pyarrow as pa
 
 from moetrace.cli_params import plain_progress
-from moetrace.store.importers import import_trace
+from moetrace.store.importers import CountImportResult, import_trace
 from moetrace.store.query import query_trace
 from moetrace.store.summary import summarize
 
@@ -99,6 +99,19 @@ def format_csv(table: pa.Table) -> str:
     return buf.getvalue().rstrip("\n")
 
 
+def _count_import_lines(result: CountImportResult) -> list[tuple[str, Any]]:
+    return [
+        ("trace", result.out),
+        ("model", result.model_name),
+        ("files", f"{result.files_imported} imported, "
+                  f"{result.files_skipped_existing} skipped (already present)"),
+        ("counts", f"{result.counted} expert activations over {result.passes} forward passes "
+                   "(counts only: a count trace)"),
+        ("inferred", ", ".join(result.inferred) or "nothing"),
+        ("time", f"{result.seconds:.1f} s"),
+    ]  # fmt: skip
+
+
 @click.command("import")
 @click.argument("format", metavar="FORMAT")
 @click.argument("src", type=click.Path(path_type=str))
@@ -126,7 +139,10 @@ def import_cmd(
 ) -> None:
     """Import published trace files at SRC into the moetrace trace OUT.
 
-    FORMAT is patterns-behind-chaos (per-request JSON) or moe-beyond (per-prompt CSV).
+    FORMAT is patterns-behind-chaos (per-request JSON), moe-beyond (per-prompt CSV),
+    vllm-offline (LLM.generate outputs saved as JSONL), sglang-dump (SGLang's expert
+    distribution recorder, per_token .pt), byo (your own Parquet / CSV / JSONL table) or
+    sglang-counts (SGLang's stat-mode .pt: a count trace of per-expert counts).
 
     Facts the files lack come from the flags, from the trace already in OUT, from the
     known-models table (llama4-maverick, deepseek-v2-lite, ...) or from the data; the
@@ -153,6 +169,11 @@ def import_cmd(
         progress=not no_progress,
         on_progress=plain_progress("import", "files"),
     )
+    if isinstance(result, CountImportResult):
+        click.echo(_kv_lines(_count_import_lines(result)))
+        for field_name, reason in result.inferred.items():
+            click.echo(f"  {field_name}: {reason}")
+        return
     same = result.requests_skipped_same_content
     items: list[tuple[str, Any]] = [
         ("trace", result.out),

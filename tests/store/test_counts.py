@@ -236,3 +236,23 @@ def test_inspect_and_sql_on_a_count_trace(tmp_path: Path) -> None:
     assert res.exit_code == 0 and res.output.split() == ["n", str(int(lc.sum()))], res.output
     res = runner.invoke(main, ["inspect", str(tmp_path / "out"), "--json"])
     assert json.loads(res.output)["content"] == "counts"
+
+
+def test_moetrace_import_sglang_counts_then_analyze_and_refusals(tmp_path: Path) -> None:
+    """Through the CLI: the registered format writes a count trace, analyze reads it,
+    simulate refuses it in one line; a rerun counts nothing twice."""
+    src = dump(tmp_path / "dumps" / "expert_distribution_recorder_1.pt", stat_counts(3))
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["import", "sglang-counts", str(src.parent), str(out), "--model-name", "toy-moe",
+            "--top-k", "2"]  # fmt: skip
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "1 imported, 0 skipped" in res.output and "count trace" in res.output
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0 and "0 imported, 1 skipped" in res.output, res.output
+    np.testing.assert_array_equal(counts_of(out), stat_counts(3).sum(axis=0))
+    res = runner.invoke(main, ["analyze", str(out)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["simulate", str(out), "--policy", "lru", "--budget", "4"])
+    assert res.exit_code == 2 and "holds per-expert counts only" in res.output, res.output

@@ -39,7 +39,11 @@ def _pbc_tree(root: Path) -> dict[str, list[dict[str, object]]]:
 
 
 def test_formats_registered() -> None:
-    assert available_formats() == ["moe-beyond", "patterns-behind-chaos"]
+    formats = available_formats()
+    assert formats == sorted(formats)
+    assert {"moe-beyond", "patterns-behind-chaos", "byo", "vllm-offline", "sglang-dump"} <= set(
+        formats
+    )
 
 
 def test_pbc_tree_exact_counts_and_inference(tmp_path: Path) -> None:
@@ -352,7 +356,7 @@ def test_bad_out_and_src(tmp_path: Path) -> None:
     with pytest.raises(ImportFormatError, match=r"no \.csv files found"):
         import_trace(MB, tmp_path / "a", tmp_path / "o", progress=False)
     with pytest.raises(
-        ImportFormatError, match=r"unknown import format 'x'; available: moe-beyond"
+        ImportFormatError, match=r"unknown import format 'x'; available: .*moe-beyond"
     ):
         import_trace("x", tmp_path / "a", tmp_path / "o", progress=False)
     with pytest.raises(ConfigError, match=r"top_k must be a positive integer, got 0"):

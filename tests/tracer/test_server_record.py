@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pagekit import open_every_page
 
 from moetrace.cli import main
 from moetrace.errors import ConfigError, ServerError
@@ -254,18 +255,7 @@ def test_recorded_trace_goes_through_analyze_tune_and_the_dashboard(
     res = runner.invoke(main, ["tune", str(out), "--budget", "8", "--out", str(plan)])
     assert res.exit_code == 0, res.output
     assert json.loads(plan.read_text())["format"] == "moetrace-plan"
-    from streamlit.testing.v1 import AppTest
-
-    from moetrace.dashboard.inputs import ENV_VAR
-    from moetrace.dashboard.launch import APP
-
-    monkeypatch.setenv(ENV_VAR, json.dumps({"traces": [str(out)], "plans": [str(plan)]}))
-    for page in ("overview", "experts", "reuse", "plans", "requests"):
-        at = AppTest.from_file(str(APP), default_timeout=120)
-        if page != "overview":
-            at.switch_page(f"views/{page}.py")
-        at.run()
-        assert not at.exception, (page, [e.value for e in at.exception])
+    open_every_page(monkeypatch, [out], [plan])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])

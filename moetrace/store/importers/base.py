@@ -2,8 +2,10 @@
 
 An :class:`Importer` turns one source file into one :class:`ParsedRequest` of plain numpy
 arrays; the driver (:mod:`moetrace.store.importers.driver`) resolves the model facts,
-checks every request against them and writes the trace. Importers are found by name in a
-registry (:func:`register_importer`, :func:`get_importer`).
+checks every request against them and writes the trace. Formats whose files hold many
+requests (server dumps, tables) also implement :class:`ManyRequestImporter`: the driver
+then calls ``parse_many`` once per file instead of ``parse``. Importers are found by name
+in a registry (:func:`register_importer`, :func:`get_importer`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,7 +26,11 @@ IMPORT_MARKER = ".import-incomplete.json"
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of SRC that becomes one request."""
+    """One file of SRC that becomes one request.
+
+    For a :class:`ManyRequestImporter`, ``discover`` returns one per file with a file key
+    (unique per file, e.g. its path under SRC) as ``request_id``, and each parsed request
+    carries its own ``SourceFile`` (same path, its request id and tags)."""
 
     path: Path
     request_id: str
@@ -39,9 +45,12 @@ class SourceFile:
 class ParsedRequest:
     """The routing of one request, one row per (token, MoE layer), in source-file terms.
 
-    ``layer`` holds model layer ids; ``experts`` is ``(n, k)`` int32 (ids >= 0);
+    ``layer`` holds model layer ids; ``experts`` is ``(n, k)`` int32 (ids >= 0, or -1 =
+    dropped where the format allows it); ``weights`` the ``(n, k)`` gate weights when the
+    source carries them (None otherwise: the trace's ``gate_weights`` is then false);
     ``locate(i)`` names where row ``i`` came from in the file (``line 12``,
-    ``step 3, layer "5", token 0``) for error messages.
+    ``step 3, layer "5", token 0``) for error messages; ``arrival_time`` the request's
+    arrival (Unix seconds) when the source has one.
     """
 
     source: SourceFile
@@ -57,6 +66,8 @@ class ParsedRequest:
     num_layers_hint: int
     locate: Callable[[int], str]
     prompt_text: str | None = None
+    weights: np.ndarray | None = None
+    arrival_time: float | None = None
 
     def __post_init__(self) -> None:
         n = self.experts.shape[0]
@@ -66,6 +77,11 @@ class ParsedRequest:
                     f"{self.source.path}: internal: {name} has shape "
                     f"{getattr(self, name).shape}, expected ({n},)"
                 )
+        if self.weights is not None and self.weights.shape != self.experts.shape:
+            raise ImportFormatError(
+                f"{self.source.path}: internal: weights have shape {self.weights.shape}, "
+                f"expected {self.experts.shape}"
+            )
 
     @property
     def top_k(self) -> int:
@@ -73,7 +89,8 @@ class ParsedRequest:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.token, self.step, self.phase, self.layer, self.experts))
+        arrays = (self.token, self.step, self.phase, self.layer, self.experts, self.weights)
+        return sum(a.nbytes for a in arrays if a is not None)
 
 
 class Importer(Protocol):
@@ -90,6 +107,45 @@ class Importer(Protocol):
 
     def parse(self, source: SourceFile) -> ParsedRequest:
         """Parse and structurally check one file; raises ImportFormatError naming the spot."""
+
+
+@dataclass(frozen=True)
+class ModelHint:
+    """What the import knows of the model before parsing (caller flags, the trace already
+    in OUT, the known-models table), for formats whose layout depends on it (vLLM's layer
+    axis). None = unknown; the facts are resolved for good after the first file."""
+
+    name: str
+    num_layers: int | None = None
+    moe_layers: tuple[int, ...] | None = None
+    num_experts: int | None = None
+    top_k: int | None = None
+
+
+@runtime_checkable
+class ManyRequestImporter(Protocol):
+    """The capability of a format whose files hold many requests.
+
+    The driver parses each file once with ``parse_many`` (never ``parse``); request ids
+    come from the data, so a rerun skips the requests already in OUT one by one. A file
+    that fails to parse, or any of whose requests fails the checks, is a bad file as a
+    whole (nothing of it is written)."""
+
+    def parse_many(self, source: SourceFile, hint: ModelHint) -> list[ParsedRequest]:
+        """All requests of one file, in arrival order; ImportFormatError naming the spot."""
+
+
+@runtime_checkable
+class SourceImporter(Protocol):
+    """The capability of a format that is not token-level routing (per-expert counts):
+    it reads the whole of SRC and writes its own kind of trace; ``import_trace`` hands it
+    SRC, OUT and the caller's model facts and returns what it returns."""
+
+    name: str
+    description: str
+
+    def import_source(self, src: Path, out: Path, **facts: int | str | None) -> Any:
+        """Import SRC into OUT; ImportFormatError naming the file for bad input."""
 
 
 _REGISTRY: dict[str, Importer] = {}
@@ -148,3 +204,29 @@ def find_files(src: Path, suffix: str) -> list[Path]:
     if not files:
         raise ImportFormatError(f"{src}: no {suffix} files found")
     return files
+
+
+def file_sources(src: Path, suffixes: tuple[str, ...], model_name: str) -> list[SourceFile]:
+    """One SourceFile per file of SRC ending in one of ``suffixes`` (naturally sorted), for a
+    :class:`ManyRequestImporter`: its key is the path under SRC, tags ``model`` and
+    ``source_file`` (that path)."""
+    require_source(src)
+    root = src if src.is_dir() else src.parent
+    if src.is_file():
+        paths = [src]
+    else:
+        paths = [
+            p
+            for p in src.rglob("*")
+            if p.is_file()
+            and p.name.lower().endswith(suffixes)
+            and not any(part.startswith(".") for part in p.relative_to(src).parts)
+        ]
+        paths.sort(key=lambda p: natural_key(p, root))
+    if not paths:
+        raise ImportFormatError(f"{src}: no {' / '.join(suffixes)} files found")
+    out = []
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        out.append(SourceFile(path, rel, {"model": model_name, "source_file": rel}))
+    return out

@@ -7,7 +7,10 @@ commits whole requests in batched parts. Requests already in OUT are skipped, so
 or interrupted import can be rerun: by request id, and by content (each request is tagged
 with the sha256 of its source file, so the same files imported again from a renamed or
 copied folder are found too); while an import runs (and after one failed) OUT holds
-an ``.import-incomplete.json`` marker that ``moetrace inspect`` reports.
+an ``.import-incomplete.json`` marker that ``moetrace inspect`` reports. Formats whose
+files hold many requests (:class:`~moetrace.store.importers.base.ManyRequestImporter`)
+go through the same flow: each file is parsed once into its requests, request ids come
+from the data, a rerun skips the ids already in OUT, and a file is good or bad as a whole.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,21 +33,29 @@ from moetrace.progress import OnProgress, track
 from moetrace.store.importers.base import (
     IMPORT_MARKER,
     Importer,
+    ManyRequestImporter,
+    ModelHint,
     ParsedRequest,
     SourceFile,
+    SourceImporter,
     get_importer,
     require_source,
 )
 from moetrace.store.importers.facts import (
     ModelOverrides,
+    check_gate_weights,
     check_request,
     expert_id_gap,
+    model_hint,
     resolve_model,
 )
 from moetrace.store.importers.known_models import find_known_model
 from moetrace.store.reader import Trace, open_trace, read_manifest
 from moetrace.store.schema import MANIFEST_NAME, Manifest, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
+
+if TYPE_CHECKING:
+    from moetrace.store.importers.sglang_counts import CountImportResult
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +134,14 @@ class _BadFiles:
         self.skip_bad = skip_bad
         self.files: dict[str, BadFile] = {}
 
-    def parse(self, importer: Importer, source: SourceFile) -> ParsedRequest | None:
+    def parse(
+        self, importer: Importer, source: SourceFile, hint: ModelHint
+    ) -> list[ParsedRequest] | None:
+        """The requests of one file (one, or many for a ManyRequestImporter); None if bad."""
         try:
-            return importer.parse(source)
+            if isinstance(importer, ManyRequestImporter):
+                return list(importer.parse_many(source, hint))
+            return [importer.parse(source)]
         except ImportFormatError as exc:
             self.add(source, exc)
             return None
@@ -228,8 +244,12 @@ def import_trace(
     skip_bad: bool = False,
     progress: bool = True,
     on_progress: OnProgress | None = None,
-) -> ImportResult:
+) -> ImportResult | CountImportResult:
     """Import the published trace files at ``src`` (format ``format``) into trace ``out``.
+
+    A format of per-expert counts (:class:`SourceImporter`, e.g. ``sglang-counts``) writes
+    a count trace and returns its :class:`CountImportResult`; ``skip_bad`` and progress
+    do not apply to it.
 
     Raises ImportFormatError naming file and line for a malformed file unless
     ``skip_bad``, in which case bad files are skipped and listed in the result.
@@ -238,6 +258,12 @@ def import_trace(
     """
     started = time.perf_counter()
     importer = get_importer(format)
+    if isinstance(importer, SourceImporter):  # not routing (counts): its own trace kind
+        return importer.import_source(  # type: ignore[no-any-return]
+            Path(src), Path(out), model_name=model_name, num_layers=num_layers,
+            num_experts=num_experts, top_k=top_k, shared_experts=shared_experts,
+            bytes_per_expert=bytes_per_expert,
+        )  # fmt: skip
     given = ModelOverrides(
         model_name=model_name,
         num_layers=num_layers,
@@ -267,14 +293,15 @@ def import_trace(
                 f"{f.path}: request id {f.request_id!r} also comes from {seen[f.request_id]}"
             )
         seen[f.request_id] = f.path
+    many = isinstance(importer, ManyRequestImporter)
     have: set[str] = set()
     forward = 0
-    digests: dict[str, str | None] = {}
+    digests: dict[Path, str | None] = {}
 
-    def digest_of(f: SourceFile) -> str | None:
-        if f.request_id not in digests:
-            digests[f.request_id] = file_sha256(f.path)
-        return digests[f.request_id]
+    def digest_of(path: Path) -> str | None:
+        if path not in digests:
+            digests[path] = file_sha256(path)
+        return digests[path]
 
     present: dict[_ContentKey, str] = {}
     if existing is not None:
@@ -283,12 +310,13 @@ def import_trace(
         top = trace.sql("SELECT max(forward) FROM activations_raw").column(0)[0].as_py()
         forward = 0 if top is None else int(top) + 1
         present = _present_contents(trace)
-    todo = [f for f in files if f.request_id not in have]
+    # files of many requests: ids come from the data and are checked after parsing
+    todo = files if many else [f for f in files if f.request_id not in have]
     same_content = 0
-    if present:  # the same file (name and bytes) already imported, from another path
+    if present and not many:  # the same file (name and bytes) already imported elsewhere
         kept = []
         for f in todo:
-            digest = digest_of(f)
+            digest = digest_of(f.path)
             twin = present.get((f.path.name, digest)) if digest else None
             if twin is None:
                 kept.append(f)
@@ -298,40 +326,59 @@ def import_trace(
         todo = kept
     skipped = len(files) - len(todo)
     bad = _BadFiles(skip_bad)
+    hint = model_hint(name, given, existing.model if existing else None)
 
-    cache: dict[str, ParsedRequest] = {}
+    already: dict[str, int] = {}  # file -> its requests already in OUT (files of many)
+
+    def parse(f: SourceFile) -> list[ParsedRequest] | None:
+        parsed = bad.parse(importer, f, hint)
+        if parsed is None:
+            return None
+        fresh = [p for p in parsed if p.source.request_id not in have]
+        already[f.request_id] = len(parsed) - len(fresh)
+        return fresh
+
+    cache: dict[str, list[ParsedRequest]] = {}
     first: ParsedRequest | None = None
     max_expert: int | None = None
     scan = existing is None and given.num_experts is None and find_known_model(name) is None
     if scan:  # the number of experts must come from the data: look at every file first
         max_expert, cached = -1, 0
         distinct = np.zeros(0, np.int64)
-        tops: list[tuple[SourceFile, int, str]] = []  # per file: highest id, where
+        tops: list[tuple[SourceFile, int, str]] = []  # per request: highest id, where
         for f in _progress(todo, f"scan {format}", progress, on_progress):
-            parsed = bad.parse(importer, f)
-            if parsed is None:
+            requests = parse(f)
+            if requests is None:
                 continue
-            first = first or parsed
-            if parsed.experts.size:
-                top_row = int(np.argmax(parsed.experts.max(axis=1)))
-                top = int(parsed.experts[top_row].max())
-                max_expert = max(max_expert, top)
-                tops.append((f, top, parsed.locate(top_row)))
-                distinct = np.union1d(distinct, np.unique(parsed.experts))
-            if cached + parsed.nbytes <= SCAN_CACHE_BYTES:
-                cache[f.request_id] = parsed
-                cached += parsed.nbytes
+            for parsed in requests:
+                first = first or parsed
+                if parsed.experts.size:
+                    top_row = int(np.argmax(parsed.experts.max(axis=1)))
+                    top = int(parsed.experts[top_row].max())
+                    max_expert = max(max_expert, top)
+                    tops.append((parsed.source, top, parsed.locate(top_row)))
+                    distinct = np.union1d(distinct, np.unique(parsed.experts))
+            size = sum(p.nbytes for p in requests)
+            if cached + size <= SCAN_CACHE_BYTES:
+                cache[f.request_id] = requests
+                cached += size
         core_top = expert_id_gap(distinct)
         if core_top is not None:  # one stray id must not define the number of experts
             raise _gap_error(tops, distinct, core_top)
-    elif existing is None:  # layers and top-k come from the first good file
+    elif existing is None:  # layers and top-k come from the first good request
         for f in todo:
-            parsed = bad.parse(importer, f)
-            if parsed is not None:
-                first = cache[f.request_id] = parsed
-                break
+            requests = parse(f)
+            if requests is not None:
+                cache[f.request_id] = requests
+                if requests:
+                    first = requests[0]
+                    break
     if first is None and todo and existing is None:
-        raise ImportFormatError(f"{src_path}: no importable files ({len(bad.files)} bad)")
+        raise ImportFormatError(
+            f"{src_path}: no importable files ({len(bad.files)} bad)"
+            if not many
+            else f"{src_path}: no requests to import ({len(bad.files)} bad files)"
+        )
     model, inferred = resolve_model(
         name,
         name_reason,
@@ -348,9 +395,10 @@ def import_trace(
             path=str(src_path.resolve()),
             tool_version=__version__,
         ),
-        gate_weights=False,
+        gate_weights=first is not None and first.weights is not None,
     )
     counts = {"requests": 0, "prefill": 0, "decode": 0, "activations": 0, "forwards": 0}
+    written: dict[str, Path] = {}  # request id -> file, for files of many requests
     marker = {"format": format, "src": str(src_path), "started": time.time(), "error": None}
     _write_marker(out_path, marker)
     try:
@@ -358,25 +406,34 @@ def import_trace(
             for f in _progress(todo, f"import {format}", progress, on_progress):
                 if f.request_id in bad.files:
                     continue
-                parsed = cache.pop(f.request_id, None) or bad.parse(importer, f)
-                if parsed is None:
-                    continue
-                try:
-                    check_request(parsed, model)
+                requests = cache.pop(f.request_id, None)
+                if requests is None:
+                    requests = parse(f)
+                    if requests is None:
+                        continue
+                try:  # a file is written whole or not at all
+                    pending: dict[str, Path] = {}
+                    for parsed in requests:
+                        _check_unique(parsed, written, pending)
+                        check_request(parsed, model)
+                        check_gate_weights(parsed, manifest.gate_weights)
                 except ImportFormatError as exc:
                     bad.add(f, exc)
                     continue
-                _write(writer, parsed, forward, digest_of(f))
-                forward += parsed.num_forwards
-                counts["requests"] += 1
-                counts["prefill"] += parsed.prompt_tokens
-                counts["decode"] += parsed.generated_tokens
-                counts["activations"] += parsed.experts.shape[0]
-                counts["forwards"] += parsed.num_forwards
+                for parsed in requests:
+                    _write(writer, parsed, forward, digest_of(parsed.source.path))
+                    written[parsed.source.request_id] = parsed.source.path
+                    forward += parsed.num_forwards
+                    counts["requests"] += 1
+                    counts["prefill"] += parsed.prompt_tokens
+                    counts["decode"] += parsed.generated_tokens
+                    counts["activations"] += parsed.experts.shape[0]
+                    counts["forwards"] += parsed.num_forwards
     except BaseException as exc:
         _write_marker(out_path, {**marker, "error": str(exc) or type(exc).__name__})
         raise
     (out_path / IMPORT_MARKER).unlink(missing_ok=True)
+    skipped += sum(already.values())
     result = ImportResult(
         format=format,
         src=str(src_path),
@@ -406,6 +463,21 @@ def import_trace(
     return result
 
 
+def _check_unique(
+    parsed: ParsedRequest, written: dict[str, Path], pending: dict[str, Path]
+) -> None:
+    """A request id must not come from two places of one import (``written``: ids already
+    written; ``pending``: ids of the file being checked, the request is added to it)."""
+    rid = parsed.source.request_id
+    where = written.get(rid) or pending.get(rid)
+    if where is not None:
+        same = "earlier in this file" if where == parsed.source.path else f"from {where}"
+        raise ImportFormatError(
+            f"{parsed.source.path}: {parsed.locate(0)}: request id {rid!r} also comes {same}"
+        )
+    pending[rid] = parsed.source.path
+
+
 def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int, digest: str | None) -> None:
     src = parsed.source
     tags = {SOURCE_FILE_TAG: src.path.name, **src.tags}
@@ -418,6 +490,7 @@ def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int, digest: str
             generated_tokens=parsed.generated_tokens,
             prompt_text=parsed.prompt_text,
             tags=tags,
+            arrival_time=parsed.arrival_time,
         ),
         token=parsed.token,
         step=parsed.step,
@@ -425,4 +498,5 @@ def _write(writer: TraceWriter, parsed: ParsedRequest, forward: int, digest: str
         forward=forward + parsed.step.astype("int64"),
         layer=parsed.layer,
         experts=parsed.experts,
+        weights=parsed.weights,
     )

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from moetrace.errors import ConfigError, ImportFormatError, MoetraceError
-from moetrace.store.importers.base import ParsedRequest
-from moetrace.store.importers.known_models import find_known_model
-from moetrace.store.schema import ModelInfo
+from moetrace.store.importers.base import ModelHint, ParsedRequest
+from moetrace.store.importers.known_models import KnownModel, find_known_model
+from moetrace.store.schema import DROPPED_EXPERT, ModelInfo
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,23 @@ def _from_existing(existing: ModelInfo, given: ModelOverrides) -> tuple[ModelInf
                 f"{getattr(existing, name)} for model {existing.name!r}"
             )
     return existing, {f: "as in the existing trace" for f in existing.inferred}
+
+
+def model_hint(name: str, given: ModelOverrides, existing: ModelInfo | None) -> ModelHint:
+    """What is known of the model before any file is parsed: the caller's flags, else the
+    trace already in OUT, else the known-models table (MoE layers only from the latter two,
+    and only when their layer count agrees with the caller's)."""
+    known = find_known_model(name)
+    facts: ModelInfo | KnownModel | None = existing or known
+    num_layers = given.num_layers or (facts.num_layers if facts else None)
+    moe = facts.moe_layers if facts is not None and facts.num_layers == num_layers else None
+    return ModelHint(
+        name=name,
+        num_layers=num_layers,
+        moe_layers=moe,
+        num_experts=given.num_experts or (facts.num_experts if facts else None),
+        top_k=given.top_k or (facts.top_k if facts else None),
+    )
 
 
 def resolve_model(
@@ -151,13 +168,32 @@ def check_request(parsed: ParsedRequest, model: ModelInfo) -> None:
             f"(unexpected {extra or 'none'}, missing {missing or 'none'})"
         )
     exp = parsed.experts
-    if exp.size and (int(exp.max()) >= model.num_experts or int(exp.min()) < 0):
-        bad = np.flatnonzero(((exp >= model.num_experts) | (exp < 0)).any(axis=1))[0]
-        value = exp[bad][(exp[bad] >= model.num_experts) | (exp[bad] < 0)][0]
+    if exp.size and (int(exp.max()) >= model.num_experts or int(exp.min()) < DROPPED_EXPERT):
+        out = (exp >= model.num_experts) | (exp < DROPPED_EXPERT)
+        bad = np.flatnonzero(out.any(axis=1))[0]
+        value = exp[bad][out[bad]][0]
         raise ImportFormatError(
             f"{path}: {parsed.locate(int(bad))}: expert id {int(value)} out of range "
             f"[0, {model.num_experts})"
         )
+
+
+def check_gate_weights(parsed: ParsedRequest, gate_weights: bool | None) -> None:
+    """Raise ImportFormatError when a request's weights disagree with the trace's
+    ``gate_weights`` (a trace holds weights for every request or for none)."""
+    has = parsed.weights is not None
+    if gate_weights is None or has == gate_weights:
+        return
+    if has:
+        raise ImportFormatError(
+            f"{parsed.source.path}: {parsed.locate(0)}: the source carries gate weights but "
+            "the trace holds none (gate_weights=false); a trace cannot mix: import into "
+            "another directory"
+        )
+    raise ImportFormatError(
+        f"{parsed.source.path}: {parsed.locate(0)}: no gate weights, but the trace holds "
+        "them for every request (gate_weights=true); a trace cannot mix"
+    )
 
 
 def expert_id_gap(ids: np.ndarray) -> int | None:

@@ -37,3 +37,13 @@ def dataset_of(file: Path, model_name: str) -> str:
     if root is not None and root != folder:
         return folder.relative_to(root).as_posix()
     return folder.name
+
+
+def model_name_of_folder(src: Path) -> str | None:
+    """For formats whose files name no model: the folder among SRC and its parents that
+    names a known model, else SRC's folder name (SRC's parent's when SRC is a file)."""
+    folder = src.resolve() if src.is_dir() else src.resolve().parent
+    for parent in (folder, *folder.parents):
+        if parent.name and find_known_model(parent.name) is not None:
+            return parent.name
+    return folder.name or None

@@ -355,3 +355,13 @@ def import_counts(
         out_path,
     )
     return result
+
+
+class SglangCountsImporter:
+    """``sglang-counts``: SGLang ``stat`` expert-distribution dumps -> a count trace."""
+
+    name = "sglang-counts"
+    description = "SGLang expert distribution recorder, stat mode (.pt): per-expert counts"
+
+    def import_source(self, src: Path, out: Path, **facts: Any) -> CountImportResult:
+        return import_counts(src, out, **facts)
