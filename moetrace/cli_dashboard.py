@@ -7,6 +7,8 @@ from types import FrameType
 
 import click
 
+from moetrace.errors import DashboardError
+
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
@@ -48,9 +50,14 @@ def dashboard(
 
     server = launch(traces, plans, stats, port=port, host=host, open_browser=not no_browser)
     click.echo(f"moetrace dashboard: {server.url}  (Ctrl-C to stop)")
+    click.echo(f"moetrace dashboard: server log {server.log_path} (removed on a clean stop)")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # stop the server on kill, too
     try:
-        server.wait()
+        code = server.wait()
+        if server.exited_on_its_own():
+            raise DashboardError(
+                f"the dashboard server exited with code {code}; its log: {server.log_path}"
+            )
     except KeyboardInterrupt:
         click.echo("moetrace dashboard: stopping")
     finally:

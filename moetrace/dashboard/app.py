@@ -13,6 +13,9 @@ import streamlit as st
 from moetrace.dashboard.context import sidebar
 
 VIEWS = Path(__file__).resolve().parent / "views"
+ICON = Path(__file__).resolve().parents[1] / "assets" / "dashboard" / "icon.png"
+"""The page icon, served by the dashboard itself (a ``:material/...:`` or emoji page icon
+makes the browser fetch it from an outside font / image service on every page)."""
 PAGES = (
     ("overview.py", "Overview", "overview", ":material/dashboard:"),
     ("experts.py", "Experts", "experts", ":material/grid_on:"),
@@ -24,9 +27,7 @@ PAGES = (
 
 
 def main() -> None:
-    st.set_page_config(
-        page_title="moetrace dashboard", page_icon=":material/memory:", layout="wide"
-    )
+    st.set_page_config(page_title="moetrace dashboard", page_icon=str(ICON), layout="wide")
     pages = [
         st.Page(str(VIEWS / file), title=title, url_path=url, icon=icon, default=(i == 0))
         for i, (file, title, url, icon) in enumerate(PAGES)

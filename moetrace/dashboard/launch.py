@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 import webbrowser
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -109,6 +109,8 @@ class DashboardServer:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    """The server's own output; removed by :meth:`stop` unless it failed."""
+    _stopped: bool = field(default=False, init=False, repr=False)
 
     def running(self) -> bool:
         return self.process.poll() is None
@@ -117,8 +119,16 @@ class DashboardServer:
         """Block until the server exits (Ctrl-C raises KeyboardInterrupt to the caller)."""
         return self.process.wait()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server (kill it when it does not exit within ``timeout``)."""
+    def exited_on_its_own(self) -> bool:
+        """Whether the server stopped with an error before anyone stopped it."""
+        return self.process.poll() not in (None, 0) and not self._stopped
+
+    def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
+        """Terminate the server (kill it when it does not exit within ``timeout``) and
+        remove its log, unless ``keep_log`` or the server had failed on its own (then the
+        log stays at :attr:`log_path` for the user to read)."""
+        keep = keep_log or self.exited_on_its_own()
+        self._stopped = True
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -126,6 +136,10 @@ class DashboardServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        if keep:
+            log.warning("the dashboard server's log is kept at %s", self.log_path)
+        else:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> DashboardServer:
         return self
@@ -208,8 +222,8 @@ def launch(
     server = DashboardServer(f"http://{shown_host}:{port}", port, process, log_path)
     try:
         _wait_ready(server, ready_timeout)
-    except BaseException:
-        server.stop()
+    except BaseException as exc:
+        server.stop(keep_log=isinstance(exc, DashboardError))  # the error quotes its log
         raise
     if open_browser:
         webbrowser.open(server.url)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -58,18 +59,24 @@ def server(fixture_paths: dict[str, Path]) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    log_path = None
     try:
-        seen = []
-        while True:
+        seen: list[str] = []
+        url = None
+        while url is None or log_path is None:
             try:
                 line = lines.get(timeout=START_TIMEOUT_S)
             except queue.Empty:
-                pytest.fail(f"no URL from moetrace dashboard in {START_TIMEOUT_S} s: {seen}")
+                pytest.fail(
+                    f"no URL and log from moetrace dashboard in {START_TIMEOUT_S} s: {seen}"
+                )
             seen.append(line)
             m = re.search(r"(http://\S+)", line)
-            if m:
-                yield m.group(1)
-                break
+            url = url or (m.group(1) if m else None)
+            m = re.search(r"server log (\S+)", line)
+            log_path = log_path or (Path(m.group(1)) if m else None)
+        assert log_path.is_file()  # printed, and there while the server runs
+        yield url
     finally:
         proc.terminate()
         try:
@@ -77,6 +84,7 @@ def server(fixture_paths: dict[str, Path]) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+    assert log_path is not None and not log_path.exists()  # removed on a clean stop
 
 
 def _screenshot(page: Any, path: Path) -> None:
@@ -108,6 +116,8 @@ def test_every_page_in_chromium(server: str) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
             for path, title, texts, charts in PAGES:
                 page.goto(f"{server}/{path}")
                 page.get_by_role("heading", name=title, exact=True).wait_for()
@@ -126,3 +136,7 @@ def test_every_page_in_chromium(server: str) -> None:
                 assert page.locator('[data-testid="stException"]').count() == 0, path
         finally:
             browser.close()
+    host = urlsplit(server).netloc
+    outside = [u for u in requested if not u.startswith(("data:", "blob:"))
+               and urlsplit(u).netloc != host]  # fmt: skip
+    assert not outside, f"the dashboard fetched from outside hosts (fails offline): {outside[:3]}"

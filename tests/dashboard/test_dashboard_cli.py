@@ -77,3 +77,25 @@ def test_port_is_free_after_stop(fixture_paths: dict[str, Path]) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, LISTEN not
         s.bind(("127.0.0.1", server.port))  # raises if the server still held it
+
+
+def test_server_log_is_removed_on_a_clean_stop_and_kept_on_failure(
+    fixture_paths: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = launch([fixture_paths["trace"]], ready_timeout=90)
+    assert server.log_path.is_file()
+    server.stop()
+    assert not server.log_path.exists()  # no moetrace-dashboard-*.log left behind
+
+    import importlib
+    import sys
+
+    launch_module = importlib.import_module("moetrace.dashboard.launch")  # not the function
+    failing = [sys.executable, "-c", "import sys; print('boom: no streamlit'); sys.exit(3)"]
+    monkeypatch.setattr(launch_module, "streamlit_command", lambda *a: failing)
+    with pytest.raises(DashboardError, match="exited with code 3") as err:
+        launch([fixture_paths["trace"]], ready_timeout=30)
+    assert "boom: no streamlit" in str(err.value)
+    kept = Path(str(err.value).split("its log (")[1].split(")")[0])
+    assert kept.is_file() and "boom" in kept.read_text()  # kept for the user to read
+    kept.unlink()
