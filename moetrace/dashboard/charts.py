@@ -26,6 +26,33 @@ def _layer_labels(moe_layers: Sequence[int]) -> list[str]:
     return [f"L{lid}" for lid in moe_layers]
 
 
+CLIP_QUANTILE = 0.99
+"""Sequential colour scales saturate at this quantile of the cells, so one outlier (an
+expert taking 95% of a layer) does not wash every other cell into the lowest colour."""
+
+
+def robust_max(values: np.ndarray, quantile: float = CLIP_QUANTILE) -> float:
+    """The colour domain's top: the ``quantile`` of the finite non-zero cells, taken as
+    the cell at or below it (so with under 100 cells the largest one alone never sets
+    the scale; where the largest cell is no outlier this changes next to nothing)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return 1.0
+    return float(np.quantile(v, quantile, method="lower"))
+
+
+def clipped_note(values: np.ndarray, top: float, unit: str = "") -> str | None:
+    """'Colours saturate at ...' when some cells lie above the colour domain, else None."""
+    v = np.asarray(values, dtype=np.float64)
+    above = int((v > top * (1 + 1e-9)).sum())
+    if not above:
+        return None
+    return (f"Colours saturate at {top:.3g}{unit} ({100 * CLIP_QUANTILE:.0f}th percentile of "
+            f"the cells): {above} cell(s) above it, up to {np.nanmax(v):.3g}{unit}, show the top "
+            "colour; hover for values.")  # fmt: skip
+
+
 def layer_expert_heatmap(
     values: np.ndarray,
     moe_layers: Sequence[int],
@@ -36,10 +63,12 @@ def layer_expert_heatmap(
     percent: bool = True,
     diverging: bool = False,
     log_scale: bool = False,
+    clip: bool = False,
 ) -> alt.Chart:
     """(L, E) values as a layer x expert heatmap; ``pinned`` (L, E) bool marks cells;
     ``diverging`` colours signed values red/blue around zero; ``log_scale`` uses a
-    symmetric log colour scale so one dominant expert does not wash out the rest."""
+    symmetric log colour scale so one dominant expert does not wash out the rest;
+    ``clip`` saturates a linear scale at :func:`robust_max` (see :func:`clipped_note`)."""
     L, E = values.shape
     layers = _layer_labels(moe_layers)
     df = pd.DataFrame(
@@ -60,7 +89,13 @@ def layer_expert_heatmap(
             title=value_title,
             scale=alt.Scale(scheme="redblue", domainMid=0, reverse=True)
             if diverging
-            else alt.Scale(scheme=HEATMAP_SCHEME, type="symlog" if log_scale else "linear"),
+            else alt.Scale(scheme=HEATMAP_SCHEME, type="symlog" if log_scale else "linear")
+            if not clip or log_scale
+            else alt.Scale(
+                scheme=HEATMAP_SCHEME,
+                domain=[0, robust_max(df["value"].to_numpy())],
+                clamp=True,
+            ),
         ),
         tooltip=[
             alt.Tooltip("layer:O", title="layer"),
@@ -103,30 +138,70 @@ def square_heatmap(
     y_title: str,
     value_title: str,
     fmt: str = ",.0f",
+    support: np.ndarray | None = None,
+    support_title: str = "Support (tokens)",
+    min_support: int = 0,
+    log2_diverging: bool = False,
 ) -> alt.Chart:
-    """(E, E) matrix (rows = y, columns = x) as a heatmap."""
+    """(E, E) matrix (rows = y, columns = x) as a heatmap.
+
+    ``support`` (same shape) is shown in the tooltip; cells whose support is below
+    ``min_support`` are drawn in light grey without a value ("too little support"), so a
+    ratio of two small counts (a lift of 70 from 3 tokens, a 100% transition from one)
+    does not rule the colour scale. ``log2_diverging`` colours ratios (lift) on a log2
+    scale diverging at 1 (blue below, red above), its domain symmetric and clipped at the
+    strongest supported cells. Otherwise the sequential scale saturates at
+    :func:`robust_max` of the supported cells."""
     n_y, n_x = values.shape
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    sup = None if support is None else np.asarray(support).reshape(-1)
+    ok = np.ones(vals.shape, bool) if sup is None else sup >= min_support
     df = pd.DataFrame(
         {
             "y": np.repeat(np.arange(n_y), n_x),
             "x": np.tile(np.arange(n_x), n_y),
-            "value": values.reshape(-1),
+            "value": np.where(ok, vals, np.nan),
         }
     )
-    return (
-        alt.Chart(df)
-        .mark_rect()
-        .encode(
-            x=alt.X("x:O", title=x_title, axis=_axis(n_x)),
-            y=alt.Y("y:O", title=y_title, axis=alt.Axis(labelOverlap=True)),
-            color=alt.Color("value:Q", title=value_title, scale=alt.Scale(scheme=HEATMAP_SCHEME)),
-            tooltip=[
-                alt.Tooltip("y:O", title=y_title),
-                alt.Tooltip("x:O", title=x_title),
-                alt.Tooltip("value:Q", title=value_title, format=fmt),
-            ],
+    tooltip = [
+        alt.Tooltip("y:O", title=y_title),
+        alt.Tooltip("x:O", title=x_title),
+        alt.Tooltip("value:Q", title=value_title, format=fmt),
+    ]
+    if sup is not None:
+        df["support"] = sup
+        tooltip.append(alt.Tooltip("support:Q", title=support_title, format=",.0f"))
+    shown = df["value"].to_numpy()
+    if log2_diverging:
+        pos = shown[np.isfinite(shown) & (shown > 0)]
+        df["log2"] = np.log2(np.where(np.isfinite(shown) & (shown > 0), shown, np.nan))
+        span = float(np.nanquantile(np.abs(np.log2(pos)), CLIP_QUANTILE)) if pos.size else 1.0
+        span = max(span, 1.0)
+        color = alt.Color(
+            "log2:Q",
+            title=f"{value_title}, log2",
+            scale=alt.Scale(scheme="redblue", reverse=True, domain=[-span, span], clamp=True),
         )
-        .properties(padding=PADDING, title=title, height=min(max(20 * n_y + 150, 380), 900))
+    else:
+        color = alt.Color(
+            "value:Q",
+            title=value_title,
+            scale=alt.Scale(scheme=HEATMAP_SCHEME, domain=[0, robust_max(shown)], clamp=True),
+        )
+    base = alt.Chart(df).encode(
+        x=alt.X("x:O", title=x_title, axis=_axis(n_x)),
+        y=alt.Y("y:O", title=y_title, axis=alt.Axis(labelOverlap=True)),
+        tooltip=tooltip,
+    )
+    cells = base.transform_filter("isValid(datum.value)").mark_rect().encode(color=color)
+    layers = [cells]
+    if not ok.all():
+        layers.insert(
+            0,
+            base.transform_filter("!isValid(datum.value)").mark_rect(color="#e5e7eb"),
+        )
+    return alt.layer(*layers).properties(
+        padding=PADDING, title=title, height=min(max(20 * n_y + 150, 380), 900)
     )
 
 

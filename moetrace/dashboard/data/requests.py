@@ -3,6 +3,7 @@ routing, and a 2-D projection (PCA) of all requests' normalized activation matri
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,3 +157,27 @@ def project_matrices(
         silhouette=None if clus is None else clus.silhouette,
         sampled_from=sampled_from,
     )
+
+
+MAX_COLOUR_VALUES = 10
+"""Distinct values a tag may have to colour the projection (the category palette's size)."""
+
+
+def colour_tags(
+    tags: Sequence[Mapping[str, str]],
+) -> tuple[list[str], dict[str, str]]:
+    """Tag keys worth colouring requests by, and the others with why not: a key whose
+    value is the same for every request says nothing; one with more values than the
+    palette has colours repeats colours. A request without the key counts as "(none)"."""
+    keys = sorted({k for t in tags for k in t})
+    good: list[str] = []
+    skipped: dict[str, str] = {}
+    for key in keys:
+        values = {t.get(key, "(none)") for t in tags}
+        if len(values) < 2:
+            skipped[key] = "the same for every request"
+        elif len(values) > MAX_COLOUR_VALUES:
+            skipped[key] = f"{len(values)} values"
+        else:
+            good.append(key)
+    return good, skipped

@@ -25,10 +25,12 @@ def render(ctx: PageContext) -> None:
     )
     scale = st.radio(
         "Colour scale",
-        ("linear", "log"),
+        ("clipped", "linear", "log"),
         horizontal=True,
         key="experts_scale",
-        help="Log keeps the other experts visible when one expert takes most of a layer",
+        help="Clipped (default) saturates at the 99th percentile of the cells and log keeps "
+        "the other experts visible when one expert takes most of a layer; linear spans "
+        "0 to the largest cell",
     )
     tag = None if choice == ALL else tuple(choice.split("=", 1))
     counts = cache.expert_counts(ctx.trace_path, ctx.stamp, ctx.phase, tag)  # type: ignore[arg-type]
@@ -44,9 +46,14 @@ def render(ctx: PageContext) -> None:
             title=f"Activation share per layer: phase {ctx.phase}, {who}",
             value_title="Share of layer's activations (%)",
             log_scale=scale == "log",
+            clip=scale == "clipped",
         ),
         width="stretch",
     )
+    if scale == "clipped":
+        note = charts.clipped_note(100 * counts.share, charts.robust_max(100 * counts.share), "%")
+        if note:
+            st.caption(note)
     st.subheader("Hottest experts per layer")
     share = counts.share
     top = min(5, share.shape[1])

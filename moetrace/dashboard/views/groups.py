@@ -10,6 +10,9 @@ import streamlit as st
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
 
+MIN_TRANSITION_TOKENS = 20
+"""Rows of the transition table from source experts picked by fewer tokens are greyed."""
+
 
 def _coactivation(ctx: PageContext) -> None:
     st.subheader("Co-activation within a layer")
@@ -27,7 +30,8 @@ def _coactivation(ctx: PageContext) -> None:
         horizontal=True,
         key="groups_measure",
     )
-    if measure.startswith("tokens"):
+    lift = not measure.startswith("tokens")
+    if not lift:
         values, title, fmt = co.pairs.astype(np.float64), "Tokens picking both (count)", ",.0f"
     else:
         values, title, fmt = np.nan_to_num(co.lift), "Lift (1 = independent)", ".2f"
@@ -39,9 +43,19 @@ def _coactivation(ctx: PageContext) -> None:
             y_title="Expert id",
             value_title=title,
             fmt=fmt,
+            support=co.pairs,
+            support_title="Tokens picking both",
+            min_support=co.min_support if lift else 0,
+            log2_diverging=lift,
         ),
         width="stretch",
     )
+    if lift:
+        st.caption(
+            f"Lift on a log2 scale around 1 (red: together more often than chance, blue: "
+            f"less); pairs picked together fewer than {co.min_support} times (the strongest "
+            "pairs' support threshold) are grey."
+        )
     left, right = st.columns(2)
     with left:
         st.markdown(f"**Strongest pairs** (seen at least {co.min_support} times)")
@@ -96,6 +110,8 @@ def _transitions(ctx: PageContext) -> None:
         "n/a" if tr.baseline is None else f"{100 * tr.baseline:.1f}%",
     )
     cols[2].metric("Held-out tokens scored", f"{tr.test_tokens:,}")
+    row_tokens = tr.counts.sum(axis=1) // max(k, 1)  # tokens that picked each source expert
+    support = np.repeat(row_tokens[:, None], tr.counts.shape[1], axis=1)
     st.altair_chart(
         charts.square_heatmap(
             100 * tr.conditional,
@@ -104,9 +120,18 @@ def _transitions(ctx: PageContext) -> None:
             y_title=f"Expert id at layer L{tr.src}",
             value_title="Probability (%)",
             fmt=".1f",
+            support=support,
+            support_title=f"Tokens with this expert at L{tr.src}",
+            min_support=MIN_TRANSITION_TOKENS,
         ),
         width="stretch",
     )
+    rare = int(((row_tokens > 0) & (row_tokens < MIN_TRANSITION_TOKENS)).sum())
+    if rare:
+        st.caption(
+            f"{rare} source expert(s) picked by fewer than {MIN_TRANSITION_TOKENS} tokens are "
+            "grey: their rows would show 100% from a single token."
+        )
     st.caption(
         "Predictive power: the table is fitted on 80% of the requests; for held-out tokens the "
         f"next layer's {k} experts are predicted from the current ones (recall = share of the "

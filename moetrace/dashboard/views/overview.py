@@ -10,6 +10,7 @@ from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, run_page, trace_label
 from moetrace.dashboard.data.common import stamp
 from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS, Overview
+from moetrace.dashboard.tiles import text_tile
 from moetrace.errors import MoetraceError
 
 
@@ -38,7 +39,7 @@ def _facts(ov: Overview) -> dict[str, object]:
 def render(ctx: PageContext) -> None:
     ov = ctx.overview
     st.title("Overview")
-    st.caption(f"Trace `{ctx.trace_path}`")
+    text_tile(st, "Trace", str(ctx.trace_path))
     if ov.counts_only:
         st.info(
             f"Trace {ctx.trace_path} holds per-expert counts only ({ov.counted:,} expert "
@@ -48,7 +49,7 @@ def render(ctx: PageContext) -> None:
     elif ov.empty:
         st.error(f"Trace {ctx.trace_path} has no activations (0 requests with routing).")
     cols = st.columns(4)
-    cols[0].metric("Model", ov.model)
+    text_tile(cols[0], "Model", ov.model)
     cols[1].metric("Requests", f"{ov.requests:,}")
     cols[2].metric(
         "Tokens (prefill / decode)", f"{ov.tokens['prefill']:,} / {ov.tokens['decode']:,}"

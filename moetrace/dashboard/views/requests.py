@@ -8,6 +8,8 @@ import streamlit as st
 
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
+from moetrace.dashboard.data.requests import colour_tags
+from moetrace.dashboard.tiles import text_tile
 from moetrace.errors import MoetraceError
 
 
@@ -20,7 +22,7 @@ def _one_request(ctx: PageContext, table: list[dict[str, object]]) -> None:
     cols[0].metric("Prompt tokens", f"{row['prompt_tokens']:,}")
     cols[1].metric("Generated tokens", f"{row['generated_tokens']:,}")
     tags = row["tags"] or {}
-    cols[2].metric("Tags", ", ".join(f"{k}={v}" for k, v in tags.items()) or "none")  # type: ignore[union-attr]
+    text_tile(cols[2], "Tags", ", ".join(f"{k}={v}" for k, v in tags.items()) or "none")  # type: ignore[union-attr]
     mat = cache.request_matrix(ctx.trace_path, ctx.stamp, rid)
     st.altair_chart(
         charts.layer_expert_heatmap(
@@ -58,7 +60,7 @@ def _projection(ctx: PageContext, table: list[dict[str, object]]) -> None:
         st.info(f"No projection: {exc}")
         return
     tags = {str(r["request_id"]): r["tags"] or {} for r in table}
-    keys = sorted({k for t in tags.values() for k in t})  # type: ignore[union-attr]
+    keys, skipped = colour_tags([tags[r] for r in proj.request_ids])  # type: ignore[misc]
     options = (["cluster"] if proj.clusters is not None else []) + [f"tag {k}" for k in keys]
     if not options:
         options = ["none"]
@@ -88,6 +90,9 @@ def _projection(ctx: PageContext, table: list[dict[str, object]]) -> None:
         )
     if proj.sampled_from > len(proj.request_ids):
         notes.append(f"a sample of {len(proj.request_ids):,} of {proj.sampled_from:,} requests")
+    if skipped:
+        notes.append("tags not offered for colour: " + ", ".join(
+            f"{k} ({why})" for k, why in skipped.items()))  # fmt: skip
     if notes:
         st.caption("; ".join(notes))
 
