@@ -59,6 +59,9 @@ def prepare_cmd(model: str, out: str, dtype: str | None) -> None:
               help="Write the statistics as JSON here ('-' for stdout).")  # fmt: skip
 @click.option("--trace", "trace_dir", default=None, type=click.Path(file_okay=False),
               help="Also record this run's routing as a trace.")  # fmt: skip
+@click.option("--timeline-events", default=0, show_default=True, type=click.IntRange(0),
+              help="Keep the outcomes of the first N events in --stats-json's 'timeline' "
+              "(for the dashboard's Timeline page; 0: off).")  # fmt: skip
 def run_cmd(
     model: str | None,
     plan: str | None,
@@ -69,6 +72,7 @@ def run_cmd(
     device: str,
     stats_json: str | None,
     trace_dir: str | None,
+    timeline_events: int,
 ) -> None:
     """Generate text with only a budgeted cache of experts on the device.
 
@@ -79,7 +83,9 @@ def run_cmd(
     from moetrace.runtime.session import generate, open_engine
 
     texts = _prompts(prompt, prompts)
-    engine, tok = open_engine(model, plan, budget_bytes=_budget(budget), device=device)
+    engine, tok = open_engine(
+        model, plan, budget_bytes=_budget(budget), device=device, timeline_events=timeline_events
+    )
     try:
         gen = generate(engine, tok, texts, max_new_tokens, trace_dir=trace_dir)
         stats = engine.stats

@@ -13,9 +13,10 @@ import streamlit as st
 from moetrace.dashboard.context import sidebar
 
 VIEWS = Path(__file__).resolve().parent / "views"
+# The page icon, served by the dashboard itself (a ":material/...:" or emoji page icon makes
+# the browser fetch it from an outside font / image service on every page). No docstrings
+# at module level here: Streamlit's "magic" would print them on every page.
 ICON = Path(__file__).resolve().parents[1] / "assets" / "dashboard" / "icon.png"
-"""The page icon, served by the dashboard itself (a ``:material/...:`` or emoji page icon
-makes the browser fetch it from an outside font / image service on every page)."""
 PAGES = (
     ("overview.py", "Overview", "overview", ":material/dashboard:"),
     ("experts.py", "Experts", "experts", ":material/grid_on:"),
@@ -23,6 +24,7 @@ PAGES = (
     ("groups.py", "Groups", "groups", ":material/hub:"),
     ("requests.py", "Requests", "requests", ":material/scatter_plot:"),
     ("plans.py", "Plans", "plans", ":material/tune:"),
+    ("timeline.py", "Timeline", "timeline", ":material/view_timeline:"),
 )
 
 

@@ -21,7 +21,9 @@ from moetrace.store.reader import Trace, open_trace
 if TYPE_CHECKING:
     from moetrace.dashboard.data import experts as X
     from moetrace.dashboard.data import groups as G
+    from moetrace.dashboard.data import layer_curves as LC
     from moetrace.dashboard.data import overview as O
+    from moetrace.dashboard.data import plan_layers as PL
     from moetrace.dashboard.data import plans as P
     from moetrace.dashboard.data import requests as Q
     from moetrace.dashboard.data import reuse as R
@@ -160,3 +162,21 @@ def runtime_stats(paths: tuple[str, ...], mtimes: tuple[float, ...]) -> tuple[P.
     from moetrace.dashboard.data import plans as P
 
     return P.load_stats(paths)
+
+
+@st.cache_data(
+    show_spinner="Replaying every layer (LRU, LFU, Belady) on a sample...", max_entries=16
+)
+def layer_curves(path: str, stamp: Stamp, phase: str) -> LC.LayerCurves:
+    from moetrace.dashboard import persisted
+
+    return persisted.layer_curves(path, phase)
+
+
+@st.cache_data(show_spinner="Replaying the plan per layer on a sample...", max_entries=32)
+def plan_layers(
+    path: str, stamp: Stamp, plan_path: str, plan_mtime: float, phase: str
+) -> PL.PlanLayers:
+    from moetrace.dashboard import persisted
+
+    return persisted.plan_layers(path, plan_path, phase)

@@ -350,13 +350,21 @@ def mrc_chart(
                 for p in points
             ]
         )
+        # one legend entry per plan instead of text labels, which overprint when plans
+        # have the same slots at a layer
         marks = (
             alt.Chart(pdf)
-            .mark_point(shape="diamond", size=220, filled=True, color="black")
-            .encode(x=x, y=y, tooltip=["plan:N", "size:Q", alt.Tooltip("hit:Q", format=".1f")])
+            .mark_point(shape="diamond", size=200, filled=True, opacity=0.9)
+            .encode(
+                x=x,
+                y=y,
+                color=alt.Color(
+                    "plan:N", title="Plan (its slots here)", scale=alt.Scale(scheme="set1")
+                ),  # fmt: skip
+                tooltip=["plan:N", "size:Q", alt.Tooltip("hit:Q", title="hit %", format=".1f")],
+            )
         )
-        text = alt.Chart(pdf).mark_text(align="left", dx=9, dy=-9).encode(x=x, y=y, text="plan:N")
-        chart = alt.layer(lines, marks, text)
+        chart = alt.layer(lines, marks).resolve_scale(color="independent")
     return chart.properties(padding=PADDING, title=title, height=360)
 
 

@@ -9,12 +9,16 @@ wraps these in ``st.cache_data``, and the benchmark calls them directly.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 
 from moetrace.dashboard import diskcache
 from moetrace.dashboard.data import groups as G
+from moetrace.dashboard.data import layer_curves as LC
+from moetrace.dashboard.data import plan_layers as PL
 from moetrace.dashboard.data import requests as Q
 from moetrace.dashboard.data import reuse as R
 from moetrace.dashboard.data.common import reopen
@@ -132,3 +136,35 @@ def transition_scores(path: PathLike, phase: str) -> G.TransitionScores:
         baseline=tuple(float(x) for x in a["baseline"]),
         test_tokens=tuple(int(x) for x in a["test_tokens"]),
     )
+
+
+def layer_curves(path: PathLike, phase: str) -> LC.LayerCurves:
+    """Every layer's LRU/LFU/Belady curves and slots for 80/90% hits (a request sample)."""
+    name = f"layer-curves-{phase}-{LC.ALL_LAYERS_SAMPLE_TOKENS}-{LC.ALL_LAYERS_POINTS}"
+    a = diskcache.get_or_compute(
+        path, name, lambda: LC.layer_curves(reopen(path), phase).to_arrays()
+    )
+    return LC.LayerCurves.from_arrays(a)
+
+
+def _plan_layers_name(plan_path: PathLike, phase: str) -> str:
+    digest = hashlib.sha256(Path(plan_path).read_bytes()).hexdigest()[:20]
+    return f"plan-layers-{digest}-{phase}-{LC.ALL_LAYERS_SAMPLE_TOKENS}"
+
+
+def plan_layers_cached(path: PathLike, plan_path: PathLike, phase: str) -> bool:
+    """Whether :func:`plan_layers` is in the disk cache (reading it costs nothing)."""
+    return diskcache.entry_path(path, _plan_layers_name(plan_path, phase)).is_file()
+
+
+def plan_layers(path: PathLike, plan_path: PathLike, phase: str) -> PL.PlanLayers:
+    """A plan's and same-slot LRU's hit rate per layer and phase on a request sample
+    (keyed by the plan file's content)."""
+    from moetrace.store.plan import load_plan
+
+    a = diskcache.get_or_compute(
+        path,
+        _plan_layers_name(plan_path, phase),
+        lambda: PL.plan_layers(reopen(path), load_plan(plan_path), phase).to_arrays(),
+    )
+    return PL.PlanLayers.from_arrays(a)

@@ -35,7 +35,7 @@ from moetrace.runtime.expert_store import (
 )
 from moetrace.runtime.memory import ALIGN, ExpertMemory
 from moetrace.runtime.slots import SlotPool
-from moetrace.runtime.stats import RuntimeStats
+from moetrace.runtime.stats import RuntimeStats, TimelineRecorder, outcome_codes
 from moetrace.store.budget import BudgetSpec, parse_budget
 from moetrace.store.plan import Plan
 from moetrace.tracer.attribution import LiveRows, eos_ids
@@ -76,6 +76,7 @@ class OffloadEngine:
         prefetch: bool = True,
         async_prefetch: bool = True,
         log_accesses: bool = False,
+        timeline_events: int = 0,
     ):
         self.model = model
         self.device = check_device(device)
@@ -155,6 +156,10 @@ class OffloadEngine:
             self.stats.drift_probe = self.cache.drift
         if log_accesses:
             self.stats.accesses_log = []
+        if timeline_events < 0:
+            raise ConfigError(f"timeline_events must be >= 0, got {timeline_events}")
+        if timeline_events:
+            self.stats.timeline = TimelineRecorder(int(timeline_events), self.stats.layer_ids)
         self._prefetched: set[int] = set()
         self._phase = PREFILL
         self._handles: list[Any] = []
@@ -332,6 +337,11 @@ class OffloadEngine:
         st.add("accesses", layer, ph, n)
         st.add("hits", layer, ph, nhit)
         st.add("misses", layer, ph, n - nhit)
+        if st.timeline is not None:
+            hit = status == HIT
+            pf = [hit[j] and int(out[j, 0]) in self._prefetched for j in range(n)]
+            codes = outcome_codes(hit, status == STREAMED_STATUS, np.asarray(pf, bool))
+            st.timeline.begin(layer, ph, need.tolist(), codes)
         stall = 0.0
         if nhit and (self._prefetched or self.pool.has_pending):
             for s in out[status == HIT, 0].tolist():
@@ -371,6 +381,8 @@ class OffloadEngine:
         self.memory.check()
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
         st.add("stall_s", layer, ph, stall)
+        if st.timeline is not None:
+            st.timeline.stall(stall)
         return result
 
     def _settled_call(self, call: ExpertsCall, need: np.ndarray) -> torch.Tensor:
@@ -380,6 +392,9 @@ class OffloadEngine:
         st.add("hits", layer, ph, len(need))
         if st.accesses_log is not None:
             st.accesses_log.append((layer, ph, tuple(need.tolist()), (True,) * len(need)))
+        if st.timeline is not None:
+            no = np.zeros(len(need), bool)
+            st.timeline.begin(layer, ph, need.tolist(), outcome_codes(~no, no, no))
         t0 = time.perf_counter()
         result = self.compute.dense(call, need)
         st.add("compute_s", layer, ph, time.perf_counter() - t0)
@@ -398,6 +413,8 @@ class OffloadEngine:
     def _evicted(self, slot: int, evicted: tuple[int, int] | None, ph: int) -> None:
         if evicted is not None and slot in self._prefetched:
             self.stats.add("prefetch_wasted", evicted[0], ph)
+            if self.stats.timeline is not None:
+                self.stats.timeline.wasted()
         self._prefetched.discard(slot)
 
     # ------------------------------------------------------------ prefetch
@@ -468,6 +485,8 @@ class OffloadEngine:
             moved = self.pool.load_async(slot, target, e)
             self._prefetched.add(slot)
             self.stats.add("prefetch_issued", target, ph)
+            if self.stats.timeline is not None:
+                self.stats.timeline.issued()
             self.stats.add("bytes_prefetch", target, ph, moved)
 
     # ------------------------------------------------------------ compute

@@ -11,6 +11,8 @@ import numpy as np
 
 from moetrace.runtime.memory import ExpertMemory
 from moetrace.store.schema import PHASES
+from moetrace.tuner.sim.kernel import O_HIT, O_MISS, O_PF_HIT, O_STREAM
+from moetrace.tuner.sim.timeline import RecordedTimeline, Timeline
 
 COUNTERS = (
     "accesses",
@@ -29,6 +31,84 @@ COUNTERS = (
 
 
 @dataclass
+class TimelineRecorder:
+    """The outcomes of the first ``max_events`` events (experts calls that reached the
+    cache), in the simulator's timeline format (:mod:`moetrace.tuner.sim.timeline`):
+    per access miss / hit / prefetch hit / streamed; per event the unused prefetches
+    evicted and the prefetches issued while it was the latest event, and its stall."""
+
+    max_events: int
+    layer_ids: tuple[int, ...] = ()
+    events_seen: int = 0
+    _layer: list[int] = field(default_factory=list)
+    _phase: list[int] = field(default_factory=list)
+    _ptr: list[int] = field(default_factory=lambda: [0])
+    _experts: list[int] = field(default_factory=list)
+    _outcome: list[int] = field(default_factory=list)
+    _wasted: list[int] = field(default_factory=list)
+    _issued: list[int] = field(default_factory=list)
+    _stall: list[float] = field(default_factory=list)
+
+    @property
+    def recording(self) -> bool:
+        """Whether the latest event is recorded (the cap not reached when it began)."""
+        return 0 < self.events_seen <= self.max_events
+
+    def begin(self, layer: int, phase: int, experts: list[int], outcomes: list[int]) -> None:
+        """A new event: its layer index, phase, experts and their outcome codes."""
+        self.events_seen += 1
+        if not self.recording:
+            return
+        self._layer.append(layer)
+        self._phase.append(phase)
+        self._experts += experts
+        self._outcome += outcomes
+        self._ptr.append(len(self._experts))
+        self._wasted.append(0)
+        self._issued.append(0)
+        self._stall.append(0.0)
+
+    def wasted(self) -> None:
+        if self.recording:
+            self._wasted[-1] += 1
+
+    def issued(self) -> None:
+        if self.recording:
+            self._issued[-1] += 1
+
+    def stall(self, seconds: float) -> None:
+        if self.recording:
+            self._stall[-1] += seconds
+
+    def recorded(self) -> RecordedTimeline:
+        tl = Timeline(
+            ptr=np.asarray(self._ptr, np.int64),
+            outcome=np.asarray(self._outcome, np.int8),
+            wasted=np.asarray(self._wasted, np.int64),
+            issued=np.asarray(self._issued, np.int64),
+            stall_s=np.asarray(self._stall, np.float64),
+        )
+        return RecordedTimeline(
+            layer=np.asarray(self._layer, np.int64),
+            phase=np.asarray(self._phase, np.int64),
+            experts=np.asarray(self._experts, np.int64),
+            timeline=tl,
+            events_seen=self.events_seen,
+            max_events=self.max_events,
+            moe_layers=self.layer_ids,
+        )
+
+
+def outcome_codes(hit: np.ndarray, streamed: np.ndarray, prefetched: np.ndarray) -> list[int]:
+    """Outcome codes (kernel.O_*) of an event's accesses from bool masks: resident,
+    streamed, and (resident by) an unused prefetch."""
+    codes = np.where(
+        hit, np.where(prefetched, O_PF_HIT, O_HIT), np.where(streamed, O_STREAM, O_MISS)
+    )
+    return codes.astype(np.int64).tolist()
+
+
+@dataclass
 class RuntimeStats:
     """Counters ``(L, 2)`` per layer index and phase (0 prefill, 1 decode).
 
@@ -44,6 +124,8 @@ class RuntimeStats:
     accesses_log: list[tuple[int, int, tuple[int, ...], tuple[bool, ...]]] | None = None
     drift_probe: Callable[[], dict[str, Any]] | None = field(default=None, repr=False)
     """Reads the plan's drift detector (set by the engine when the plan has one)."""
+    timeline: TimelineRecorder | None = None
+    """Per-event outcomes of the first events, when the engine records them."""
 
     def __post_init__(self) -> None:
         L = len(self.layer_ids)
@@ -89,7 +171,7 @@ class RuntimeStats:
             for p, phase in enumerate(PHASES):
                 row[phase] = {name: float(self.counters[name][i, p]) for name in COUNTERS}
             per_layer.append(row)
-        return {
+        out = {
             "total": self.summary(),
             "by_phase": {phase: self.summary(p) for p, phase in enumerate(PHASES)},
             "tokens": {phase: int(self.tokens[p]) for p, phase in enumerate(PHASES)},
@@ -104,6 +186,9 @@ class RuntimeStats:
             "drift": self.drift,
             "per_layer": per_layer,
         }
+        if self.timeline is not None:
+            out["timeline"] = self.timeline.recorded().to_json()
+        return out
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"

@@ -95,7 +95,9 @@ def write_fixture_trace(path: Path, *, seed: int = 0, num_requests: int = NUM_RE
 def write_fixture_plan(
     path: Path, trace_path: Path, *, pinned_first: int = 0, slots: int = 4
 ) -> Path:
-    """A per-layer plan for the fixture trace pinning expert ``pinned_first`` (+1) per layer."""
+    """A per-layer plan for the fixture trace pinning expert ``pinned_first`` (+1) per layer,
+    its transition prefetcher fitted on the trace as ``moetrace tune`` fits it (so the
+    simulator can replay it: the Timeline and the per-layer diamonds)."""
     from moetrace.store import open_trace
     from moetrace.store.plan import (
         Budget,
@@ -106,6 +108,9 @@ def write_fixture_plan(
         RoutingShape,
         save_plan,
     )
+    from moetrace.tuner.policy.events import build_events
+    from moetrace.tuner.policy.prefetch import get_prefetcher
+    from moetrace.tuner.sim.trace import load_traces
 
     model = open_trace(trace_path).manifest.model
     L = len(model.moe_layers)
@@ -120,7 +125,9 @@ def write_fixture_plan(
                 for i in range(L)
             ),
         ),
-        prefetch=PrefetchConfig("transition", lookahead=1, fetch=2),
+        prefetch=get_prefetcher(
+            PrefetchConfig("transition", lookahead=1, fetch=2), L, model.num_experts
+        ).fit(build_events(load_traces([trace_path]).routing)),
         worst_case_bytes=slots * L * (1 << 20),
         expected={
             "split": "validation",
@@ -168,3 +175,43 @@ def write_fixture(out: Path) -> dict[str, Path]:
 if __name__ == "__main__":
     paths = write_fixture(Path(sys.argv[1]))
     sys.stdout.write(json.dumps({k: str(v) for k, v in paths.items()}) + "\n")
+
+
+def write_simulable_plan(
+    path: Path,
+    trace_path: Path,
+    *,
+    prefetch: bool,
+    rows: list[dict[str, object]],
+    slots: int = 4,
+    splits: list[dict[str, object]] | None = None,
+) -> Path:
+    """A plan with fitted tables (so the simulator can replay it per layer): LRU with
+    pinned experts 0, 1 per layer, a transition prefetcher when ``prefetch``; ``rows``
+    (and optionally ``splits``) become its ``expected`` section as written."""
+    from moetrace.store import open_trace
+    from moetrace.store.arrays import load_routing
+    from moetrace.store.plan import CacheLayout, PrefetchConfig, RoutingShape, save_plan
+    from moetrace.tuner.policy.events import build_events
+    from moetrace.tuner.sim.engine import make_plan
+
+    trace = open_trace(trace_path)
+    model = trace.manifest.model
+    L = len(model.moe_layers)
+    events = build_events(load_routing(trace))
+    pf = PrefetchConfig("transition", lookahead=1, fetch=2) if prefetch else None
+    plan = make_plan(
+        events,
+        RoutingShape.of(model),
+        CacheLayout("per_layer", tuple([slots] * L)),
+        "pinned_lru",
+        {"pin_fraction": 0.5},
+        pf,
+        bytes_per_expert=model.bytes_per_expert,
+    )
+    expected: dict[str, object] = {"split": "validation", "hardware": "pcie4-x16", "rows": rows}
+    if splits is not None:
+        expected["splits"] = splits
+    from dataclasses import replace
+
+    return save_plan(replace(plan, expected=expected), path)

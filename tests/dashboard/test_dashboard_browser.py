@@ -31,10 +31,21 @@ PAGES = (
     # url path, page title, texts that must show, charts at least
     ("", "Overview", ("Verdict", "Trace facts", "Caching"), 1),
     ("experts", "Experts", ("Hottest experts per layer",), 1),
-    ("reuse", "Skew and reuse", ("Reuse and miss-ratio curves of one layer",), 5),
+    (
+        "reuse",
+        "Skew and reuse",
+        ("Reuse and miss-ratio curves of one layer", "Hit rate vs cache size of every layer"),
+        6,
+    ),
     ("groups", "Groups", ("Strongest pairs", "Transitions to the next MoE layer"), 2),
     ("requests", "Requests", ("One request", "Requests in 2-D"), 3),
-    ("plans", "Plans", ("Plan plan-a", "Compare two plans", "Runtime statistics"), 4),
+    (
+        "plans",
+        "Plans",
+        ("Plans against the baselines", "Plan plan-a", "Compare two plans", "Runtime statistics"),
+        6,
+    ),
+    ("timeline", "Timeline", ("What the cache did",), 1),
 )
 
 

@@ -171,7 +171,7 @@ def test_plans_load_and_report_problems(fixture_paths: dict[str, Path], trace) -
     assert mask.sum() == good.plan.num_pinned == 6 and mask[0, 0] and mask[0, 1]
     assert P.expected_hit_rate(good.plan) == pytest.approx(0.6)
     assert [r["name"] for r in P.expected_rows(good.plan)][:2] == ["plan", "lru"]
-    assert P.plan_facts(good.plan)["expected stall per token (ms)"] == 2.0
+    assert P.plan_facts(good.plan)["expected stall per token"] == "2 ms"
     assert P.plan_facts(good.plan)["prefetcher"] == "transition"
     assert bad.plan is None and str(fixture_paths["bad_plan"]) in (bad.error or "")
     assert foreign.plan is not None and "fingerprint" in (foreign.mismatch or "")
@@ -184,7 +184,14 @@ def test_runtime_stats(fixture_paths: dict[str, Path], tmp_path: Path) -> None:
     ok, bad = P.load_stats((str(fixture_paths["stats"]), str(broken)))
     rows = P.stats_per_layer(ok.data or {})
     assert len(rows) == 2 * len(MOE_LAYERS)
-    assert rows[0] == {"layer": 1, "phase": "prefill", "accesses": 100.0, "hit_rate": 0.6}
+    assert rows[0] == {
+        "layer": 1,
+        "phase": "prefill",
+        "accesses": 100.0,
+        "hit_rate": 0.6,
+        "stall_ms": 0.0,
+        "bytes": 0.0,
+    }
     assert bad.error and str(broken) in bad.error and "line 1" in bad.error
     assert P.flatten({"a": {"b": 1, "c": [1, 2]}}) == {"a.b": 1, "a.c": "1, 2"}
 

@@ -99,10 +99,108 @@ def expected_rows(plan: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in rows if isinstance(r, Mapping) and "name" in r]
 
 
+PLAN_ROW = "plan"
+NO_PREFETCH_ROW = "plan, no prefetch"
+LRU_ROW = "lru"
+
+
+def has_prefetch(plan: Any) -> bool:
+    """Whether the plan fetches experts ahead (its prefetcher or a phase override)."""
+    if plan.prefetch.name != "none":
+        return True
+    return any(bool(o.prefetch_fetch) for o in dict(plan.phase_overrides).values())
+
+
+def row_prefetches(row: Mapping[str, Any]) -> bool:
+    """Whether a validation row's run issued prefetches (precision is null without any)."""
+    rec = row.get("prefetch_recall")
+    return row.get("prefetch_precision") is not None or (isinstance(rec, (int, float)) and rec > 0)
+
+
+@dataclass(frozen=True)
+class SplitRuns:
+    """One validation split of ``expected``: its runs, and the row of this plan."""
+
+    name: str
+    rows: tuple[dict[str, Any], ...]
+    plan_row: dict[str, Any] | None
+    """The row that describes this plan file (None: none of the rows does)."""
+    note: str | None = None
+    """Why the row named "plan" was replaced or rejected."""
+    tune_requests: int | None = None
+    validation_requests: int | None = None
+
+    def row(self, name: str) -> dict[str, Any] | None:
+        return next((r for r in self.rows if r.get("name") == name), None)
+
+
+def match_plan_row(
+    plan: Any, rows: list[dict[str, Any]]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """The row describing ``plan`` among a split's rows, and a note when the row named
+    "plan" does not (its run prefetched but the plan does not: a file that carries another
+    plan's rows). Then the "plan, no prefetch" row, the same plan with its prefetcher
+    removed, is this plan's when it exists; else no row matches."""
+    by = {r.get("name"): r for r in rows}
+    row = by.get(PLAN_ROW)
+    if row is None:
+        return None, None
+    if has_prefetch(plan) or not row_prefetches(row):
+        return row, None
+    own = by.get(NO_PREFETCH_ROW)
+    if own is not None and not row_prefetches(own):
+        return {**own, "name": PLAN_ROW}, (
+            "The file's 'plan' row describes a plan with a prefetcher; this plan has none, "
+            "so its figures are the file's 'plan, no prefetch' row."
+        )
+    return None, (
+        "The file's 'plan' row describes a run with prefetching, but this plan has no "
+        "prefetcher: no row of the file describes this plan, so no expected figures are shown."
+    )
+
+
+def _rows(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        return []
+    return [dict(r) for r in value if isinstance(r, Mapping) and "name" in r]
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def expected_splits(plan: Any) -> list[SplitRuns]:
+    """Every validation split the plan file carries (``expected.splits``; else the single
+    ``expected.rows`` split), each with the row that describes this plan."""
+    exp = dict(plan.expected)
+    raw = exp.get("splits")
+    entries = [sp for sp in raw if isinstance(sp, Mapping)] if isinstance(raw, list) else []
+    if not entries:
+        entries = [{"name": str(exp.get("split", "validation")), "rows": exp.get("rows")}]
+    out = []
+    for sp in entries:
+        rows = _rows(sp.get("rows"))
+        if not rows:
+            continue
+        own, note = match_plan_row(plan, rows)
+        shown = [r for r in rows if r["name"] != PLAN_ROW]
+        out.append(
+            SplitRuns(
+                name=str(sp.get("name", "validation")),
+                rows=tuple(([own] if own else []) + shown),
+                plan_row=own,
+                note=note,
+                tune_requests=_count(sp.get("tune_requests")),
+                validation_requests=_count(sp.get("validation_requests")),
+            )
+        )
+    return out
+
+
 def _plan_row(plan: Any) -> Mapping[str, Any]:
-    for row in expected_rows(plan):
-        if row["name"] == "plan":
-            return row
+    splits = expected_splits(plan)
+    if splits:
+        return splits[0].plan_row or {}
     exp = dict(plan.expected)
     for candidate in (exp.get("plan"), exp.get("metrics"), exp.get("summary"), exp):
         if isinstance(candidate, Mapping) and "hit_rate" in candidate:
@@ -111,7 +209,8 @@ def _plan_row(plan: Any) -> Mapping[str, Any]:
 
 
 def expected_metric(plan: Any, name: str) -> float | None:
-    """A metric of the plan itself from ``expected`` (its validation run), if recorded."""
+    """A metric of the plan itself from ``expected`` (its validation run), if recorded and
+    if a row describes this plan (see :func:`match_plan_row`)."""
     v = _plan_row(plan).get(name)
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -121,27 +220,42 @@ def expected_hit_rate(plan: Any) -> float | None:
     return expected_metric(plan, "hit_rate")
 
 
-def plan_facts(plan: Any) -> dict[str, Any]:
-    """The plan's headline facts (one column of the comparison table)."""
+def pin_coverage(plan: Any, counts: np.ndarray) -> np.ndarray:
+    """(L,) share of each layer's activations (``counts`` (L, E)) that go to the plan's
+    pinned experts; NaN for a layer without activations."""
+    c = np.asarray(counts, np.float64)
+    total = c.sum(axis=1)
+    pinned = (c * pinned_mask(plan)).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, pinned / np.maximum(total, 1), np.nan)
+
+
+def plan_facts(plan: Any) -> dict[str, str]:
+    """The plan's headline facts as text (one column of the comparison table)."""
+    from moetrace.dashboard import numbers as N
+
     caps = plan.layout.capacities
+    bpe = plan.budget.bytes_per_expert
     return {
-        "budget slots": plan.budget.slots,
+        "budget slots": str(plan.budget.slots),
+        "budget": N.nbytes(plan.budget.bytes or (bpe * plan.budget.slots if bpe else None)),
         "layout": plan.layout.kind,
-        "pool slots": plan.layout.pool_slots,
+        "pool slots": N.plain(plan.layout.pool_slots),
         "slots per layer (min..max)": f"{min(caps)}..{max(caps)}",
-        "pinned experts": plan.num_pinned,
+        "pinned experts": str(plan.num_pinned),
         "eviction policy": plan.eviction.policy,
-        "eviction params": json.dumps(dict(plan.eviction.params), sort_keys=True),
+        "eviction params": ", ".join(
+            f"{k}={N.plain(v)}" for k, v in sorted(dict(plan.eviction.params).items())
+        )
+        or N.MISSING,
         "prefetcher": plan.prefetch.name,
-        "prefetch lookahead (layers)": plan.prefetch.lookahead,
-        "prefetch fetch (experts)": plan.prefetch.fetch,
+        "prefetch lookahead (layers)": str(plan.prefetch.lookahead),
+        "prefetch fetch (experts)": str(plan.prefetch.fetch),
         "phase overrides": ", ".join(sorted(plan.phase_overrides)) or "none",
-        "worst case (MiB)": None
-        if plan.worst_case_bytes is None
-        else round(plan.worst_case_bytes / 2**20, 1),
-        "expected hit rate": expected_hit_rate(plan),
-        "expected stall per token (ms)": expected_metric(plan, "stall_per_token_ms"),
-        "expected tokens/s": expected_metric(plan, "tokens_per_s"),
+        "worst case memory": N.nbytes(plan.worst_case_bytes),
+        "expected hit rate": N.pct(expected_hit_rate(plan)),
+        "expected stall per token": N.ms(expected_metric(plan, "stall_per_token_ms")),
+        "expected tokens/s": N.per_s(expected_metric(plan, "tokens_per_s")),
     }
 
 
@@ -176,9 +290,14 @@ def load_stats(paths: tuple[str, ...]) -> tuple[LoadedStats, ...]:
     return tuple(out)
 
 
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def stats_per_layer(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows (layer, phase, hit rate, accesses) from a runtime stats ``per_layer`` list."""
-    rows = []
+    """Rows (layer, phase, accesses, hit rate, stall in ms, bytes moved) from a runtime
+    stats ``per_layer`` list (``moetrace run --stats-json``)."""
+    rows: list[dict[str, Any]] = []
     per_layer = data.get("per_layer")
     if not isinstance(per_layer, list):
         return rows
@@ -188,17 +307,61 @@ def stats_per_layer(data: Mapping[str, Any]) -> list[dict[str, Any]]:
         for phase, c in entry.items():
             if not isinstance(c, Mapping):
                 continue
-            acc = c.get("accesses") or 0
+            acc = _num(c.get("accesses"))
             if acc:
                 rows.append(
                     {
                         "layer": int(entry["layer"]),
                         "phase": phase,
-                        "accesses": float(acc),
-                        "hit_rate": float(c.get("hits", 0.0)) / float(acc),
+                        "accesses": acc,
+                        "hit_rate": _num(c.get("hits")) / acc,
+                        "stall_ms": 1e3 * _num(c.get("stall_s")),
+                        "bytes": _num(c.get("bytes_demand")) + _num(c.get("bytes_prefetch")),
                     }
                 )
     return rows
+
+
+def stats_metrics(data: Mapping[str, Any]) -> dict[str, float | None]:
+    """Headline figures of a runtime stats file: hit rate, stall per generated or prompt
+    token (ms), bytes moved, tokens, tokens/s (only when the file records it, or its
+    wall time); None where the file does not say."""
+    total = data.get("total")
+    total = total if isinstance(total, Mapping) else {}
+    tok = data.get("tokens")
+    tokens = sum(_num(v) for v in tok.values()) if isinstance(tok, Mapping) else 0.0
+    acc = _num(total.get("accesses"))
+    hit = total.get("hit_rate")
+    hit_rate = float(hit) if isinstance(hit, (int, float)) else None
+    if hit_rate is None and acc:
+        hit_rate = _num(total.get("hits")) / acc
+    tps = next(
+        (
+            float(d[k])
+            for d in (data, total)
+            for k in ("tokens_per_s", "tokens_per_second")
+            if isinstance(d.get(k), (int, float))
+        ),
+        None,
+    )
+    wall = next(
+        (float(data[k]) for k in ("seconds", "wall_s") if isinstance(data.get(k), (int, float))),
+        None,
+    )
+    if tps is None and wall and tokens:
+        tps = tokens / wall
+    stall = total.get("stall_s")
+    return {
+        "hit_rate": hit_rate,
+        "stall_per_token_ms": 1e3 * float(stall) / tokens
+        if isinstance(stall, (int, float)) and tokens
+        else None,
+        "bytes": _num(total.get("bytes_demand")) + _num(total.get("bytes_prefetch"))
+        if ("bytes_demand" in total or "bytes_prefetch" in total)
+        else None,
+        "tokens": tokens or None,
+        "tokens_per_s": tps,
+    }
 
 
 def path_mtime(path: str | os.PathLike[str]) -> float:

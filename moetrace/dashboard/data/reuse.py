@@ -17,7 +17,7 @@ from moetrace.store.reader import Trace
 from moetrace.tuner.mining.frequency import gini
 from moetrace.tuner.mining.mrc import lru_hit_curve
 from moetrace.tuner.mining.replacement import TokenStream
-from moetrace.tuner.mining.reuse import TOKEN_BINS, stack_distances, summarize
+from moetrace.tuner.mining.reuse import TOKEN_BINS, ReuseSummary, stack_distances, summarize
 from moetrace.tuner.mining.streams import layer_stream as mining_layer_stream
 
 POLICY_POINTS = 12
@@ -173,10 +173,7 @@ def layer_reuse(
             requests_used=used,
             requests_total=total,
         )
-    sd, td = stack_distances(experts, row, E)
-    summ = summarize(sd, td, E)
-    sizes = policy_sizes(E, k)
-    ts = TokenStream(experts, row, E)
+    summ, lru, sizes, lfu, belady = stream_curves(experts, row, E, k)
     return LayerReuse(
         layer=layer_id(trace, layer_index),
         accesses=n,
@@ -184,10 +181,25 @@ def layer_reuse(
         cold=summ.cold,
         stack_hist=summ.stack_hist,
         token_hist=summ.token_hist,
-        lru=lru_hit_curve(summ.stack_hist, n),
+        lru=lru,
         sizes=sizes,
-        lfu=np.array([ts.lfu_hits(c) / n for c in sizes]),
-        belady=np.array([ts.belady_hits(c) / n for c in sizes]),
+        lfu=lfu,
+        belady=belady,
         requests_used=used,
         requests_total=total,
     )
+
+
+def stream_curves(
+    experts: np.ndarray, row: np.ndarray, num_experts: int, top_k: int, points: int = POLICY_POINTS
+) -> tuple[ReuseSummary, np.ndarray, tuple[int, ...], np.ndarray, np.ndarray]:
+    """(reuse summary, LRU at sizes 1..E, policy sizes, LFU and Belady at those sizes) of
+    one non-empty layer stream."""
+    n = int(experts.shape[0])
+    sd, td = stack_distances(experts, row, num_experts)
+    summ = summarize(sd, td, num_experts)
+    sizes = policy_sizes(num_experts, top_k, points)
+    ts = TokenStream(experts, row, num_experts)
+    lfu = np.array([ts.lfu_hits(c) / n for c in sizes])
+    belady = np.array([ts.belady_hits(c) / n for c in sizes])
+    return summ, lru_hit_curve(summ.stack_hist, n), sizes, lfu, belady

@@ -10,8 +10,9 @@ import streamlit as st
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
 
+# Rows of the transition table from source experts picked by fewer tokens are greyed.
+# (A comment, not a docstring: Streamlit's "magic" prints module-level strings of pages.)
 MIN_TRANSITION_TOKENS = 20
-"""Rows of the transition table from source experts picked by fewer tokens are greyed."""
 
 
 def _coactivation(ctx: PageContext) -> None:

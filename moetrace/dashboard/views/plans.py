@@ -1,27 +1,199 @@
-"""Plans page: what each plan pins per layer (over the activation heatmap), its cache
-layout, prefetcher and expected metrics; two plans or two traces side by side; runtime
-statistics files."""
+"""Plans page: is each plan better than LRU, by how much, and where? Every plan against
+every baseline on hit rate, stall per token and tokens/s (each validation split side by
+side), plan minus LRU per layer and phase, pin coverage per layer; then one plan's pins
+and layout, two plans or two traces side by side, and runtime statistics files."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import altair as alt
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from moetrace.dashboard import cache, charts
+from moetrace.dashboard import cache, charts, plancharts
+from moetrace.dashboard import numbers as N
 from moetrace.dashboard.context import PageContext, run_page, trace_label
 from moetrace.dashboard.data.common import stamp
+from moetrace.dashboard.data.plan_layers import PlanLayers
 from moetrace.dashboard.data.plans import (
+    LRU_ROW,
+    PLAN_ROW,
     LoadedPlan,
-    expected_rows,
+    SplitRuns,
+    expected_splits,
     flatten,
+    pin_coverage,
     pinned_mask,
     plan_facts,
-    stats_per_layer,
 )
+from moetrace.dashboard.views.layer_curves import replay_allowed, sample_text, simulated_layers
+from moetrace.dashboard.views.plan_stats import runtime_stats
 from moetrace.errors import MoetraceError
+
+THIS_PLAN = "plan (this file)"
+METRICS = (
+    # key, chart title, axis title, axis format, scale to shown unit, formatter, zoom
+    ("hit_rate", "Hit rate", "Hit rate (% of expert accesses)", ".1f", 100.0, N.pct, True),
+    ("stall_per_token_ms", "Stall per token", "Stall per token (ms)", ".3~f", 1.0, N.ms, True),
+    ("tokens_per_s", "Tokens per second", "Tokens per second (simulated)", ",.0f", 1.0,
+     N.per_s, True),
+)  # fmt: skip
+
+
+def _run_name(row: dict[str, Any]) -> str:
+    return THIS_PLAN if row["name"] == PLAN_ROW else str(row["name"])
+
+
+def _delta(key: str, row: dict[str, Any], lru: dict[str, Any] | None) -> str:
+    v, base = row.get(key), (lru or {}).get(key)
+    if not isinstance(v, (int, float)) or not isinstance(base, (int, float)):
+        return N.MISSING
+    if key == "hit_rate":
+        return N.points(v - base)
+    return N.ratio(v / base) if base else N.MISSING
+
+
+def _runs_frame(plans: list[tuple[str, list[SplitRuns]]], key: str, scale: float, fmt: Any):
+    rows = []
+    for name, splits in plans:
+        for sp in splits:
+            lru = sp.row(LRU_ROW)
+            for r in sp.rows:
+                v = r.get(key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    rows.append(
+                        {"plan": name, "split": sp.name, "run": _run_name(r),
+                         "value": scale * float(v), "text": fmt(v),
+                         "delta": _delta(key, r, lru)}
+                    )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _headline(name: str, sp: SplitRuns) -> None:
+    """One metrics row: the plan's figures on the first split, with the change vs LRU."""
+    own, lru = sp.plan_row, sp.row(LRU_ROW)
+    cols = st.columns(4)
+    cols[0].markdown(f"**{name}**  \nsplit `{sp.name}`")
+    for col, (key, label, *_rest) in zip(cols[1:], METRICS, strict=True):
+        fmt = _rest[-2]
+        value = None if own is None else own.get(key)
+        delta = None if own is None else _delta(key, own, lru)
+        col.metric(
+            label,
+            fmt(value),
+            None if delta in (None, N.MISSING) else f"{delta} vs LRU",
+            delta_color="inverse" if key == "stall_per_token_ms" else "normal",
+        )
+
+
+def _at_a_glance(ctx: PageContext, good: list[LoadedPlan]) -> None:
+    st.subheader("Plans against the baselines")
+    plans = [(lp.name, expected_splits(lp.plan)) for lp in good]
+    for name, splits in plans:
+        if not splits:
+            st.info(f"{name}: the plan file records no expected metrics.")
+            continue
+        for note in dict.fromkeys(sp.note for sp in splits if sp.note):
+            st.warning(f"{name}: {note}")
+        _headline(name, splits[0])
+    plans = [(n, s) for n, s in plans if s]
+    if not plans:
+        return
+    runs = list(
+        dict.fromkeys(_run_name(r) for _, splits in plans for sp in splits for r in sp.rows)
+    )
+    for key, label, axis, fmt, scale, formatter, zoom in METRICS:
+        df = _runs_frame(plans, key, scale, formatter)
+        if df.empty:
+            continue
+        shown = [r for r in runs if r in set(df["run"])]
+        st.altair_chart(
+            plancharts.runs_chart(
+                df,
+                title=f"{label}: each plan vs the baselines, per validation split",
+                value_title=axis,
+                fmt=fmt,
+                runs=shown,
+                zoom=zoom,
+            ),
+            width="stretch",
+        )
+    st.caption(
+        "From each plan file's `expected` section (moetrace tune's validation runs: the "
+        "plan and the baselines replayed on held-out requests; one column per split). "
+        "Axes are zoomed to the values shown; hover a point for its change vs LRU."
+    )
+    _per_layer(ctx, good)
+
+
+def _delta_rows(name: str, pl: PlanLayers, labels: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for ph in ("prefill", "decode"):
+        c = pl.column(ph)
+        for i, lab in enumerate(labels):
+            p, b = float(pl.plan[i, c]), float(pl.lru[i, c])
+            if not (np.isnan(p) or np.isnan(b)):
+                rows.append(
+                    {"layer": lab, "plan": name, "phase": ph, "value": 100 * (p - b),
+                     "text": f"{N.points(p - b)} (plan {N.pct(p)}, LRU {N.pct(b)})"}
+                )  # fmt: skip
+    return rows
+
+
+def _pin_rows(ctx: PageContext, lp: LoadedPlan) -> list[dict[str, Any]]:
+    rows = []
+    for ph in ("prefill", "decode"):
+        cov = pin_coverage(lp.plan, cache.expert_counts(ctx.trace_path, ctx.stamp, ph).counts)
+        rows += [
+            {"layer": lab, "series": lp.name, "phase": ph, "value": 100 * float(v),
+             "text": N.pct(v)}
+            for lab, v in zip(ctx.layer_labels, cov, strict=True) if not np.isnan(v)
+        ]  # fmt: skip
+    return rows
+
+
+def _per_layer(ctx: PageContext, good: list[LoadedPlan]) -> None:
+    labels = ctx.layer_labels
+    rows: list[dict[str, Any]] = []
+    pins: list[dict[str, Any]] = []
+    sample = ""
+    replay = replay_allowed(ctx, good, "all")
+    for lp in good:
+        pl = simulated_layers(ctx, lp, "all") if replay else None
+        if pl is not None:
+            rows += _delta_rows(lp.name, pl, labels)
+            sample = sample_text(pl.requests_used, pl.requests_total)
+        if lp.plan.num_pinned:
+            pins += _pin_rows(ctx, lp)
+    if rows:
+        st.altair_chart(
+            plancharts.layer_bars(
+                pd.DataFrame(rows),
+                title="Per layer: plan hit rate minus LRU's with the same slots (above 0: "
+                "the plan wins)",
+                y_title="Plan - LRU hit rate (% points)",
+                fmt="+.1f",
+                layers=labels,
+            ),
+            width="stretch",
+        )
+        st.caption(
+            f"Simulated on {sample} of this trace (each token its own pass; "
+            "may include requests the plan was tuned on)."
+        )
+    if pins:
+        st.altair_chart(
+            plancharts.layer_lines(
+                pd.DataFrame(pins),
+                title="Pin coverage: share of each layer's activations served by pinned experts",
+                y_title="Activations on pinned experts (% of the layer's)",
+                fmt=".0f",
+                layers=labels,
+                color_title="Plan file",
+            ),
+            width="stretch",
+        )
 
 
 def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
@@ -32,12 +204,12 @@ def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
         st.error(f"This plan is not for the selected trace's model: {lp.mismatch}")
         return
     facts = plan_facts(plan)
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].metric("Budget", f"{plan.budget.slots} slots")
     cols[1].metric("Pinned experts", plan.num_pinned)
     cols[2].metric("Eviction policy", plan.eviction.policy)
-    rate = facts["expected hit rate"]
-    cols[3].metric("Expected hit rate", "n/a" if rate is None else f"{100 * rate:.1f}%")
+    cols[3].metric("Prefetcher", plan.prefetch.name)
+    cols[4].metric("Expected hit rate", facts["expected hit rate"])
     counts = cache.expert_counts(ctx.trace_path, ctx.stamp, ctx.phase)
     st.altair_chart(
         charts.layer_expert_heatmap(
@@ -49,69 +221,31 @@ def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
         ),
         width="stretch",
     )
-    left, right = st.columns(2)
-    with left:
-        title = (
-            "Guaranteed slots per layer (shared pool)"
-            if plan.layout.kind == "pool"
-            else "Cache slots per layer"
+    title = (
+        "Guaranteed slots per layer (shared pool)"
+        if plan.layout.kind == "pool"
+        else "Cache slots per layer"
+    )
+    st.altair_chart(
+        charts.bar_chart(
+            ctx.layer_labels,
+            list(plan.layout.capacities),
+            title=title,
+            x_title="MoE layer (model layer id)",
+            y_title="Expert slots (count)",
+            fmt=",",
+        ),
+        width="stretch",
+    )
+    with st.expander("Cache layout, prefetcher and expected metrics (table)"):
+        st.dataframe(pd.DataFrame({"value": list(facts.values())}, index=list(facts)))
+        other = flatten(
+            {k: v for k, v in dict(plan.expected).items() if k not in ("rows", "splits")}
         )
-        st.altair_chart(
-            charts.bar_chart(
-                ctx.layer_labels,
-                list(plan.layout.capacities),
-                title=title,
-                x_title="MoE layer (model layer id)",
-                y_title="Expert slots (count)",
-                fmt=",",
-            ),
-            width="stretch",
-        )
-    with right:
-        st.markdown("**Cache layout and prefetcher**")
-        st.dataframe(
-            pd.DataFrame({"value": [str(v) for v in facts.values()]}, index=list(facts)),
-            width="stretch",
-        )
-    _expected(plan)
-
-
-def _expected(plan: Any) -> None:
-    """What the plan buys: its validation run next to the baselines', and other facts."""
-    st.markdown("**Expected metrics** (simulated on the validation split, from the plan file)")
-    rows = expected_rows(plan)
-    other = flatten({k: v for k, v in dict(plan.expected).items() if k != "rows"})
-    if rows:
-        df = pd.DataFrame(rows).set_index("name")
-        st.dataframe(df, width="stretch")
-        if "hit_rate" in df:
-            hit = df["hit_rate"].astype(float).fillna(0.0)
-            st.altair_chart(
-                charts.bar_chart(
-                    list(hit.index),
-                    list(100 * hit.values),
-                    title="Hit rate: the plan vs the baselines (validation split)",
-                    x_title="Run",
-                    y_title="Hit rate (% of expert accesses)",
-                    fmt=".1f",
-                    horizontal=True,
-                ),
-                width="stretch",
+        if other:
+            st.dataframe(
+                pd.DataFrame({"value": [N.plain(v) for v in other.values()]}, index=list(other))
             )
-    if other:
-        st.dataframe(
-            pd.DataFrame({"metric": list(other), "value": [str(v) for v in other.values()]}),
-            hide_index=True,
-            width="stretch",
-        )
-    if not rows and not other:
-        st.info("The plan records no expected metrics.")
-
-
-def _comparable(plan: Any) -> dict[str, Any]:
-    """Headline facts plus the expected facts other than the per-run rows."""
-    extra = {k: v for k, v in dict(plan.expected).items() if k != "rows"}
-    return {**plan_facts(plan), **{f"expected {k}": v for k, v in flatten(extra).items()}}
 
 
 def _compare_plans(loaded: list[LoadedPlan]) -> None:
@@ -120,14 +254,13 @@ def _compare_plans(loaded: list[LoadedPlan]) -> None:
     cols = st.columns(2)
     a = cols[0].selectbox("Plan A", names, index=0, key="cmp_a")
     b = cols[1].selectbox("Plan B", names, index=min(1, len(names) - 1), key="cmp_b")
-    pa_, pb_ = loaded[names.index(a)].plan, loaded[names.index(b)].plan
-    rows, rows_b = _comparable(pa_), _comparable(pb_)
+    rows, rows_b = (plan_facts(loaded[names.index(x)].plan) for x in (a, b))
     keys = list(dict.fromkeys([*rows, *rows_b]))
     st.dataframe(
         pd.DataFrame(
             {
-                f"A: {a}": [str(rows.get(k, "")) for k in keys],
-                f"B: {b}": [str(rows_b.get(k, "")) for k in keys],
+                f"A: {a}": [rows.get(k, N.MISSING) for k in keys],
+                f"B: {b}": [rows_b.get(k, N.MISSING) for k in keys],
             },
             index=keys,
         ),
@@ -165,54 +298,6 @@ def _compare_traces(ctx: PageContext) -> None:
     )
 
 
-def _runtime_stats(ctx: PageContext) -> None:
-    st.subheader("Runtime statistics")
-    for ls in cache.runtime_stats(ctx.inputs.stats, ctx.stats_mtimes()):
-        if ls.error:
-            st.error(ls.error)
-            continue
-        st.markdown(f"**{ls.name}** — `{ls.path}`")
-        data = dict(ls.data or {})
-        scalars = flatten({k: v for k, v in data.items() if k != "per_layer"})
-        st.dataframe(
-            pd.DataFrame({"metric": list(scalars), "value": [str(v) for v in scalars.values()]}),
-            hide_index=True,
-            width="stretch",
-        )
-        rows = stats_per_layer(data)
-        if rows:
-            df = pd.DataFrame(rows)
-            df["layer"] = [f"L{x}" for x in df["layer"]]
-            chart = (
-                alt.Chart(df)
-                .mark_bar()
-                .encode(
-                    x=alt.X(
-                        "layer:O", title="MoE layer (model layer id)", axis=alt.Axis(labelAngle=0)
-                    ),
-                    xOffset="phase:N",
-                    y=alt.Y(
-                        "hit_rate:Q",
-                        title="Hit rate (fraction of accesses)",
-                        scale=alt.Scale(domain=[0, 1]),
-                    ),
-                    color=alt.Color("phase:N", title="Phase"),
-                    tooltip=[
-                        "layer:O",
-                        "phase:N",
-                        alt.Tooltip("hit_rate:Q", format=".3f"),
-                        "accesses:Q",
-                    ],
-                )
-                .properties(
-                    title=f"Measured hit rate per layer ({ls.name})",
-                    height=340,
-                    padding=charts.PADDING,
-                )
-            )
-            st.altair_chart(chart, width="stretch")
-
-
 def render(ctx: PageContext) -> None:
     st.title("Plans")
     if not ctx.inputs.plans:
@@ -225,17 +310,19 @@ def render(ctx: PageContext) -> None:
             if lp.error:
                 st.error(f"Cannot load plan: {lp.error}")
         good = [lp for lp in loaded if lp.plan is not None]
+        ok = [lp for lp in good if not lp.mismatch]
+        if ok:
+            _at_a_glance(ctx, ok)
         if good:
             names = [lp.name for lp in good]
             choice = st.selectbox("Plan", names, key="plan_choice")
             _one_plan(ctx, good[names.index(choice)])
-            ok = [lp for lp in good if not lp.mismatch]
             if len(ok) >= 2:
                 _compare_plans(ok)
     if len(ctx.inputs.traces) >= 2:
         _compare_traces(ctx)
     if ctx.inputs.stats:
-        _runtime_stats(ctx)
+        runtime_stats(ctx)
 
 
 if __name__ == "__main__":

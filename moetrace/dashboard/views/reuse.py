@@ -8,8 +8,14 @@ import streamlit as st
 
 from moetrace.dashboard import cache, charts
 from moetrace.dashboard.context import PageContext, layer_select, run_page
-from moetrace.dashboard.data.plans import expected_hit_rate
+from moetrace.dashboard.data.plan_layers import PlanLayers
 from moetrace.dashboard.data.reuse import REUSE_SAMPLE_TOKENS
+from moetrace.dashboard.views.layer_curves import (
+    all_layers,
+    replay_allowed,
+    sample_text,
+    simulated_layers,
+)
 
 
 def _token_bin(i: int, bins: int) -> str:
@@ -50,22 +56,37 @@ def _skew(ctx: PageContext) -> None:
         )
 
 
-def _plan_points(ctx: PageContext, layer_index: int) -> list[dict[str, object]]:
-    points: list[dict[str, object]] = []
+def _plan_layers(ctx: PageContext) -> list[tuple[str, list[int], PlanLayers]]:
+    """(name, slots per layer, per-layer hit rates in the chosen phase) of each plan for
+    this trace's model."""
+    out: list[tuple[str, list[int], PlanLayers]] = []
     if not ctx.inputs.plans:
-        return points
-    for lp in cache.plans(ctx.inputs.plans, ctx.plan_mtimes(), ctx.trace_path, ctx.stamp):
-        if lp.plan is None or lp.mismatch:
-            continue
-        rate = expected_hit_rate(lp.plan)
-        if rate is None:
-            continue
-        caps = lp.plan.layout.capacities
-        points.append({"name": f"plan {lp.name}", "size": caps[layer_index], "hit_rate": rate})
+        return out
+    loaded = cache.plans(ctx.inputs.plans, ctx.plan_mtimes(), ctx.trace_path, ctx.stamp)
+    good = [lp for lp in loaded if lp.plan is not None and not lp.mismatch]
+    if not replay_allowed(ctx, good, ctx.phase):
+        return out
+    for lp in good:
+        pl = simulated_layers(ctx, lp, ctx.phase)
+        if pl is not None:
+            out.append((lp.name, list(lp.plan.layout.capacities), pl))
+    return out
+
+
+def _plan_points(
+    plans: list[tuple[str, list[int], PlanLayers]], layer_index: int, phase: str
+) -> list[dict[str, object]]:
+    """Each plan at its slots in this layer and its hit rate AT this layer and phase
+    (no point where the layer has no accesses)."""
+    points: list[dict[str, object]] = []
+    for name, caps, pl in plans:
+        rate = float(pl.plan[layer_index, pl.column(phase)])
+        if not np.isnan(rate):
+            points.append({"name": f"plan {name}", "size": caps[layer_index], "hit_rate": rate})
     return points
 
 
-def _reuse(ctx: PageContext) -> None:
+def _reuse(ctx: PageContext, plans: list[tuple[str, list[int], PlanLayers]]) -> None:
     st.subheader("Reuse and miss-ratio curves of one layer")
     li = layer_select(ctx, "Layer", "reuse_layer")
     lr = cache.layer_reuse(ctx.trace_path, ctx.stamp, li, ctx.phase)
@@ -90,7 +111,7 @@ def _reuse(ctx: PageContext) -> None:
         "LFU": (list(lr.sizes), lr.lfu.tolist()),
         "Belady (optimal)": (list(lr.sizes), lr.belady.tolist()),
     }
-    points = _plan_points(ctx, li)
+    points = _plan_points(plans, li, ctx.phase)
     st.altair_chart(
         charts.mrc_chart(
             curves,
@@ -102,8 +123,10 @@ def _reuse(ctx: PageContext) -> None:
     )
     if points:
         st.caption(
-            "Diamonds: each plan's slots at this layer and its expected hit rate "
-            "(all layers, validation split, from the plan file)."
+            f"Diamonds: each plan at its slots in L{lr.layer}, with its hit rate in this "
+            f"layer and phase, simulated (the plan's pins, eviction and prefetch) on "
+            f"{sample_text(plans[0][2].requests_used, plans[0][2].requests_total)}, "
+            "each token its own pass."
         )
     left, right = st.columns(2)
     nz = np.flatnonzero(lr.token_hist)
@@ -139,7 +162,9 @@ def render(ctx: PageContext) -> None:
         "token's k experts are k accesses (as in moetrace analyze)."
     )
     _skew(ctx)
-    _reuse(ctx)
+    plans = _plan_layers(ctx)
+    _reuse(ctx, plans)
+    all_layers(ctx, plans)
 
 
 if __name__ == "__main__":

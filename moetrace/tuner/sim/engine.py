@@ -24,6 +24,7 @@ from moetrace.tuner.policy.eviction import eviction_spec, fit_eviction
 from moetrace.tuner.policy.prefetch import fetch_per_event, get_prefetcher
 from moetrace.tuner.sim import kernel as K
 from moetrace.tuner.sim.metrics import SimResult
+from moetrace.tuner.sim.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ def simulate(
     *,
     bytes_per_expert: int | None = None,
     label: str = "",
+    record: bool = False,
 ) -> SimResult:
-    """Replay ``events`` under ``plan``: demand hits, prefetch accuracy, link time, stalls."""
+    """Replay ``events`` under ``plan``: demand hits, prefetch accuracy, link time, stalls.
+    ``record``: also keep what happened to every access and at every event
+    (:attr:`SimResult.timeline`, the same kernel recording as it counts)."""
     L, E = events.num_layers, events.num_experts
     if (plan.routing.num_layers, plan.routing.num_experts) != (L, E):
         raise PlanError(
@@ -119,13 +123,14 @@ def simulate(
     st, cfg, _ = build_cache(plan.layout, spec, E, next_use_index(events) if spec.oracle else None)
     warm = float((st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
     stats = np.zeros((K.NUM_STATS, L, 2))
+    rec = K.record_arrays(events.num_events, events.num_accesses) if record else K.no_record()
     total = K.replay(
         events.layer.astype(np.int64), events.phase.astype(np.int64),
         events.tokens.astype(np.int64), events.ptr, events.experts.astype(np.int64),
         pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), st, cfg,
         float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
         hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
-        *K.scratch(st.slot_key.shape[0], E, pf_exp.shape[0]),
+        *K.scratch(st.slot_key.shape[0], E, pf_exp.shape[0]), *rec,
     )  # fmt: skip
     return SimResult(
         label=label or f"{plan.eviction.policy}+{plan.prefetch.name}",
@@ -137,4 +142,5 @@ def simulate(
         bytes_per_expert_assumed=assumed,
         moe_layers=plan.routing.moe_layers,
         drift=drift_report(st, cfg),
+        timeline=Timeline(events.ptr, *rec) if record else None,
     )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moetrace.tuner.sim import kernel as K
+
+if TYPE_CHECKING:
+    from moetrace.tuner.sim.timeline import Timeline
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -28,6 +31,8 @@ class SimResult:
     moe_layers: tuple[int, ...]
     drift: dict[str, Any] | None = None
     """The drift detector's report (see policy.cache.drift_report), if the plan has one."""
+    timeline: Timeline | None = None
+    """Per access and per event outcomes, when the replay recorded them (``record=True``)."""
 
     def _sum(self, row: int, phase: int | None = None) -> float:
         s = self.stats[row]
