@@ -42,7 +42,7 @@ import numpy as np
 # at an older checkout (``--baseline-src``) to time the pages before a change.
 
 Page = dict[str, Callable[[], object]]
-APP_PAGES = ("overview", "experts", "reuse", "groups", "requests", "plans")
+APP_PAGES = ("overview", "experts", "reuse", "groups", "requests", "plans", "timeline")
 
 
 def build_synthetic(
@@ -163,7 +163,9 @@ def timed(calls: Page) -> tuple[float, dict[str, float]]:
     return sum(parts.values()), parts
 
 
-def apptest_session(trace: str, baseline_src: str | None) -> None:
+def apptest_session(
+    trace: str, baseline_src: str | None, plans: list[str], only: str | None = None
+) -> None:
     """A fresh dashboard session in this process: open every page in turn (AppTest, charts
     included, an empty on-disk cache) and print each page's first-open seconds as JSON.
     ``baseline_src``: import moetrace from that (older) checkout instead."""
@@ -178,10 +180,12 @@ def apptest_session(trace: str, baseline_src: str | None) -> None:
 
     if baseline_src and not moetrace.__file__.startswith(baseline_src):
         raise SystemExit(f"baseline import failed: {moetrace.__file__}")
-    os.environ[ENV_VAR] = json.dumps({"traces": [trace]})
+    os.environ[ENV_VAR] = json.dumps({"traces": [trace], "plans": plans})
     seconds, problems = {}, {}
     at = AppTest.from_file(str(APP), default_timeout=300)
-    for page in APP_PAGES:
+    for page in APP_PAGES if only is None else (only,):
+        if not (Path(APP).parent / "views" / f"{page}.py").is_file():
+            continue  # a page the (baseline) checkout does not have
         if page != "overview":
             at.switch_page(f"views/{page}.py")
         t0 = time.perf_counter()
@@ -193,7 +197,35 @@ def apptest_session(trace: str, baseline_src: str | None) -> None:
     print(json.dumps({"seconds": seconds, "problems": problems}))
 
 
-def apptest_pages(trace: str, repeats: int, baseline_src: str | None) -> dict[str, object]:
+def apptest_alone(trace: str, repeats: int, plans: list[str]) -> dict[str, object]:
+    """Each page opened alone, as the first page of a fresh process with an empty disk
+    cache (the worst first open: nothing warmed by the pages before it)."""
+    import subprocess
+
+    samples: dict[str, list[float]] = {p: [] for p in APP_PAGES}
+    problems: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="moetrace-bench-alone-") as tmp:
+        for rep in range(repeats):
+            for page in APP_PAGES:
+                env = dict(os.environ)
+                env["MOETRACE_CACHE_DIR"] = str(Path(tmp) / f"{rep}-{page}")
+                cmd = [sys.executable, __file__, trace, "--apptest-session", "--only", page]
+                cmd += [a for p in plans for a in ("--plan", p)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                samples[page].extend(got["seconds"].values())
+                if got["problems"]:
+                    problems[page] = got["problems"]
+    return {
+        "median_s": {p: statistics.median(x) for p, x in samples.items()},
+        "samples_s": samples,
+        "problems": problems,
+    }
+
+
+def apptest_pages(
+    trace: str, repeats: int, baseline_src: str | None, plans: list[str]
+) -> dict[str, object]:
     """:func:`apptest_session` in fresh processes, alternating the baseline checkout and
     this one (B A B A ...)."""
     import subprocess
@@ -209,6 +241,7 @@ def apptest_pages(trace: str, repeats: int, baseline_src: str | None) -> dict[st
                 env = dict(os.environ)
                 env["MOETRACE_CACHE_DIR"] = str(Path(tmp) / f"{rep}-{version}")
                 cmd = [sys.executable, __file__, trace, "--apptest-session"]
+                cmd += [a for p in plans for a in ("--plan", p)]
                 if src:
                     cmd += ["--baseline-src", src]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -217,6 +250,7 @@ def apptest_pages(trace: str, repeats: int, baseline_src: str | None) -> dict[st
                     samples[version][page].append(sec)
                 if got["problems"]:
                     problems[version] = got["problems"]
+    samples = {v: {p: x for p, x in d.items() if x} for v, d in samples.items()}
     return {
         "median_s": {
             v: {p: statistics.median(x) for p, x in d.items()} for v, d in samples.items()
@@ -237,9 +271,16 @@ def main() -> None:
     )
     ap.add_argument("--baseline-src", help="an older checkout to time the pages against")
     ap.add_argument("--apptest-session", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--plan", action="append", default=[], help="a plan file to load too")
+    ap.add_argument(
+        "--alone",
+        action="store_true",
+        help="also open each page alone as the first page of a fresh session (AppTest)",
+    )
+    ap.add_argument("--only", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.apptest_session:
-        apptest_session(args.trace, args.baseline_src)
+        apptest_session(args.trace, args.baseline_src, args.plan, args.only)
         return
     import duckdb
     import streamlit
@@ -281,7 +322,12 @@ def main() -> None:
                     samples[page][mode].append(total)
                     breakdown[page][mode].append(parts)
     medians = {p: {m: statistics.median(v) for m, v in d.items()} for p, d in samples.items()}
-    app = apptest_pages(str(path), args.repeats, args.baseline_src) if args.apptest else None
+    app = (
+        apptest_pages(str(path), args.repeats, args.baseline_src, args.plan)
+        if args.apptest
+        else None
+    )
+    alone = apptest_alone(str(path), args.repeats, args.plan) if args.alone else None
     result = {
         "config": {
             "trace": str(path.resolve()),
@@ -294,6 +340,7 @@ def main() -> None:
             "experts": trace.manifest.model.num_experts,
             "top_k": trace.top_k,
             "repeats": args.repeats,
+            "plans": args.plan,
             "reuse_sample_tokens": R.REUSE_SAMPLE_TOKENS,
             "cpu_count": os.cpu_count(),
             "load_avg_at_end": os.getloadavg(),
@@ -310,6 +357,7 @@ def main() -> None:
         "samples_s": samples,
         "breakdown_s": breakdown,
         "apptest_first_open": app,
+        "apptest_alone": alone,
     }
     print(f"{'page':32s} " + "  ".join(f"{m:>22s}" for m in modes))
     for page, d in samples.items():
@@ -325,6 +373,15 @@ def main() -> None:
             print(f"  {version:14s} " + ", ".join(cells))
         if app["problems"]:
             print(f"  problems: {app['problems']}")
+    if alone is not None:
+        print("\neach page alone, first page of a fresh process, empty disk cache:")
+        cells = [
+            f"{p} {statistics.median(v):.2f} s ({min(v):.2f}-{max(v):.2f})"
+            for p, v in alone["samples_s"].items()  # type: ignore[union-attr]
+        ]
+        print("  " + ", ".join(cells))
+        if alone["problems"]:
+            print(f"  problems: {alone['problems']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -138,11 +138,19 @@ def transition_scores(path: PathLike, phase: str) -> G.TransitionScores:
     )
 
 
+def _layer_curves_name(phase: str) -> str:
+    return f"layer-curves-{phase}-{LC.ALL_LAYERS_SAMPLE_TOKENS}-{LC.ALL_LAYERS_POINTS}"
+
+
+def layer_curves_cached(path: PathLike, phase: str) -> bool:
+    """Whether :func:`layer_curves` is in the disk cache (reading it costs nothing)."""
+    return diskcache.entry_path(path, _layer_curves_name(phase)).is_file()
+
+
 def layer_curves(path: PathLike, phase: str) -> LC.LayerCurves:
     """Every layer's LRU/LFU/Belady curves and slots for 80/90% hits (a request sample)."""
-    name = f"layer-curves-{phase}-{LC.ALL_LAYERS_SAMPLE_TOKENS}-{LC.ALL_LAYERS_POINTS}"
     a = diskcache.get_or_compute(
-        path, name, lambda: LC.layer_curves(reopen(path), phase).to_arrays()
+        path, _layer_curves_name(phase), lambda: LC.layer_curves(reopen(path), phase).to_arrays()
     )
     return LC.LayerCurves.from_arrays(a)
 

@@ -307,3 +307,23 @@ def test_no_page_prints_a_stray_string() -> None:
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
         ]
         assert not stray, f"{path}: module-level strings at lines {stray} show on the page"
+
+
+def test_every_layer_curves_wait_for_a_button_on_large_traces(
+    monkeypatch: pytest.MonkeyPatch, fixture_paths: dict[str, Path], tmp_path: Path
+) -> None:
+    """Above VERDICT_AUTO_ROWS (3M rows) the all-layer curves (a replay per layer) are not
+    computed on open, so the page's first open stays fast; a button computes them, and
+    once in the disk cache they show at once."""
+    from moetrace.dashboard.data import overview
+    from moetrace.dashboard.diskcache import ENV_VAR as CACHE_VAR
+
+    monkeypatch.setattr(overview, "VERDICT_AUTO_ROWS", 10)  # the fixture counts as large
+    monkeypatch.setenv(CACHE_VAR, str(tmp_path / "cache"))
+    at = _open(_app(monkeypatch, traces=[fixture_paths["trace"]]), "reuse")
+    titles = [_title(s) for s in _specs(at)]
+    assert not any("Hit rate vs cache size per layer" in t for t in titles)
+    at = at.button(key="all_layer_curves_button").click().run()
+    assert any("Hit rate vs cache size per layer" in _title(s) for s in _specs(at))
+    again = _open(_app(monkeypatch, traces=[fixture_paths["trace"]]), "reuse")  # new session
+    assert any("Hit rate vs cache size per layer" in _title(s) for s in _specs(again))

@@ -111,8 +111,35 @@ def _slots_frame(lc: LayerCurves) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+CURVES_KEY = "all_layer_curves"
+
+
+def curves_allowed(ctx: PageContext) -> bool:
+    """Whether every layer's curves may be computed now: on traces up to
+    ``VERDICT_AUTO_ROWS`` activation rows, when they are in the disk cache, or after the
+    button this draws (one replay per layer: about a second on a 30M-activation trace, which
+    would push the page's first open past 3 s)."""
+    from moetrace.dashboard import persisted
+    from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS
+
+    if ctx.overview.activations <= VERDICT_AUTO_ROWS or st.session_state.get(CURVES_KEY):
+        return True
+    if persisted.layer_curves_cached(ctx.trace_path, ctx.phase):
+        return True
+    if st.button(
+        f"Compute every layer's curves (replays a sample of the {ctx.overview.activations:,} "
+        "rows per layer)",
+        key=f"{CURVES_KEY}_button",
+    ):
+        st.session_state[CURVES_KEY] = True
+        return True
+    return False
+
+
 def all_layers(ctx: PageContext, plans: list[tuple[str, list[int], PlanLayers]]) -> None:
     st.subheader("Hit rate vs cache size of every layer")
+    if not curves_allowed(ctx):
+        return
     lc = cache.layer_curves(ctx.trace_path, ctx.stamp, ctx.phase)
     if not lc.accesses.any():
         st.warning(f"No accesses in phase {ctx.phase!r}.")
