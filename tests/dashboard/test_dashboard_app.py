@@ -320,6 +320,9 @@ def test_every_layer_curves_wait_for_a_button_on_large_traces(
 
     monkeypatch.setattr(overview, "VERDICT_AUTO_ROWS", 10)  # the fixture counts as large
     monkeypatch.setenv(CACHE_VAR, str(tmp_path / "cache"))
+    import streamlit as st
+
+    st.cache_data.clear()  # earlier tests' in-memory results would skip the disk cache
     at = _open(_app(monkeypatch, traces=[fixture_paths["trace"]]), "reuse")
     titles = [_title(s) for s in _specs(at)]
     assert not any("Hit rate vs cache size per layer" in t for t in titles)
