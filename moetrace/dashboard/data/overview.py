@@ -9,7 +9,6 @@ from moetrace.dashboard.data.common import query
 from moetrace.errors import AnalysisError, MoetraceError
 from moetrace.store import schema as S
 from moetrace.store.reader import Trace
-from moetrace.tuner.mining.report import CountReport
 
 VERDICT_AUTO_ROWS = 3_000_000
 """Up to this many activation rows the verdict is computed when the page opens."""
@@ -118,6 +117,8 @@ def verdict(trace: Trace, phase: str = "all") -> VerdictView:
         report = analyze(trace, AnalyzeConfig(phase=phase, sections=()))
     except MoetraceError as exc:
         return VerdictView(unavailable=str(exc))
+    from moetrace.tuner.mining.report import CountReport
+
     if isinstance(report, CountReport):  # a count trace: skew only
         return VerdictView(lines=report.lines, seconds=report.timings.get("total", 0.0))
     return VerdictView(
