@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,18 +59,10 @@ class HttpClient:
     def _send(self, method: str, path: str, body: Any | None) -> http.client.HTTPResponse:
         where = f"{method} {self.base}{path}"
         data = None if body is None else json.dumps(body).encode()
-        try:
+        with self._io(where):
             conn = self._connection()
             conn.request(method, self.base + path, body=data, headers=self.headers)
             resp = conn.getresponse()
-        except TimeoutError:
-            self.close()
-            raise ServerError(
-                f"{where}: no answer within {self.timeout:g} s", transient=True
-            ) from None
-        except (ConnectionError, http.client.HTTPException, OSError) as exc:
-            self.close()
-            raise ServerError(f"{where}: {type(exc).__name__}: {exc}", transient=True) from None
         if resp.status >= 400:
             text = _read(resp, where, self).decode("utf-8", "replace").strip()
             self.close()
@@ -95,7 +88,7 @@ class HttpClient:
         connection was cut)."""
         where = f"POST {path} (stream)"
         resp = self._send("POST", path, body)
-        try:
+        with self._io(where, "no data"):
             while True:
                 line = resp.readline()
                 if not line:
@@ -109,10 +102,17 @@ class HttpClient:
                     resp.read()  # drain, so the connection can be reused
                     return
                 yield _parse(payload, where)
+
+    @contextmanager
+    def _io(self, where: str, silence: str = "no answer") -> Iterator[None]:
+        """Socket and protocol failures inside as transient ServerErrors (the connection
+        is dropped: the next request opens a new one)."""
+        try:
+            yield
         except TimeoutError:
             self.close()
             raise ServerError(
-                f"{where}: no data within {self.timeout:g} s", transient=True
+                f"{where}: {silence} within {self.timeout:g} s", transient=True
             ) from None
         except (ConnectionError, http.client.HTTPException, OSError) as exc:
             self.close()
@@ -120,18 +120,8 @@ class HttpClient:
 
 
 def _read(resp: http.client.HTTPResponse, where: str, client: HttpClient) -> bytes:
-    try:
+    with client._io(f"{where} (the response was cut)"):
         return resp.read()
-    except TimeoutError:
-        client.close()
-        raise ServerError(
-            f"{where}: no answer within {client.timeout:g} s", transient=True
-        ) from None
-    except (ConnectionError, http.client.HTTPException, OSError) as exc:
-        client.close()
-        raise ServerError(
-            f"{where}: the response was cut ({type(exc).__name__}: {exc})", transient=True
-        ) from None
 
 
 def _parse(data: bytes, where: str) -> Any:
