@@ -50,6 +50,6 @@ def test_count_trace_pages(monkeypatch: pytest.MonkeyPatch, count_trace: Path) -
     assert at.title[0].value == "Experts"
     assert at.metric[0].value == "160"
     assert len(at.get("vega_lite_chart")) == 1  # the heatmap
-    for page in ("reuse", "groups", "requests", "plans"):
+    for page in ("reuse", "groups", "requests", "plans", "timeline"):
         at = _open(monkeypatch, count_trace, page)
         assert "needs token-level routing" in at.info[0].value, page
