@@ -233,7 +233,7 @@ def test_empty_trace(monkeypatch: pytest.MonkeyPatch, fixture_paths: dict[str, P
     at = _open(at, "overview")
     assert "has no activations" in at.error[0].value
     assert next(m.value for m in at.metric if m.label == "Requests") == "0"
-    for page in ("experts", "reuse", "groups", "requests"):
+    for page in ("experts", "reuse", "groups", "requests", "timeline"):
         at = _open(at, page)
         assert "has no activations" in at.error[0].value
 
@@ -272,7 +272,7 @@ def test_phase_without_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     at.sidebar.radio(key="phase").set_value("decode").run()
     assert not at.exception
     assert "no activations in phase 'decode'" in " ".join(w.value for w in at.warning)
-    for page in ("experts", "reuse", "groups", "requests"):
+    for page in ("experts", "reuse", "groups", "requests", "timeline"):
         at = _open(at, page)
         assert at.session_state["phase"] == "decode"
     at = _open(at, "experts")
