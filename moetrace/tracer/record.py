@@ -105,7 +105,8 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def _prepare_out(out: Path, resume: bool) -> None:
+def prepare_out(out: Path, resume: bool) -> None:
+    """Refuse an OUT that is a file, or that holds a trace when not resuming."""
     if out.exists() and not out.is_dir():
         raise TraceWriteError(f"{out} exists and is not a trace directory")
     if out.is_dir() and any(out.iterdir()) and not resume:
@@ -220,7 +221,8 @@ def check_prompt_lengths(
         )
 
 
-def _next_forward(out: Path) -> int:
+def next_forward(out: Path) -> int:
+    """The ``forward`` number the next pass written into the trace at OUT gets."""
     if not (out / "manifest.json").exists():
         return 0
     from moetrace.store.reader import open_trace
@@ -260,8 +262,8 @@ def record(
     """
     cfg = config or RecordConfig()
     out = Path(out)
-    _prepare_out(out, cfg.resume)
-    existing = _existing_manifest(out) if cfg.resume else None
+    prepare_out(out, cfg.resume)
+    existing = existing_manifest(out) if cfg.resume else None
     interval = default_interval() if progress else 0.0  # a bad setting fails before writing
     torch.manual_seed(cfg.seed)
     if model is None or prompts is None:
@@ -269,7 +271,7 @@ def record(
 
         model = demo.demo_model_path() if model is None else model
         prompts = demo.demo_prompts_path() if prompts is None else prompts
-    items = _as_prompts(prompts)  # a bad prompts file fails before the model loads
+    items = as_prompts(prompts)  # a bad prompts file fails before the model loads
     check_device(cfg.device)
     origin = f"moetrace record {model}" if isinstance(model, (str, os.PathLike)) else "record()"
     if isinstance(model, (str, os.PathLike)):
@@ -307,7 +309,7 @@ def record(
         with (
             writer,
             RoutingRecorder(
-                model, writer, speculative=cfg.speculative, first_forward=_next_forward(out)
+                model, writer, speculative=cfg.speculative, first_forward=next_forward(out)
             ) as rec,
         ):
             for i in range(0, len(todo), cfg.batch_size):
@@ -345,7 +347,8 @@ def record(
     )
 
 
-def _existing_manifest(out: Path) -> Manifest | None:
+def existing_manifest(out: Path) -> Manifest | None:
+    """The manifest of the trace at OUT, or None when there is none yet."""
     if not (out / MANIFEST_NAME).is_file():
         return None
     from moetrace.store.reader import read_manifest
@@ -353,7 +356,8 @@ def _existing_manifest(out: Path) -> Manifest | None:
     return read_manifest(out)
 
 
-def _as_prompts(prompts: str | os.PathLike[str] | Sequence[Prompt | str]) -> list[Prompt]:
+def as_prompts(prompts: str | os.PathLike[str] | Sequence[Prompt | str]) -> list[Prompt]:
+    """Prompts from a file (see :func:`load_prompts`) or a list of prompts or strings."""
     if isinstance(prompts, (str, os.PathLike)):
         return load_prompts(prompts)
     return [

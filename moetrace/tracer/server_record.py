@@ -44,11 +44,11 @@ from moetrace.tracer.prompts import Prompt
 from moetrace.tracer.record import (
     SETTINGS_TAG_PREFIX,
     RecordResult,
-    _as_prompts,
-    _existing_manifest,
-    _next_forward,
-    _prepare_out,
+    as_prompts,
     check_resume_settings,
+    existing_manifest,
+    next_forward,
+    prepare_out,
 )
 from moetrace.tracer.server_facts import (
     GivenFacts,
@@ -251,11 +251,11 @@ def record_server(
     """Record the routing a server returns for ``prompts`` into the trace ``out``."""
     cfg = config or ServerRecordConfig()
     out = Path(out)
-    _prepare_out(out, cfg.resume)
+    prepare_out(out, cfg.resume)
     interval = default_interval() if progress else 0.0
-    items = _as_prompts(prompts)
+    items = as_prompts(prompts)
     engine = get_engine(cfg.engine)
-    existing = _existing_manifest(out) if cfg.resume else None
+    existing = existing_manifest(out) if cfg.resume else None
     fetch = _Fetcher(url, cfg, engine, "")
     try:
         served = served_model(fetch.client(), cfg.model_name, url)
@@ -302,7 +302,7 @@ def record_server(
     tags = {SETTINGS_TAG_PREFIX + k: v for k, v in settings.items()}
     manifest = existing or Manifest(model=model, source=source, tags=tags, gate_weights=False)
     writer = TraceWriter(out, manifest)
-    sink = _Sink(writer, model, cfg, done, _next_forward(out))
+    sink = _Sink(writer, model, cfg, done, next_forward(out))
     interrupted = False
     with writer:
         try:

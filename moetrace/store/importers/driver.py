@@ -153,7 +153,9 @@ class _BadFiles:
         self.files[source.request_id] = BadFile(str(source.path), str(exc))
 
 
-def _existing_manifest(out: Path) -> Manifest | None:
+def existing_trace_manifest(out: Path) -> Manifest | None:
+    """The manifest of the trace in OUT; None for a missing or empty OUT; TraceWriteError
+    for an OUT that is a file or a non-empty folder that is not a trace."""
     if not out.exists():
         return None
     if not out.is_dir():
@@ -273,7 +275,7 @@ def import_trace(
         bytes_per_expert=bytes_per_expert,
     )
     src_path, out_path = require_source(Path(src)), Path(out)
-    existing = _existing_manifest(out_path)
+    existing = existing_trace_manifest(out_path)
     name, name_reason = given.model_name, None
     if name is None:
         name = importer.model_name_hint(src_path) or (existing.model.name if existing else None)

@@ -7,12 +7,19 @@ from pathlib import Path
 from moetrace.store.importers.known_models import find_known_model, normalize
 
 
-def model_name_hint(first_file: Path) -> str:
-    """The folder naming a known model among the file's parents, else its grandparent."""
-    for parent in first_file.resolve().parents:
+def known_model_folder(folder: Path) -> str | None:
+    """The name of ``folder`` or of its nearest parent that names a known model, or None."""
+    folder = folder.resolve()
+    for parent in (folder, *folder.parents):
         if parent.name and find_known_model(parent.name) is not None:
             return parent.name
-    return first_file.resolve().parent.parent.name or first_file.resolve().parent.name
+    return None
+
+
+def model_name_hint(first_file: Path) -> str:
+    """The folder naming a known model among the file's parents, else its grandparent."""
+    folder = first_file.resolve().parent
+    return known_model_folder(folder) or folder.parent.name or folder.name
 
 
 def model_dir(file: Path, model_name: str) -> Path | None:
@@ -43,7 +50,4 @@ def model_name_of_folder(src: Path) -> str | None:
     """For formats whose files name no model: the folder among SRC and its parents that
     names a known model, else SRC's folder name (SRC's parent's when SRC is a file)."""
     folder = src.resolve() if src.is_dir() else src.resolve().parent
-    for parent in (folder, *folder.parents):
-        if parent.name and find_known_model(parent.name) is not None:
-            return parent.name
-    return folder.name or None
+    return known_model_folder(folder) or folder.name or None

@@ -40,9 +40,10 @@ from moetrace import __version__
 from moetrace.errors import ConfigError, ImportFormatError, MoetraceError, TraceWriteError
 from moetrace.store.counts import count_sources, write_counts
 from moetrace.store.importers.base import ParsedRequest, SourceFile, find_files
-from moetrace.store.importers.driver import _existing_manifest, file_sha256
+from moetrace.store.importers.driver import existing_trace_manifest, file_sha256
 from moetrace.store.importers.facts import ModelOverrides, resolve_model
 from moetrace.store.importers.known_models import find_known_model
+from moetrace.store.importers.paths import known_model_folder
 from moetrace.store.schema import CONTENT_COUNTS, Manifest, ModelInfo, SourceInfo
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,9 @@ def _model_name(given: str | None, src: Path, existing: Manifest | None) -> tupl
         return given, None
     if existing is not None:
         return existing.model.name, None
-    for parent in (src.resolve(), *src.resolve().parents):
-        if parent.name and find_known_model(parent.name) is not None:
-            return parent.name, "folder name"
+    known = known_model_folder(src)
+    if known is not None:
+        return known, "folder name"
     raise ImportFormatError(
         f"{src}: cannot tell the model name (SGLang dumps do not name it); pass model_name "
         "(--model-name)"
@@ -275,7 +276,7 @@ def import_counts(
     )
     src_path, out_path = Path(src), Path(out)
     files = find_files(src_path, SUFFIX)
-    existing = _existing_manifest(out_path)
+    existing = existing_trace_manifest(out_path)
     if existing is not None and not existing.is_counts:
         raise TraceWriteError(
             f"{out_path} holds token-level routing, not counts; import {FORMAT} into another "
