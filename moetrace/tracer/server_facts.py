@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moetrace.errors import ConfigError, ModelError, ServerError
+from moetrace.store.importers.facts import ModelOverrides
 from moetrace.store.importers.known_models import find_known_model
 from moetrace.store.schema import ModelInfo
 
@@ -34,20 +35,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GivenFacts:
-    """Model facts given on the command line (None = from the config, table or data)."""
+class GivenFacts(ModelOverrides):
+    """Model facts given on the command line (None = from the config, table or data):
+    the importers' overrides (validated the same way) and the model's config folder."""
 
     config: str | None = None
-    num_layers: int | None = None
-    num_experts: int | None = None
-    top_k: int | None = None
-    bytes_per_expert: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "num_experts", "top_k", "bytes_per_expert"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def model_from_config(path: str | os.PathLike[str], name: str) -> ModelInfo:

@@ -173,6 +173,14 @@ def available_formats() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_counts(result: object, *names: str) -> None:
+    """ImportFormatError when one of the named count fields of an import result is < 0."""
+    for name in names:
+        value = getattr(result, name)
+        if value < 0:
+            raise ImportFormatError(f"{type(result).__name__}.{name} must be >= 0, got {value}")
+
+
 def require_source(src: Path) -> Path:
     """SRC as an existing path, or ImportFormatError."""
     if not src.exists():

@@ -38,6 +38,7 @@ from moetrace.store.importers.base import (
     ParsedRequest,
     SourceFile,
     SourceImporter,
+    check_counts,
     get_importer,
     require_source,
 )
@@ -100,7 +101,8 @@ class ImportResult:
     file (name and sha256) is already in OUT: the same files from another path."""
 
     def __post_init__(self) -> None:
-        for name in (
+        check_counts(
+            self,
             "requests_imported",
             "requests_skipped_existing",
             "prefill_tokens",
@@ -108,11 +110,7 @@ class ImportResult:
             "activations",
             "forwards",
             "requests_skipped_same_content",
-        ):
-            if getattr(self, name) < 0:
-                raise ImportFormatError(
-                    f"ImportResult.{name} must be >= 0, got {getattr(self, name)}"
-                )
+        )
         object.__setattr__(self, "bad_files", tuple(self.bad_files))
         object.__setattr__(self, "inferred", dict(self.inferred))
 

@@ -39,7 +39,7 @@ import numpy as np
 from moetrace import __version__
 from moetrace.errors import ConfigError, ImportFormatError, MoetraceError, TraceWriteError
 from moetrace.store.counts import count_sources, write_counts
-from moetrace.store.importers.base import ParsedRequest, SourceFile, find_files
+from moetrace.store.importers.base import ParsedRequest, SourceFile, check_counts, find_files
 from moetrace.store.importers.driver import existing_trace_manifest, file_sha256
 from moetrace.store.importers.facts import ModelOverrides, resolve_model
 from moetrace.store.importers.known_models import find_known_model
@@ -74,11 +74,7 @@ class CountImportResult:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("files_imported", "files_skipped_existing", "counted", "passes"):
-            if getattr(self, name) < 0:
-                raise ImportFormatError(
-                    f"CountImportResult.{name} must be >= 0, got {getattr(self, name)}"
-                )
+        check_counts(self, "files_imported", "files_skipped_existing", "counted", "passes")
         object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
         object.__setattr__(self, "inferred", dict(self.inferred))
 
