@@ -25,7 +25,7 @@ from moetrace.store.reader import Trace
 log = logging.getLogger(__name__)
 
 PHASE_COLUMNS = ("all", "prefill", "decode")
-"""Columns of the (L, 3) arrays of :class:`PlanLayers`."""
+"""Columns of the (L, 3) arrays of :class:`PlanLayers` (as ``SimResult.layer_hit_rates``)."""
 
 
 @dataclass(frozen=True)
@@ -80,18 +80,6 @@ def _hardware(plan: Any) -> Any:
         return load_hardware(None)
 
 
-def _rates(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(L, 3) hit rates and accesses from simulator stats (NUM_STATS, L, 2)."""
-    from moetrace.tuner.sim import kernel as K
-
-    acc = stats[K.S_ACCESS]
-    hit = stats[K.S_HIT]
-    acc3 = np.column_stack([acc.sum(axis=1), acc[:, 0], acc[:, 1]])
-    hit3 = np.column_stack([hit.sum(axis=1), hit[:, 0], hit[:, 1]])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(acc3 > 0, hit3 / np.maximum(acc3, 1), np.nan), acc3
-
-
 def plan_layers(
     trace: Trace,
     plan: Any,
@@ -115,6 +103,6 @@ def plan_layers(
     hw = _hardware(plan)
     bpe = plan.budget.bytes_per_expert or model.bytes_per_expert
     lru = make_plan(events, plan.routing, plan.layout, "lru", bytes_per_expert=bpe)
-    plan_rate, acc = _rates(simulate(events, plan, hw, bytes_per_expert=bpe).stats)
-    lru_rate, _ = _rates(simulate(events, lru, hw, bytes_per_expert=bpe).stats)
+    plan_rate, acc = simulate(events, plan, hw, bytes_per_expert=bpe).layer_hit_rates()
+    lru_rate, _ = simulate(events, lru, hw, bytes_per_expert=bpe).layer_hit_rates()
     return PlanLayers(layers, plan_rate, lru_rate, acc, used, total)

@@ -23,29 +23,49 @@ def sample_text(used: int, total: int) -> str:
 
 
 REPLAY_KEY = "replay_plans_per_layer"
+CURVES_KEY = "all_layer_curves"
+
+
+def _heavy_allowed(ctx: PageContext, key: str, cached: bool, label: str) -> bool:
+    """Whether a replay that takes seconds on a large trace may run now: on traces up to
+    ``VERDICT_AUTO_ROWS`` activation rows (the verdict's rule), when its result is in the
+    disk cache, once the button this draws (``label``) was pressed in the session."""
+    from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS
+
+    if ctx.overview.activations <= VERDICT_AUTO_ROWS or st.session_state.get(key) or cached:
+        return True
+    if st.button(label, key=f"{key}_button"):
+        st.session_state[key] = True
+        return True
+    return False
 
 
 def replay_allowed(ctx: PageContext, plans: list[LoadedPlan], phase: str) -> bool:
-    """Whether the plans' per-layer replays may run now: on traces up to
-    ``VERDICT_AUTO_ROWS`` activation rows, when they are in the disk cache, or after the
-    button this draws (a replay of a plan with a prefetcher takes seconds on a large trace)."""
+    """Whether the plans' per-layer replays may run now (a replay of a plan with a
+    prefetcher takes seconds on a large trace); see :func:`_heavy_allowed`."""
     from moetrace.dashboard import persisted
-    from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS
 
-    if not plans or ctx.overview.activations <= VERDICT_AUTO_ROWS:
+    if not plans:
         return True
-    if st.session_state.get(REPLAY_KEY) or all(
-        persisted.plan_layers_cached(ctx.trace_path, lp.path, phase) for lp in plans
-    ):
-        return True
-    if st.button(
+    cached = all(persisted.plan_layers_cached(ctx.trace_path, lp.path, phase) for lp in plans)
+    label = (
         f"Replay {len(plans)} plan(s) per layer on a sample (to draw them per layer; "
-        "a few seconds each)",
-        key=f"{REPLAY_KEY}_button",
-    ):
-        st.session_state[REPLAY_KEY] = True
-        return True
-    return False
+        "a few seconds each)"
+    )
+    return _heavy_allowed(ctx, REPLAY_KEY, cached, label)
+
+
+def curves_allowed(ctx: PageContext) -> bool:
+    """Whether every layer's curves may be computed now (one replay per layer: about a
+    second on a 30M-activation trace, which would push the page's first open past 3 s)."""
+    from moetrace.dashboard import persisted
+
+    label = (
+        f"Compute every layer's curves (replays a sample of the "
+        f"{ctx.overview.activations:,} rows per layer)"
+    )
+    cached = persisted.layer_curves_cached(ctx.trace_path, ctx.phase)
+    return _heavy_allowed(ctx, CURVES_KEY, cached, label)
 
 
 def simulated_layers(ctx: PageContext, lp: LoadedPlan, phase: str) -> PlanLayers | None:
@@ -109,31 +129,6 @@ def _slots_frame(lc: LayerCurves) -> pd.DataFrame:
                          "text": f"{int(slots[i, j])} experts"}
                     )  # fmt: skip
     return pd.DataFrame(rows)
-
-
-CURVES_KEY = "all_layer_curves"
-
-
-def curves_allowed(ctx: PageContext) -> bool:
-    """Whether every layer's curves may be computed now: on traces up to
-    ``VERDICT_AUTO_ROWS`` activation rows, when they are in the disk cache, or after the
-    button this draws (one replay per layer: about a second on a 30M-activation trace, which
-    would push the page's first open past 3 s)."""
-    from moetrace.dashboard import persisted
-    from moetrace.dashboard.data.overview import VERDICT_AUTO_ROWS
-
-    if ctx.overview.activations <= VERDICT_AUTO_ROWS or st.session_state.get(CURVES_KEY):
-        return True
-    if persisted.layer_curves_cached(ctx.trace_path, ctx.phase):
-        return True
-    if st.button(
-        f"Compute every layer's curves (replays a sample of the {ctx.overview.activations:,} "
-        "rows per layer)",
-        key=f"{CURVES_KEY}_button",
-    ):
-        st.session_state[CURVES_KEY] = True
-        return True
-    return False
 
 
 def all_layers(ctx: PageContext, plans: list[tuple[str, list[int], PlanLayers]]) -> None:

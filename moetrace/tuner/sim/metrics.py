@@ -73,6 +73,15 @@ class SimResult:
                 out[name] = self._metrics(ph)
         return out
 
+    def layer_hit_rates(self) -> tuple[np.ndarray, np.ndarray]:
+        """(L, 3) hit rates (columns: all phases, prefill, decode; NaN without accesses)
+        and the (L, 3) accesses they are over."""
+        acc, hit = self.stats[K.S_ACCESS], self.stats[K.S_HIT]
+        acc3 = np.column_stack([acc.sum(axis=1), acc])
+        hit3 = np.column_stack([hit.sum(axis=1), hit])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(acc3 > 0, hit3 / np.maximum(acc3, 1), np.nan), acc3
+
     def per_layer(self) -> list[dict[str, Any]]:
         rows = []
         for i, layer in enumerate(self.moe_layers):
