@@ -24,7 +24,7 @@ from moetrace.errors import TraceFormatError, TraceWriteError
 from moetrace.store import encode as E
 from moetrace.store import schema as S
 from moetrace.store.reader import committed_count_parts
-from moetrace.store.writer import _dir_lock, _fsync_dir, new_writer_id, write_manifest
+from moetrace.store.writer import dir_lock, fsync_dir, new_writer_id, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,12 @@ def write_counts(
     tmp = parts / f"{S.TMP_PREFIX}{name}"
     try:
         E.write_synced(table, tmp, compression="zstd", use_dictionary=["phase", "source"])
-        with _dir_lock(directory):
+        with dir_lock(directory):
             if source in count_sources(directory):
                 log.info("%s: counts of %s are already in the trace; skipped", directory, source)
                 return None
             os.replace(tmp, parts / name)  # the commit point
-            _fsync_dir(parts)
+            fsync_dir(parts)
     finally:
         tmp.unlink(missing_ok=True)
     log.debug("committed %s: %d counts of %s", name, table.num_rows, source)

@@ -53,7 +53,7 @@ def new_writer_id() -> str:
     return f"{time.time_ns():x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -63,7 +63,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
+def dir_lock(directory: Path) -> Iterator[None]:
     """An exclusive advisory lock on the trace (released by the kernel if we are killed)."""
     if fcntl is None:  # pragma: no cover
         yield
@@ -92,7 +92,7 @@ def write_manifest(directory: Path, manifest: S.Manifest) -> S.Manifest:
         os.fsync(fh.fileno())
     try:
         os.link(tmp, target)  # atomic and exclusive: fails if another writer won
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return manifest
     except FileExistsError:
         existing = read_manifest(directory)
@@ -164,7 +164,7 @@ class TraceWriter:
         self._foreign_ids: set[str] = set()
         self._max_arrival = -1
         self._next_commit = 0
-        with _dir_lock(self.path):
+        with dir_lock(self.path):
             self._refresh_committed()
         self._existing = set(self._foreign_ids)
         # caller-side buffers
@@ -430,7 +430,7 @@ class TraceWriter:
             records = [r for _, r in sorted(requests, key=lambda x: x[0])]
             with self._state:  # commit parts in sequence order
                 self._state.wait_for(lambda: self._next_commit == seq)
-            with _dir_lock(self.path):
+            with dir_lock(self.path):
                 self._refresh_committed()
                 dup = [r.request_id for r in records if r.request_id in self._foreign_ids]
                 if dup:
@@ -442,9 +442,9 @@ class TraceWriter:
                 arrivals = list(range(first, first + len(records)))
                 E.write_synced(E.requests_table(records, arrivals), req_tmp, compression="zstd")
                 os.replace(act_tmp, self._act_dir / name)
-                _fsync_dir(self._act_dir)
+                fsync_dir(self._act_dir)
                 os.replace(req_tmp, self._req_dir / name)  # the commit point
-                _fsync_dir(self._req_dir)
+                fsync_dir(self._req_dir)
                 self._seen_parts.add(name)
                 self._foreign_ids.update(r.request_id for r in records)
                 self._max_arrival = first + len(records) - 1

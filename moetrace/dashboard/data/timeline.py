@@ -261,10 +261,6 @@ def match_runtime(rr: RangeReplay, rec: RecordedTimeline, offset: int | None) ->
     return RuntimeMatch(lanes, k, agree)
 
 
-def _bin_size(num_passes: int, num_lanes: int, max_cells: int) -> int:
-    return max(1, math.ceil(num_passes * max(num_lanes, 1) / max_cells))
-
-
 def lane_rows(
     lanes: Lanes,
     rr: RangeReplay,
@@ -279,7 +275,7 @@ def lane_rows(
     keep = np.isin(lanes.layer, np.asarray(list(shown_layers), np.int64))
     if phase != "all":
         keep &= lanes.phase == (0 if phase == "prefill" else 1)
-    size = _bin_size(rr.num_passes, len(shown_layers), max_cells)
+    size = bin_size(rr, len(shown_layers), max_cells)
     ev_of = np.repeat(np.arange(lanes.layer.shape[0]), np.diff(lanes.ptr))
     acc = keep[ev_of]
     codes = np.array([_CODE_CATEGORY[c] for c in range(4)], dtype=object)
@@ -344,7 +340,7 @@ def _span(requests: tuple[str, ...], p0: int, p1: int) -> str:
 
 def bin_size(rr: RangeReplay, num_lanes: int, max_cells: int = MAX_CELLS) -> int:
     """Passes per drawn cell for ``num_lanes`` lanes."""
-    return _bin_size(rr.num_passes, num_lanes, max_cells)
+    return max(1, math.ceil(rr.num_passes * max(num_lanes, 1) / max_cells))
 
 
 def hit_rate(lanes: Lanes) -> float | None:
