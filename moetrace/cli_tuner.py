@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,35 @@ def _param(
     return tuple(out)
 
 
+def _queue_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The queue model's options, shared by simulate and tune."""
+    for opt in reversed((
+        click.option("--batch-size", type=click.IntRange(1), default=None,
+                     help="Requests run together (queue model; tune default 1)."),
+        click.option("--batching", type=click.Choice(["continuous", "static"]), default=None,
+                     help="Queue model: join a running batch when a place frees (continuous) "
+                     "or wait for the whole batch (static)."),
+        click.option("--arrival-rate", type=click.FloatRange(min=0, min_open=True),
+                     default=None, help="Queue model: Poisson arrivals at this many requests/s "
+                     "(default: the recorded arrival times, else all waiting at once)."),
+    )):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+def schedule_table(rows: list[dict[str, Any]]) -> str:
+    """Schedulers side by side: hit rate, bytes moved, latencies, queue length."""
+    out = [f"{'scheduler':<34} {'hit':>6} {'GB moved':>9} {'mean s':>8} {'p99 s':>8} "
+           f"{'wait s':>7} {'waiting':>7} {'overtaken':>9}"]  # fmt: skip
+    for r in rows:
+        out.append(
+            f"{r['name'][:34]:<34} {_fmt(r['hit_rate']):>6} {r['bytes_moved'] / 1e9:>9.3f} "
+            f"{r['mean_latency_s']:>8.3f} {r['p99_latency_s']:>8.3f} {r['mean_wait_s']:>7.2f} "
+            f"{r['mean_waiting']:>7.1f} {r['max_overtaken']:>9}"
+        )
+    return "\n".join(out)
+
+
 def _add_simulate(group: click.Group) -> None:
     @group.command("simulate")
     @click.argument("trace", type=click.Path(exists=True, file_okay=False))
@@ -305,6 +335,14 @@ def _add_simulate(group: click.Group) -> None:
     @click.option("--bytes-per-expert", type=int, help="Override the manifest's bytes_per_expert.")
     @click.option("--per-layer", is_flag=True, help="Also print per-layer, per-phase metrics.")
     @click.option("--json", "json_out", type=OutputFile(), help="Write results as JSON here.")
+    @_queue_options
+    @click.option(
+        "--scheduler", help="Replay as a served queue under this scheduler (fcfs, affinity)."
+    )
+    @click.option(
+        "--scheduler-param", "scheduler_params", multiple=True, callback=_param, metavar="K=V",
+        help="Scheduler parameter (repeatable), e.g. max_overtakes=16.",
+    )  # fmt: skip
     def simulate_cmd(trace: str, json_out: str | None, per_layer: bool, **kw: Any) -> None:
         """Replay TRACE under a plan or a named policy; print hit rate, prefetch precision
         and recall, bytes moved, stall per token and modeled tokens/s.
@@ -318,9 +356,22 @@ def _add_simulate(group: click.Group) -> None:
           moetrace simulate out/llama4 --policy belady --cache 16 --prefetch oracle
           moetrace simulate out/llama4 --plan plan.json --hardware pcie5-x16 --json sim.json
         """
-        from moetrace.tuner.sim.trace import SimulateRequest, simulate_trace
+        from moetrace.tuner.sim.trace import SimulateRequest, simulate_queue_trace, simulate_trace
 
-        plan, result = simulate_trace(trace, SimulateRequest(**kw))
+        req = SimulateRequest(**kw)
+        if req.queued:
+            plan, queued = simulate_queue_trace(trace, req)
+            q = queued.summary()
+            click.echo(
+                f"{q['scheduler']} {q['params']}: {q['requests']} requests ({q['arrivals']} "
+                f"arrivals), batches of up to {q['batch_size']} ({q['batching']}), {q['steps']} steps"
+            )
+            click.echo(schedule_table([{"name": q["scheduler"], **q}]))
+            if json_out:
+                write_output(json_out, json.dumps(q, indent=1) + "\n")
+                click.echo(f"wrote {json_out}")
+            return
+        plan, result = simulate_trace(trace, req)
         s = result.summary()
         click.echo(f"{result.label}: layout {plan.layout.kind}, {plan.layout.total_slots} slots")
         click.echo(_table([{"name": result.label, **s}]))
@@ -392,11 +443,19 @@ def _add_tune(group: click.Group) -> None:
         metavar="SPLIT",
         help="Splits the plan is judged on but not chosen on (repeatable), e.g. shift.",
     )
+    @_queue_options
+    @click.option(
+        "--no-schedule", is_flag=True, help="Skip the scheduler search (the plan keeps FCFS)."
+    )
     def tune_cmd(
         traces: tuple[str, ...],
         out: str,
         split_by: tuple[str, ...],
         judge_by: tuple[str, ...],
+        batch_size: int | None,
+        batching: str | None,
+        arrival_rate: float | None,
+        no_schedule: bool,
         **kw: Any,
     ) -> None:
         """Tune an offloading plan on part of the requests of TRACES and report it against
@@ -417,9 +476,14 @@ def _add_tune(group: click.Group) -> None:
           moetrace tune out/llama4 --budget 12.5% --judge-by shift --out plan.json
         """
         from moetrace.store.plan import save_plan
+        from moetrace.tuner.sched.search import QueueSettings
         from moetrace.tuner.tune import TuneConfig, tune
 
-        config = TuneConfig(**kw, splits=split_by or ("time",), judge=judge_by)
+        queue = None
+        if not no_schedule:
+            queue = QueueSettings(batch_size or 1, batching or "continuous", arrival_rate,
+                                  kw["seed"])  # fmt: skip
+        config = TuneConfig(**kw, splits=split_by or ("time",), judge=judge_by, queue=queue)
         result = tune(list(traces), config, on_progress=plain_progress("tune", "candidates"))
         save_plan(result.plan, out)
         p = result.plan
@@ -455,4 +519,17 @@ def _add_tune(group: click.Group) -> None:
                 f"fallback: the search chose {fb['from']!r}, which loses to LRU on "
                 f"{fb['reason']}; wrote {fb['to']!r} instead"
             )
+        sched = p.expected.get("schedule")
+        if sched:
+            sc = p.schedule
+            click.echo(
+                f"\nschedule: {sc.scheduler} {dict(sc.params)} (batches of up to {sc.batch_size}, "
+                f"{sc.batching}); vs FCFS on every split's validation requests:"
+            )
+            for sp in sched["splits"]:
+                click.echo(f"[{sp['name']}]")
+                click.echo(schedule_table(sp["rows"]))
+            if sched["fallback"]:
+                fb = sched["fallback"]
+                click.echo(f"schedule fallback: {fb['from']!r} loses on {fb['reason']}; wrote FCFS")
         click.echo(f"wrote {out} ({result.seconds:.1f}s)")

@@ -222,6 +222,14 @@ PLAN_DAMAGE: dict[str, tuple[str | Callable[[dict], Any], str]] = {
         lambda p: p.update(format_version=1, adaptation={}),
         r"'adaptation' needs format_version 2",
     ),
+    "schedule-in-v2": (
+        lambda p: p.update(format_version=2, schedule={}),
+        r"'schedule' needs format_version 3",
+    ),
+    "schedule-bad-batch": (
+        lambda p: p.update(schedule={"batch_size": 0}),
+        r"schedule.batch_size must be an integer >= 1",
+    ),
     "negative-capacity": (
         lambda p: p["layout"].update(capacities=[-1] + p["layout"]["capacities"][1:]),
         r"capacit|>= 0|negative",

@@ -1,12 +1,12 @@
-"""Plan format v2: the single schema of offloading plan files (docs/plan-format.md).
+"""Plan format v3: the single schema of offloading plan files (docs/plan-format.md).
 
 A plan is a JSON file the tuner writes and the runtime reads: which model it is for, the
 expert-slot budget and its layout, pinned experts, the eviction policy and prefetcher with
 their parameters and tables, per-phase overrides, the worst-case memory it needs, where it
 came from, the metrics expected on the validation splits and (since v2) how the cache
-adapts when the traffic drifts. v1 files still load (no drift detection). Every dataclass
-validates on
-construction; :func:`load_plan` turns any malformed file into a :class:`PlanError` that
+adapts when the traffic drifts, and (since v3) how waiting requests are ordered and batched.
+v1 and v2 files still load (no drift detection before v2; first come, first served before
+v3). Every dataclass validates on construction; :func:`load_plan` turns any malformed file into a :class:`PlanError` that
 names the file and the field.
 """
 
@@ -27,9 +27,12 @@ from moetrace.store.files import write_text_atomic
 from moetrace.store.schema import PHASES, Manifest, ModelInfo
 
 PLAN_FORMAT = "moetrace-plan"
-PLAN_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+PLAN_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 LAYOUT_KINDS = ("per_layer", "pool")
+BATCHING = ("continuous", "static")
+"""``continuous``: a request joins the running batch as soon as a place is free (vLLM,
+SGLang); ``static``: a batch runs until all its requests finish (``generate`` on a batch)."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -228,6 +231,31 @@ class Adaptation:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """How waiting requests are ordered and batched (format v3): a scheduler by registry
+    name (:mod:`moetrace.tuner.sched.schedulers`) and its parameters, at most
+    ``batch_size`` requests running together, ``continuous`` or ``static`` batching.
+    The default (every plan before v3) is first come, first served, one at a time."""
+
+    scheduler: str = "fcfs"
+    batch_size: int = 1
+    batching: str = "continuous"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.scheduler), "schedule.scheduler must not be empty")
+        _require(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"schedule.batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
+        _require(
+            self.batching in BATCHING,
+            f"schedule.batching must be one of {BATCHING}, got {self.batching!r}",
+        )
+        object.__setattr__(self, "params", _json_value(dict(self.params), "schedule.params"))
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a plan came from: traces, the request split, seed and tool version."""
 
@@ -258,7 +286,8 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Plan:
-    """An offloading plan (format v2; v1 files load with adaptation off)."""
+    """An offloading plan (format v3; v1 files load with adaptation off, v1 and v2 with
+    first come, first served scheduling)."""
 
     routing: RoutingShape
     budget: Budget
@@ -271,6 +300,7 @@ class Plan:
     expected: Mapping[str, Any] = field(default_factory=dict)
     """Metrics measured on the validation split: the plan's and the baselines'."""
     adaptation: Adaptation = field(default_factory=Adaptation)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     format_version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -394,6 +424,10 @@ class Plan:
                 data["format_version"] >= 2 or "adaptation" not in data,
                 "field 'adaptation' needs format_version 2",
             )
+            _require(
+                data["format_version"] >= 3 or "schedule" not in data,
+                "field 'schedule' needs format_version 3",
+            )
             known = {f.name for f in dataclasses.fields(cls)} | {"format"}
             extra = sorted(set(data) - known)
             _require(not extra, f"unknown field {extra[0]!r}" if extra else "")
@@ -414,6 +448,7 @@ class Plan:
                 adaptation=_build(Adaptation, data, "adaptation", optional=True)
                 if data["format_version"] >= 2
                 else Adaptation(),
+                schedule=_build(ScheduleConfig, data, "schedule", optional=True),
             )
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None

@@ -8,6 +8,7 @@ fitted on; the chosen configuration is then refitted on the whole tune split.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -31,6 +32,15 @@ from moetrace.store.plan import (
     Provenance,
 )
 from moetrace.tuner.policy.events import Events
+from moetrace.tuner.sched.arrivals import recorded_arrivals
+from moetrace.tuner.sched.search import (
+    P99_LIMIT,
+    QueueSettings,
+    choose_schedule,
+    judge_schedule,
+    loses_to_fcfs,
+    schedule_name,
+)
 from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import mrc_layout, pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
@@ -104,7 +114,9 @@ class TuneConfig:
     over these splits. ``judge``: splits the plan is only judged on (not chosen on), e.g.
     the ``shift`` stress test. The plan written is never worse than LRU on any split
     (chosen or judged) by more than ``tolerance`` (hit rate without prefetch, and
-    relative stall per token).
+    relative stall per token). The plan's schedule (:mod:`moetrace.tuner.sched`) is
+    chosen under ``queue`` on the random split's tune part, judged against FCFS on every
+    split, and FCFS is written where it loses (more bytes, or p99 latency over the limit).
     """
 
     budget: str
@@ -117,6 +129,8 @@ class TuneConfig:
     splits: tuple[str, ...] = ("time",)
     tolerance: float = TOLERANCE
     judge: tuple[str, ...] = ()
+    queue: QueueSettings | None = field(default_factory=QueueSettings)
+    """How the queue is modeled for the schedule search (None: no search, FCFS)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
@@ -459,9 +473,51 @@ def tune(
         "tolerance": config.tolerance,
         "fallback": fallback,
     }
+    if config.queue is not None:
+        if config.order != "arrival":
+            log.warning("the schedule search needs order 'arrival'; the plan keeps FCFS")
+        else:
+            recorded = recorded_arrivals(loaded.paths, loaded.routing.request_ids)
+            plan, expected["schedule"] = _tune_schedule(
+                plan, [(sp, p, ev(sp.tune), shifted(sp, sp.validation)) for sp, p in
+                       zip(splits, plans, strict=True)], hw, bpe, config, recorded,
+            )  # fmt: skip
     plan = replace(plan, expected=expected)
     return TuneResult(plan, validation, search.log, time.perf_counter() - t0, per_split,
                       fallback)  # fmt: skip
+
+
+def _tune_schedule(
+    plan: Plan,
+    per_split: list[tuple[Split, Plan, Events, Events]],
+    hw: HardwareProfile,
+    bpe: int | None,
+    config: TuneConfig,
+    recorded: np.ndarray | None,
+) -> tuple[Plan, dict[str, Any]]:
+    """Choose the schedule on the first split's tune part; judge it against FCFS on every
+    split's validation part under that split's plan; FCFS when it loses on any."""
+    q = config.queue
+    assert q is not None
+    chosen, search = choose_schedule(plan, per_split[0][2], hw, q, bpe, recorded)
+    fallback = None
+    for attempt in (chosen, q.config("fcfs", {})):
+        splits = []
+        for sp, p, _, val in per_split:
+            rows = judge_schedule(replace(p, schedule=attempt), val, hw, q, bpe, recorded)
+            splits.append({"name": sp.name, "validation_requests": len(sp.validation),
+                           "rows": rows})  # fmt: skip
+        losing = [(s["name"], why) for s in splits
+                  if (why := loses_to_fcfs(s["rows"], config.tolerance)) is not None]  # fmt: skip
+        if not losing or attempt.scheduler == "fcfs":
+            break
+        name = schedule_name(attempt.scheduler, dict(attempt.params))
+        fallback = {"from": name, "to": "fcfs", "reason": f"split {losing[0][0]}: {losing[0][1]}"}
+        log.warning("schedule %r loses to FCFS on split %s (%s); the plan keeps FCFS",
+                    name, *losing[0])  # fmt: skip
+    info = {"settings": dataclasses.asdict(q), "p99_limit": P99_LIMIT, "search": search,
+            "splits": splits, "fallback": fallback}  # fmt: skip
+    return replace(plan, schedule=attempt), info
 
 
 def without_prefetch(plan: Plan) -> Plan:

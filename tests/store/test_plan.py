@@ -1,4 +1,4 @@
-"""Plan format v1: round trip, validation errors naming file and field, compatibility."""
+"""Plan format v3 (reads v1, v2): round trip, validation errors naming file and field, compatibility."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from moetrace.store.plan import (
     PrefetchConfig,
     Provenance,
     RoutingShape,
+    ScheduleConfig,
     load_plan,
     save_plan,
 )
@@ -81,6 +82,15 @@ caps = st.lists(st.integers(0, 8), min_size=1, max_size=5)
         margin=st.floats(0, 0.99),
         halflife=st.floats(0.01, 100),
     ),
+    schedule=st.builds(
+        ScheduleConfig,
+        scheduler=st.sampled_from(["fcfs", "affinity"]),
+        batch_size=st.integers(1, 512),
+        batching=st.sampled_from(["continuous", "static"]),
+        params=st.dictionaries(
+            st.sampled_from(["max_wait", "window", "probe_layers"]), st.floats(0, 1e4), max_size=3
+        ),
+    ),
 )
 def test_round_trip_hypothesis(
     caps: list[int],
@@ -91,6 +101,7 @@ def test_round_trip_hypothesis(
     table: list[list[float]],
     seed: int,
     adaptation: Adaptation,
+    schedule: ScheduleConfig,
 ) -> None:
     L = len(caps)
     layout = (
@@ -107,16 +118,23 @@ def test_round_trip_hypothesis(
         prefetch=PrefetchConfig("learned", 2, fetch, {}, {"w": table}),
         provenance=Provenance(seed=seed),
         adaptation=adaptation,
+        schedule=schedule,
     )
     again = Plan.from_json(json.loads(p.dumps()))
     assert again == p
     assert again.to_json() == p.to_json()
-    v1 = json.loads(p.dumps())  # the same plan as format v1 wrote it: no adaptation section
+    v2 = json.loads(p.dumps())  # the same plan as format v2 wrote it: no schedule section
+    v2["format_version"] = 2
+    del v2["schedule"]
+    old2 = Plan.from_json(v2)
+    assert old2.schedule == ScheduleConfig() and old2.schedule.batch_size == 1
+    assert replace(old2, schedule=schedule) == p
+    v1 = dict(v2)  # format v1: no adaptation section either
     v1["format_version"] = 1
     del v1["adaptation"]
     old = Plan.from_json(v1)
     assert old.adaptation == Adaptation() and old.adaptation.window == 0
-    assert replace(old, adaptation=adaptation) == p
+    assert replace(old, adaptation=adaptation, schedule=schedule) == p
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -137,8 +155,14 @@ def write(tmp_path: Path, data: object) -> Path:
             r"pinned\[0\] pins 5 experts > layer capacity 4",
         ),
         (lambda d: d["eviction"].update(pinned=[[9], []]), "out of range"),
-        (lambda d: d.update(format_version=3), "format version 3 is not supported"),
+        (lambda d: d.update(format_version=4), "format version 4 is not supported"),
         (lambda d: d.update(format_version=1), "'adaptation' needs format_version 2"),
+        (lambda d: d.update(format_version=2), "'schedule' needs format_version 3"),
+        (lambda d: d["schedule"].update(batch_size=0), "schedule.batch_size must be"),
+        (lambda d: d["schedule"].update(batch_size=2.5), "field schedule.batch_size must be"),
+        (lambda d: d["schedule"].update(batching="dynamic"), "schedule.batching must be one of"),
+        (lambda d: d["schedule"].update(scheduler=""), "schedule.scheduler must not be"),
+        (lambda d: d["schedule"].update(order=1), "unknown field schedule.order"),
         (lambda d: d["adaptation"].update(window=-1), "adaptation.window must be"),
         (lambda d: d["adaptation"].update(margin=1.5), r"adaptation.margin must be in \[0, 1\)"),
         (lambda d: d["adaptation"].update(fallback=""), "adaptation.fallback must not be"),

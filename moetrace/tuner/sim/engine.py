@@ -96,10 +96,13 @@ def simulate(
     bytes_per_expert: int | None = None,
     label: str = "",
     record: bool = False,
+    release: np.ndarray | None = None,
 ) -> SimResult:
     """Replay ``events`` under ``plan``: demand hits, prefetch accuracy, link time, stalls.
     ``record``: also keep what happened to every access and at every event
-    (:attr:`SimResult.timeline`, the same kernel recording as it counts)."""
+    (:attr:`SimResult.timeline`, the same kernel recording as it counts).
+    ``release``: per event, the earliest second it may start (the queue model's
+    arrivals, :mod:`moetrace.tuner.sched`); the device idles until then."""
     L, E = events.num_layers, events.num_experts
     if (plan.routing.num_layers, plan.routing.num_experts) != (L, E):
         raise PlanError(
@@ -131,6 +134,7 @@ def simulate(
         float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
         hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
         *K.scratch(st.slot_key.shape[0], E, pf_exp.shape[0]), *rec,
+        np.zeros(0) if release is None else np.ascontiguousarray(release, np.float64),
     )  # fmt: skip
     return SimResult(
         label=label or f"{plan.eviction.policy}+{plan.prefetch.name}",

@@ -50,6 +50,7 @@ def replay(
     rec_wasted,
     rec_issued,
     rec_stall,
+    release,
 ):
     """Replay events through the cache ``st``/``cfg``; fill ``stats`` (NUM_STATS, L, 2).
     Returns the total seconds. Scratch arrays come from the caller (nothing here
@@ -60,9 +61,14 @@ def replay(
     nothing): ``rec_outcome`` (accesses,) int8 gets each access's ``O_*``;
     per event, ``rec_wasted`` (int64) the unused prefetches evicted there (by its demand
     loads or by the prefetches it issued), ``rec_issued`` (int64) the prefetches it issued
-    and ``rec_stall`` (float64) its stall seconds."""
+    and ``rec_stall`` (float64) its stall seconds.
+
+    ``release`` (float64, per event; zero-length: none): the earliest time each event may
+    start (the queue model's arrivals); the device idles until then while the link goes on
+    loading what was queued."""
     n_ev = ev_layer.shape[0]
     rec = rec_outcome.shape[0] > 0
+    released = release.shape[0] > 0
     E = cfg.num_experts
     xfer = bpe / bw
     now = 0.0
@@ -71,6 +77,8 @@ def replay(
         lay = ev_layer[i]
         ph = ev_phase[i]
         lo, hi = ev_ptr[i], ev_ptr[i + 1]
+        if released and release[i] > now:
+            now = release[i]
         core.event(st, cfg, lay, ph, ev_exp[lo:hi], i, out)
         need = now
         for j in range(hi - lo):

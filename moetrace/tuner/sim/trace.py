@@ -5,20 +5,31 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moetrace.errors import AnalysisError, ConfigError
 from moetrace.store.arrays import Routing, load_routing
 from moetrace.store.budget import parse_budget as budget_spec
-from moetrace.store.hardware import load_hardware
-from moetrace.store.plan import CacheLayout, Plan, PrefetchConfig, RoutingShape, load_plan
+from moetrace.store.hardware import HardwareProfile, load_hardware
+from moetrace.store.plan import (
+    CacheLayout,
+    Plan,
+    PrefetchConfig,
+    RoutingShape,
+    ScheduleConfig,
+    load_plan,
+)
 from moetrace.store.reader import open_trace
 from moetrace.store.schema import ModelInfo
 from moetrace.tuner.policy.events import Events, build_events
 from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import pool_layout, uniform_layout
 from moetrace.tuner.sim.metrics import SimResult
+
+if TYPE_CHECKING:
+    from moetrace.tuner.sched.queue import QueueResult
 
 
 def parse_budget(text: str, num_layers: int, num_experts: int, bytes_per_expert: int | None) -> int:
@@ -120,6 +131,22 @@ class SimulateRequest:
     granularity: str = "pass"
     phase: str | None = None
     bytes_per_expert: int | None = None
+    scheduler: str | None = None
+    """Replay as a served queue (:mod:`moetrace.tuner.sched`) under this scheduler; with
+    a plan, None keeps the plan's own schedule when ``batch_size`` is given."""
+    scheduler_params: tuple[tuple[str, float], ...] = ()
+    batch_size: int | None = None
+    batching: str | None = None
+    arrival_rate: float | None = None
+    seed: int = 0
+
+    @property
+    def queued(self) -> bool:
+        """Whether the queue model runs (a scheduler, batch or arrival rate asked for)."""
+        return any(
+            v is not None
+            for v in (self.scheduler, self.batch_size, self.batching, self.arrival_rate)
+        )
 
     def __post_init__(self) -> None:
         if (self.plan is None) == (self.policy is None):
@@ -137,6 +164,40 @@ class SimulateRequest:
 def simulate_trace(trace: str | os.PathLike[str], req: SimulateRequest) -> tuple[Plan, SimResult]:
     """Replay a trace under a plan file, or under a named policy (tables fitted on the
     same trace: in-sample) with a cache size or budget."""
+    plan, ev, hardware, bpe, _ = _setup(trace, req)
+    return plan, simulate(ev, plan, hardware, bytes_per_expert=bpe)
+
+
+def simulate_queue_trace(
+    trace: str | os.PathLike[str], req: SimulateRequest
+) -> tuple[Plan, QueueResult]:
+    """Replay a trace as a served queue: its requests arrive (recorded times, or a Poisson
+    process at ``req.arrival_rate``, or all at once) and run in batches under a scheduler
+    (see :mod:`moetrace.tuner.sched.queue`)."""
+    from moetrace.tuner.sched.arrivals import recorded_arrivals
+    from moetrace.tuner.sched.queue import simulate_queue
+
+    if req.order != "arrival" or req.phase is not None:
+        raise ConfigError("the queue model replays whole requests in arrival order")
+    plan, ev, hardware, bpe, loaded = _setup(trace, req)
+    own = plan.schedule
+    sched = ScheduleConfig(
+        req.scheduler or own.scheduler,
+        req.batch_size or own.batch_size,
+        req.batching or own.batching,
+        dict(req.scheduler_params) if req.scheduler else dict(own.params),
+    )
+    recorded = recorded_arrivals(loaded.paths, loaded.routing.request_ids)
+    result = simulate_queue(
+        ev, plan, hardware, schedule=sched, arrival_rate=req.arrival_rate,
+        recorded_arrivals=recorded, seed=req.seed, bytes_per_expert=bpe,
+    )  # fmt: skip
+    return plan, result
+
+
+def _setup(
+    trace: str | os.PathLike[str], req: SimulateRequest
+) -> tuple[Plan, Events, HardwareProfile, int | None, LoadedTraces]:
     hardware = load_hardware(req.hardware)
     loaded = load_traces([trace], order=req.order)
     ev = events_for(loaded, order=req.order, granularity=req.granularity, phase=req.phase)
@@ -168,4 +229,4 @@ def simulate_trace(trace: str | os.PathLike[str], req: SimulateRequest) -> tuple
             PrefetchConfig(req.prefetch, lookahead=req.lookahead, fetch=req.fetch),
             bytes_per_expert=bpe,
         )
-    return plan, simulate(ev, plan, hardware, bytes_per_expert=bpe)
+    return plan, ev, hardware, bpe, loaded

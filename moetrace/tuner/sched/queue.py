@@ -1,0 +1,229 @@
+"""The queue model: requests arrive, wait, and run in batches under a scheduler.
+
+A server runs at most ``batch_size`` requests together, one forward pass (a *step*) at a
+time: each running request contributes its next pass (its prefill, then one decode token
+per step). ``continuous`` batching admits waiting requests whenever a place is free;
+``static`` batching admits a new batch only when the last one has finished.
+
+The schedule is decided in simulated time: each step lasts its compute plus its expected
+stall; the expected stall per expert access is what the previous round's replay measured
+(``rounds`` rounds, the first without stalls). The chosen schedule's batched events are
+then replayed once through the simulator (:func:`moetrace.tuner.sim.engine.simulate`, the
+same kernel and cache code as every replay), each step released no earlier than its
+requests' arrival, and the latencies read off that replay's clock: queueing, prefill and
+decode with their stalls, per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moetrace.errors import ConfigError
+from moetrace.store.hardware import HardwareProfile
+from moetrace.store.plan import Plan, ScheduleConfig
+from moetrace.tuner.policy.events import Events
+from moetrace.tuner.sched.arrivals import arrival_times
+from moetrace.tuner.sched.schedulers import QueueView, Scheduler, get_scheduler
+from moetrace.tuner.sched.workload import Workload, merge_passes, workload
+from moetrace.tuner.sim.engine import simulate
+from moetrace.tuner.sim.metrics import SimResult
+
+log = logging.getLogger(__name__)
+
+RECENT_DECAY = 0.5
+"""Weight of the earlier admissions in the scheduler's view of the cache's content, per
+admitted request."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which pass runs in which step, and when each request was admitted."""
+
+    step_of_pass: np.ndarray  # int64 (n_pass,)
+    order: np.ndarray  # int64 request indices in admission order
+    batches: tuple[tuple[int, ...], ...]  # requests admitted together, in order
+    num_steps: int
+
+
+def plan_steps(
+    w: Workload,
+    scheduler: Scheduler,
+    config: ScheduleConfig,
+    arrival: np.ndarray,
+    seconds: np.ndarray,
+) -> Schedule:
+    """Decide the schedule; a step with passes P is taken to last ``seconds[P].sum()``
+    (each pass's compute and expected stall)."""
+    n, B = w.num_requests, config.batch_size
+    static = config.batching == "static"
+    step_of_pass = np.full(int(w.pass_ptr[-1]), -1, np.int64)
+    overtaken = np.zeros(n, np.int64)
+    recent = np.zeros(w.signature.shape[1])
+    waiting: list[int] = []
+    running: deque[list[int]] = deque()  # [request, next pass]
+    order: list[int] = []
+    batches: list[tuple[int, ...]] = []
+    now, nxt, step = 0.0, 0, 0
+    while nxt < n or waiting or running:
+        while nxt < n and arrival[nxt] <= now:
+            waiting.append(nxt)
+            nxt += 1
+        free = (B if not running else 0) if static else B - len(running)
+        if free > 0 and waiting:
+            view = QueueView(now, np.asarray(waiting, np.int64),
+                             np.asarray([r for r, _ in running], np.int64), w.signature,
+                             recent, arrival, overtaken)  # fmt: skip
+            picked = scheduler.pick(view, free)
+            if not picked or len(set(picked)) != len(picked) or not set(picked) <= set(waiting):
+                raise ConfigError(f"scheduler {scheduler.name!r} picked {picked} of {waiting}")
+            for r in picked:
+                waiting.remove(r)
+                running.append([r, int(w.pass_ptr[r])])
+                recent = RECENT_DECAY * recent + w.signature[r]
+            later = np.sort(np.asarray(picked))
+            if waiting:
+                wa = np.asarray(waiting)
+                overtaken[wa] += len(later) - np.searchsorted(later, wa, side="right")
+            order += picked
+            batches.append(tuple(picked))
+        if not running:
+            now = max(now, float(arrival[nxt]))
+            continue
+        passes = [p for _, p in running]
+        step_of_pass[passes] = step
+        now += float(seconds[passes].sum())
+        step += 1
+        for item in list(running):
+            item[1] += 1
+            if item[1] == w.pass_ptr[item[0] + 1]:
+                running.remove(item)
+    return Schedule(step_of_pass, np.asarray(order, np.int64), tuple(batches), step)
+
+
+@dataclass(frozen=True)
+class QueueResult:
+    """A scheduled replay: the simulator's counters and each request's modeled times."""
+
+    sim: SimResult
+    schedule: Schedule
+    config: ScheduleConfig
+    arrivals: str
+    arrival: np.ndarray  # seconds, per request (arrival order)
+    start: np.ndarray  # when its first pass started
+    finish: np.ndarray  # when its last pass ended
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency(self) -> np.ndarray:
+        return self.finish - self.arrival
+
+    @property
+    def wait(self) -> np.ndarray:
+        return self.start - self.arrival
+
+    def summary(self) -> dict[str, Any]:
+        s = self.sim.summary()
+        lat, makespan = self.latency, float(self.finish.max() - self.arrival.min())
+        return {
+            "scheduler": self.config.scheduler,
+            "params": dict(self.config.params),
+            "batch_size": self.config.batch_size,
+            "batching": self.config.batching,
+            "arrivals": self.arrivals,
+            "requests": len(lat),
+            "steps": self.schedule.num_steps,
+            "hit_rate": s["hit_rate"],
+            "bytes_moved": s["bytes_moved"],
+            "stall_per_token_ms": s["stall_per_token_ms"],
+            "tokens_per_s": s["tokens"] / makespan if makespan > 0 else 0.0,
+            "mean_latency_s": float(lat.mean()),
+            "p50_latency_s": float(np.percentile(lat, 50)),
+            "p99_latency_s": float(np.percentile(lat, 99)),
+            "max_latency_s": float(lat.max()),
+            "mean_wait_s": float(self.wait.mean()),
+            "mean_waiting": float(self.wait.sum() / makespan) if makespan > 0 else 0.0,
+            "max_overtaken": int(self.extra.get("max_overtaken", 0)),
+        }
+
+
+def step_clock(
+    events: Events, stall: np.ndarray, hw: HardwareProfile, release: np.ndarray
+) -> np.ndarray:
+    """End second of every event, as the kernel's clock runs: it waits for the event's
+    release, stalls, then computes."""
+    c = hw.layer_compute_base_us * 1e-6 + hw.layer_compute_per_token_us * 1e-6 * events.tokens
+    d = np.cumsum(stall + c)
+    before = np.concatenate(([0.0], d[:-1]))
+    return d + np.maximum(np.maximum.accumulate(release - before), 0.0)
+
+
+def simulate_queue(
+    events: Events,
+    plan: Plan,
+    hardware: HardwareProfile,
+    *,
+    schedule: ScheduleConfig | None = None,
+    arrival_rate: float | None = None,
+    recorded_arrivals: np.ndarray | None = None,
+    seed: int = 0,
+    rounds: int = 2,
+    bytes_per_expert: int | None = None,
+    label: str = "",
+) -> QueueResult:
+    """Replay ``events`` (per request, arrival order) as a served queue under ``schedule``
+    (default: the plan's) and ``plan``'s cache. Arrivals: a Poisson process at
+    ``arrival_rate``, else ``recorded_arrivals`` (seconds, indexed by the events' request
+    index) when given, else a backlog (every request waiting at 0)."""
+    cfg = schedule or plan.schedule
+    scheduler = get_scheduler(cfg)
+    w = workload(events, scheduler.probe_layers)
+    rec = None if recorded_arrivals is None else np.asarray(recorded_arrivals)[w.request]
+    arrival, kind = arrival_times(w.num_requests, arrival_rate, seed, rec)
+    compute = hardware.layer_compute_base_us * 1e-6 * events.num_layers
+    seconds = (
+        compute + hardware.layer_compute_per_token_us * 1e-6 * events.num_layers * w.pass_tokens
+    )
+    per_access = 0.0
+    result = None
+    for _ in range(max(1, rounds)):
+        sched = plan_steps(w, scheduler, cfg, arrival, seconds + per_access * w.pass_accesses)
+        batched = merge_passes(events, sched.step_of_pass)
+        first = np.full(sched.num_steps, -np.inf)
+        pass_req = np.repeat(np.arange(w.num_requests), np.diff(w.pass_ptr))
+        np.maximum.at(first, sched.step_of_pass, arrival[pass_req])
+        release = first[batched.pass_id.astype(np.int64)]
+        result = simulate(batched, plan, hardware, bytes_per_expert=bytes_per_expert,
+                          label=label or cfg.scheduler, record=True, release=release)  # fmt: skip
+        assert result.timeline is not None
+        stall = result.timeline.stall_s
+        per_access = float(stall.sum()) / max(1, int(w.pass_accesses.sum()))
+    assert result is not None
+    end = step_clock(batched, stall, hardware, release)
+    step_end = np.zeros(sched.num_steps)
+    np.maximum.at(step_end, batched.pass_id.astype(np.int64), end)
+    step_start = np.concatenate(([0.0], step_end[:-1]))
+    step_start = np.maximum(step_start, first)
+    first_pass, last_pass = w.pass_ptr[:-1], w.pass_ptr[1:] - 1
+    start = step_start[sched.step_of_pass[first_pass]]
+    finish = step_end[sched.step_of_pass[last_pass]]
+    over = _max_overtaken(sched.order)
+    return QueueResult(result, sched, cfg, kind, arrival, start, finish,
+                       {"max_overtaken": over})  # fmt: skip
+
+
+def _max_overtaken(order: np.ndarray) -> int:
+    """The most later-arriving requests admitted before any request."""
+    if len(order) == 0:
+        return 0
+    pos = np.empty(len(order), np.int64)
+    pos[order] = np.arange(len(order))
+    # request r is overtaken by every later request admitted before it
+    worst = 0
+    for r in range(len(order)):
+        worst = max(worst, int((order[: pos[r]] > r).sum()))
+    return worst

@@ -1,0 +1,136 @@
+"""What the queue model schedules: requests (their passes, arrival times, probe signatures)
+and the batched events a schedule turns them into.
+
+A request's routing does not depend on the requests it runs with (MoE routers see one
+token at a time), so a batched forward pass needs, at each MoE layer, the union of what
+its requests' own passes need there: :func:`merge_passes` builds those events from the
+per-request ones, whatever the schedule, for the simulator's one replay kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from moetrace.errors import ConfigError
+from moetrace.tuner.policy.events import Events
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Requests in arrival order: their passes (consecutive ids), probe signatures, sizes."""
+
+    request: np.ndarray  # int32 (n,) the events' request index of each request
+    pass_ptr: np.ndarray  # int64 (n+1,): request i runs passes pass_ptr[i]..pass_ptr[i+1]-1
+    pass_tokens: np.ndarray  # int64 (n_pass,) tokens per pass
+    pass_accesses: np.ndarray  # int64 (n_pass,) expert accesses of each pass (all layers)
+    signature: np.ndarray  # float64 (n, probe_layers * E), rows of unit length (or zero)
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.request.shape[0])
+
+    def num_passes(self, i: int) -> int:
+        return int(self.pass_ptr[i + 1] - self.pass_ptr[i])
+
+
+def probe_signature(events: Events, first_pass: np.ndarray, probe_layers: int) -> np.ndarray:
+    """What a scheduler may know of a waiting request: the experts its prompt's tokens pick
+    at the first ``probe_layers`` MoE layers (token counts, unit length per request).
+
+    Layer 0's router needs no expert weights (only the dense layers before it), so the
+    runtime's probe of one layer loads nothing; deeper probes would."""
+    L, E = events.num_layers, events.num_experts
+    if not 1 <= probe_layers <= L:
+        raise ConfigError(f"probe_layers must be in [1, {L}], got {probe_layers}")
+    sig = np.zeros((len(first_pass), probe_layers * E))
+    for layer in range(probe_layers):
+        ev = events.pass_event[first_pass, layer]
+        for i in np.flatnonzero(ev >= 0).tolist():
+            lo, hi = events.ptr[ev[i]], events.ptr[ev[i] + 1]
+            sig[i, layer * E + events.experts[lo:hi].astype(np.int64)] = events.counts[lo:hi]
+    norm = np.linalg.norm(sig, axis=1, keepdims=True)
+    return np.divide(sig, norm, out=np.zeros_like(sig), where=norm > 0)
+
+
+def workload(events: Events, probe_layers: int = 1) -> Workload:
+    """The requests of ``events`` (built in arrival order, one pass per request step)."""
+    first = np.ones(events.num_events, bool)
+    first[1:] = events.pass_id[1:] != events.pass_id[:-1]
+    pass_req = np.zeros(events.num_passes, np.int64)
+    pass_req[events.pass_id[first]] = events.request[first]
+    if np.any(np.diff(pass_req) < 0):
+        raise ConfigError("the queue model needs events in arrival order (order='arrival')")
+    reqs, start = np.unique(pass_req, return_index=True)
+    ptr = np.append(start, events.num_passes).astype(np.int64)
+    pass_tokens = np.zeros(events.num_passes, np.int64)
+    np.maximum.at(pass_tokens, events.pass_id.astype(np.int64), events.tokens.astype(np.int64))
+    sizes = np.diff(events.ptr)
+    pass_acc = np.bincount(events.pass_id, weights=sizes, minlength=events.num_passes)
+    return Workload(
+        request=reqs.astype(np.int32),
+        pass_ptr=ptr,
+        pass_tokens=pass_tokens,
+        pass_accesses=pass_acc.astype(np.int64),
+        signature=probe_signature(events, ptr[:-1], probe_layers),
+    )
+
+
+def merge_passes(events: Events, step_of_pass: np.ndarray) -> Events:
+    """Events of batched passes: pass ``p`` runs in step ``step_of_pass[p]`` (steps
+    numbered 0..S-1, each non-empty); at each layer a step needs the union of its passes'
+    experts (token counts summed). A step with a prefill pass counts as prefill. The
+    per-token arrays are kept as they are (the same tokens run), and each step is owned by
+    its first request (prefetchers keyed by request see batches as that request)."""
+    L, E = events.num_layers, events.num_experts
+    step_of_pass = np.asarray(step_of_pass, np.int64)
+    if step_of_pass.shape != (events.num_passes,) or (step_of_pass < 0).any():
+        raise ConfigError("every pass needs a step >= 0")
+    S = int(step_of_pass.max()) + 1
+    ev_key = step_of_pass[events.pass_id.astype(np.int64)] * L + events.layer.astype(np.int64)
+    keys, inv = np.unique(ev_key, return_inverse=True)
+    if not np.array_equal(np.unique(keys // L), np.arange(S)):
+        raise ConfigError("steps must be numbered 0..S-1 without gaps")
+    n = len(keys)
+    phase = np.full(n, 1, np.int8)
+    np.minimum.at(phase, inv, events.phase)
+    tokens = np.zeros(n, np.int64)
+    np.add.at(tokens, inv, events.tokens.astype(np.int64))
+    request = np.full(n, np.iinfo(np.int32).max, np.int64)
+    np.minimum.at(request, inv, events.request.astype(np.int64))
+    ptr, experts, counts = _merge_csr(inv, n, events.ptr, events.experts, events.counts, E)
+    pass_event = np.full((S, L), -1, np.int64)
+    pass_event[keys // L, keys % L] = np.arange(n)
+    spec = {}
+    if events.spec_ptr is not None and events.spec_experts is not None:
+        sc = events.spec_counts
+        if sc is None:
+            sc = np.ones(len(events.spec_experts), np.int32)
+        sp, se, sn = _merge_csr(inv, n, events.spec_ptr, events.spec_experts, sc, E)
+        spec = {"spec_ptr": sp, "spec_experts": se, "spec_counts": sn}
+    return replace(
+        events,
+        layer=(keys % L).astype(np.int16),
+        phase=phase,
+        request=request.astype(np.int32),
+        pass_id=(keys // L).astype(np.int32),
+        tokens=tokens.astype(np.int32),
+        ptr=ptr,
+        experts=experts,
+        counts=counts,
+        pass_event=pass_event,
+        **spec,
+    )
+
+
+def _merge_csr(
+    inv: np.ndarray, n: int, ptr: np.ndarray, values: np.ndarray, weights: np.ndarray, E: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of each old event's CSR row into new event ``inv[old]``, weights summed."""
+    owner = np.repeat(inv, np.diff(ptr))
+    code = owner * E + values.astype(np.int64)
+    u, back = np.unique(code, return_inverse=True)
+    w = np.bincount(back, weights=weights.astype(np.float64), minlength=len(u))
+    new_ptr = np.searchsorted(u // E, np.arange(n + 1), side="left").astype(np.int64)
+    return new_ptr, (u % E).astype(np.int16), w.astype(np.int32)
