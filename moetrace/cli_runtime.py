@@ -62,6 +62,9 @@ def prepare_cmd(model: str, out: str, dtype: str | None) -> None:
 @click.option("--timeline-events", default=0, show_default=True, type=click.IntRange(0),
               help="Keep the outcomes of the first N events in --stats-json's 'timeline' "
               "(for the dashboard's Timeline page; 0: off).")  # fmt: skip
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Run the prompts in batches of up to N, in the plan's schedule's order and "
+              "grouping (default: the plan's batch size).")  # fmt: skip
 def run_cmd(
     model: str | None,
     plan: str | None,
@@ -73,12 +76,18 @@ def run_cmd(
     stats_json: str | None,
     trace_dir: str | None,
     timeline_events: int,
+    batch_size: int | None,
 ) -> None:
     """Generate text with only a budgeted cache of experts on the device.
+
+    With --batch-size (or a plan whose schedule batches), the prompts wait together and
+    run in batches in the order the plan's scheduler picks; --stats-json then also has
+    each request's batch and times, and each batch's hit rate.
 
     \b
     Example:
       moetrace run --plan plans/demo.json --prompt "import os" --budget 16MiB --stats-json -
+      moetrace run --plan plans/demo.json --prompts prompts.jsonl --batch-size 4 --budget 16MiB
     """
     from moetrace.runtime.session import generate, open_engine
 
@@ -86,8 +95,20 @@ def run_cmd(
     engine, tok = open_engine(
         model, plan, budget_bytes=_budget(budget), device=device, timeline_events=timeline_events
     )
+    batched = None
     try:
-        gen = generate(engine, tok, texts, max_new_tokens, trace_dir=trace_dir)
+        own = engine.plan.schedule
+        if batch_size is not None or (own.scheduler, own.batch_size) != ("fcfs", 1):
+            from dataclasses import replace
+
+            from moetrace.runtime.batches import generate_scheduled
+
+            sched = replace(own, batch_size=batch_size or own.batch_size)
+            gen = batched = generate_scheduled(
+                engine, tok, texts, max_new_tokens, schedule=sched, trace_dir=trace_dir
+            )
+        else:
+            gen = generate(engine, tok, texts, max_new_tokens, trace_dir=trace_dir)
         stats = engine.stats
     finally:
         engine.close()
@@ -108,8 +129,18 @@ def run_cmd(
             f"{d['lru_hit_rate']:.3f} over {d['window']} accesses)",
             err=True,
         )
+    if batched is not None:
+        for b in batched.batches:
+            click.echo(
+                f"# batch of prompts {b['requests']}: {b['end_s'] - b['start_s']:.2f}s, "
+                f"hit rate {b['hit_rate']:.3f}",
+                err=True,
+            )
     if stats_json:
-        write_output(stats_json, stats.dumps())
+        text = stats.dumps()
+        if batched is not None:
+            text = json.dumps({**json.loads(text), **batched.to_json()}, indent=1) + "\n"
+        write_output(stats_json, text)
 
 
 @click.command("bench")

@@ -52,6 +52,10 @@ from moetrace.tuner.policy.prefetch import get_prefetcher
 log = logging.getLogger(__name__)
 
 
+class _ProbeDone(Exception):
+    """Ends a probe's forward at the first MoE layer's experts call."""
+
+
 class OffloadEngine:
     """Runs ``model`` with only ``plan``'s expert slots on ``device``.
 
@@ -161,6 +165,8 @@ class OffloadEngine:
         if timeline_events:
             self.stats.timeline = TimelineRecorder(int(timeline_events), self.stats.layer_ids)
         self._prefetched: set[int] = set()
+        self._probing = False
+        self._probe_counts: np.ndarray | None = None
         self._phase = PREFILL
         self._handles: list[Any] = []
         self._previous: str | None = None
@@ -247,8 +253,10 @@ class OffloadEngine:
 
     # ------------------------------------------------------------ phases
     def _phase_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._phase = forward_phase(args, kwargs)
         self._live = None
+        if self._probing:
+            return
+        self._phase = forward_phase(args, kwargs)
         ids = self._arg(args, kwargs, "input_ids")
         ids = ids if isinstance(ids, torch.Tensor) else None
         ref = ids if ids is not None else self._arg(args, kwargs, "inputs_embeds")
@@ -317,6 +325,10 @@ class OffloadEngine:
     ) -> torch.Tensor:
         layer, ph = ref.index, self._phase
         idx = top_k_index.cpu().numpy()  # the one host sync of the call (none on a CPU)
+        if self._probing:
+            flat = idx.reshape(-1)
+            self._probe_counts = np.bincount(flat[flat >= 0], minlength=self.info.num_experts)
+            raise _ProbeDone
         live = self._live_rows(top_k_index)
         routed = idx if live is None else idx[live.cpu().numpy()]
         flat = routed.reshape(-1)
@@ -384,6 +396,26 @@ class OffloadEngine:
         if st.timeline is not None:
             st.timeline.stall(stall)
         return result
+
+    def probe(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """What a scheduler may know of a waiting prompt: the tokens per expert that the
+        first MoE layer's router picks for it, shape (E,). The forward stops at that
+        layer's experts call, so no expert is loaded and neither the cache nor the
+        statistics change; only the dense layers before it and the router run."""
+        self._probing, self._probe_counts = True, None
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _ProbeDone:
+            pass
+        finally:
+            self._probing = False
+            self._live = None
+        if self._probe_counts is None:
+            raise RuntimeEngineError("the probe's forward never reached an MoE layer")
+        return self._probe_counts
 
     def _settled_call(self, call: ExpertsCall, need: np.ndarray) -> torch.Tensor:
         """A call of a layer whose experts are all pinned: every access hits."""

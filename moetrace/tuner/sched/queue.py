@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,44 @@ class Schedule:
     num_steps: int
 
 
+class Admissions:
+    """The waiting side of a server: who waits, who was overtaken how often, what was
+    admitted last. The simulator's queue and the runtime's batch runner both admit
+    through :meth:`admit`, so they take the same decisions."""
+
+    def __init__(self, scheduler: Scheduler, signature: np.ndarray, arrival: np.ndarray):
+        self.scheduler = scheduler
+        self.signature = signature
+        self.arrival = arrival
+        self.overtaken = np.zeros(len(arrival), np.int64)
+        self.recent = np.zeros(signature.shape[1])
+        self.waiting: list[int] = []
+        self.order: list[int] = []
+        self.batches: list[tuple[int, ...]] = []
+
+    def admit(self, now: float, running: Sequence[int], free: int) -> list[int]:
+        """Up to ``free`` waiting requests to run now, chosen by the scheduler."""
+        if free <= 0 or not self.waiting:
+            return []
+        view = QueueView(now, np.asarray(self.waiting, np.int64), np.asarray(running, np.int64),
+                         self.signature, self.recent, self.arrival, self.overtaken)  # fmt: skip
+        picked = self.scheduler.pick(view, free)
+        if not picked or len(set(picked)) != len(picked) or not set(picked) <= set(self.waiting):
+            raise ConfigError(
+                f"scheduler {self.scheduler.name!r} picked {picked} of {self.waiting}"
+            )
+        for r in picked:
+            self.waiting.remove(r)
+            self.recent = RECENT_DECAY * self.recent + self.signature[r]
+        later = np.sort(np.asarray(picked))
+        if self.waiting:
+            wa = np.asarray(self.waiting)
+            self.overtaken[wa] += len(later) - np.searchsorted(later, wa, side="right")
+        self.order += picked
+        self.batches.append(tuple(picked))
+        return picked
+
+
 def plan_steps(
     w: Workload,
     scheduler: Scheduler,
@@ -62,35 +101,16 @@ def plan_steps(
     n, B = w.num_requests, config.batch_size
     static = config.batching == "static"
     step_of_pass = np.full(int(w.pass_ptr[-1]), -1, np.int64)
-    overtaken = np.zeros(n, np.int64)
-    recent = np.zeros(w.signature.shape[1])
-    waiting: list[int] = []
+    adm = Admissions(scheduler, w.signature, arrival)
     running: deque[list[int]] = deque()  # [request, next pass]
-    order: list[int] = []
-    batches: list[tuple[int, ...]] = []
     now, nxt, step = 0.0, 0, 0
-    while nxt < n or waiting or running:
+    while nxt < n or adm.waiting or running:
         while nxt < n and arrival[nxt] <= now:
-            waiting.append(nxt)
+            adm.waiting.append(nxt)
             nxt += 1
         free = (B if not running else 0) if static else B - len(running)
-        if free > 0 and waiting:
-            view = QueueView(now, np.asarray(waiting, np.int64),
-                             np.asarray([r for r, _ in running], np.int64), w.signature,
-                             recent, arrival, overtaken)  # fmt: skip
-            picked = scheduler.pick(view, free)
-            if not picked or len(set(picked)) != len(picked) or not set(picked) <= set(waiting):
-                raise ConfigError(f"scheduler {scheduler.name!r} picked {picked} of {waiting}")
-            for r in picked:
-                waiting.remove(r)
-                running.append([r, int(w.pass_ptr[r])])
-                recent = RECENT_DECAY * recent + w.signature[r]
-            later = np.sort(np.asarray(picked))
-            if waiting:
-                wa = np.asarray(waiting)
-                overtaken[wa] += len(later) - np.searchsorted(later, wa, side="right")
-            order += picked
-            batches.append(tuple(picked))
+        for r in adm.admit(now, [r for r, _ in running], free):
+            running.append([r, int(w.pass_ptr[r])])
         if not running:
             now = max(now, float(arrival[nxt]))
             continue
@@ -102,7 +122,7 @@ def plan_steps(
             item[1] += 1
             if item[1] == w.pass_ptr[item[0] + 1]:
                 running.remove(item)
-    return Schedule(step_of_pass, np.asarray(order, np.int64), tuple(batches), step)
+    return Schedule(step_of_pass, np.asarray(adm.order, np.int64), tuple(adm.batches), step)
 
 
 @dataclass(frozen=True)
