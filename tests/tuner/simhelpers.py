@@ -106,3 +106,40 @@ def one_layer_cache(policy: str, capacity: int, num_experts: int = 8, **params: 
 
     spec = eviction_spec(EvictionConfig(policy, params), 1, num_experts)
     return ExpertCache(CacheLayout("per_layer", (capacity,)), spec, num_experts)
+
+
+def routing_from_requests(
+    reqs: list[tuple[int, list[np.ndarray]]], L: int, E: int, k: int
+) -> SimpleNamespace:
+    """Requests in arrival order, each ``(prefill tokens, per-token (L, k) experts)``: a
+    prefill pass of the first tokens, then one decode pass per token."""
+    cols: dict[str, list[int]] = {
+        c: [] for c in ("request", "step", "token", "phase", "forward", "layer")
+    }
+    exps: list[np.ndarray] = []
+    fwd = 0
+    for r, (prefill, rows) in enumerate(reqs):
+        for i, per_layer in enumerate(rows):
+            step = 0 if i < prefill else i - prefill + 1
+            fwd += int(i == 0 or step > 0)
+            for layer in range(L):
+                cols["request"].append(r)
+                cols["step"].append(step)
+                cols["token"].append(i)
+                cols["phase"].append(0 if step == 0 else 1)
+                cols["forward"].append(fwd)
+                cols["layer"].append(layer)
+                exps.append(np.asarray(per_layer[layer]))
+    return SimpleNamespace(
+        request=np.asarray(cols["request"], np.int32),
+        step=np.asarray(cols["step"], np.int32),
+        token=np.asarray(cols["token"], np.int32),
+        phase=np.asarray(cols["phase"], np.int8),
+        forward=np.asarray(cols["forward"], np.int64),
+        layer=np.asarray(cols["layer"], np.int16),
+        experts=np.asarray(exps, np.int16),
+        moe_layers=tuple(range(L)),
+        num_experts=E,
+        top_k=k,
+        speculative=None,
+    )
