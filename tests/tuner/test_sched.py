@@ -13,10 +13,8 @@ from moetrace.store.plan import ScheduleConfig
 from moetrace.tuner.policy.events import build_events
 from moetrace.tuner.sched import arrival_times, get_scheduler, simulate_queue
 from moetrace.tuner.sched.queue import _max_overtaken
-from moetrace.tuner.sched.workload import merge_passes, workload
-from moetrace.tuner.sim import kernel as K
+from moetrace.tuner.sched.workload import workload
 from moetrace.tuner.sim import make_plan, simulate, uniform_layout
-from moetrace.tuner.sim.engine import DEFAULT_BYTES_PER_EXPERT
 
 HW = load_hardware("pcie4-x16")
 
@@ -54,30 +52,31 @@ def _shape(L: int, E: int, k: int):
     return RoutingShape("fp", tuple(range(L)), E, k)
 
 
-def test_merge_passes_is_the_union_of_each_steps_passes(grouped) -> None:
+@pytest.mark.parametrize("passes", [[0], [3, 4], [0, 5, 9, 30], list(range(0, 300, 7))])
+def test_step_events_are_the_union_of_the_steps_passes(grouped, passes) -> None:
+    from moetrace.tuner.sched.workload import step_events
+
     ev, _ = grouped
-    rng = np.random.default_rng(1)
-    step = np.sort(rng.integers(0, ev.num_passes // 3, ev.num_passes))
-    step = np.unique(step, return_inverse=True)[1]  # no gaps
-    m = merge_passes(ev, step)
-    for s in range(int(step.max()) + 1):
-        for layer in range(ev.num_layers):
-            want: dict[int, int] = {}
-            tokens = 0
-            for p in np.flatnonzero(step == s):
-                e = ev.pass_event[p, layer]
-                if e < 0:
-                    continue
-                tokens += int(ev.tokens[e])
-                for x, c in zip(ev.experts[ev.ptr[e] : ev.ptr[e + 1]],
-                                ev.counts[ev.ptr[e] : ev.ptr[e + 1]], strict=True):  # fmt: skip
-                    want[int(x)] = want.get(int(x), 0) + int(c)
-            j = m.pass_event[s, layer]
-            got = dict(zip(m.experts[m.ptr[j] : m.ptr[j + 1]].tolist(),
-                           m.counts[m.ptr[j] : m.ptr[j + 1]].tolist(), strict=True))  # fmt: skip
-            assert got == want and int(m.tokens[j]) == tokens
-    with pytest.raises(ConfigError, match="without gaps"):
-        merge_passes(ev, step * 2)
+    m = step_events(ev, np.asarray(passes))
+    assert m.pass_event.shape == (1, ev.num_layers)
+    for layer in range(ev.num_layers):
+        want: dict[int, int] = {}
+        tokens, phase = 0, 1
+        for p in passes:
+            e = ev.pass_event[p, layer]
+            if e < 0:
+                continue
+            tokens += int(ev.tokens[e])
+            phase = min(phase, int(ev.phase[e]))
+            lo, hi = ev.ptr[e], ev.ptr[e + 1]
+            for x, c in zip(ev.experts[lo:hi], ev.counts[lo:hi], strict=True):
+                want[int(x)] = want.get(int(x), 0) + int(c)
+        j = m.pass_event[0, layer]
+        got = dict(zip(m.experts[m.ptr[j] : m.ptr[j + 1]].tolist(),
+                       m.counts[m.ptr[j] : m.ptr[j + 1]].tolist(), strict=True))  # fmt: skip
+        assert got == want
+        assert (int(m.tokens[j]), int(m.phase[j]), int(m.layer[j])) == (tokens, phase, layer)
+    assert list(m.experts) != [] and np.all(np.diff(m.ptr) > 0)
 
 
 def test_one_at_a_time_fcfs_is_the_plain_replay(grouped) -> None:
@@ -98,6 +97,7 @@ def test_clock_waits_for_arrivals(grouped) -> None:
     assert q.arrivals == "poisson 0.5/s"
     assert np.all(q.start >= q.arrival - 1e-12) and np.all(q.finish > q.start)
     assert q.sim.total_seconds == pytest.approx(q.finish.max())
+    assert np.all(q.start >= q.arrival)  # the scheduler only sees requests that arrived
     # sparse arrivals: requests rarely wait, the device idles between them
     assert q.sim.total_seconds > q.arrival.max()
     assert np.median(q.wait) < 0.01 * np.median(q.latency) + 1e-9
@@ -188,18 +188,24 @@ def test_probe_signature_is_the_first_layers_prefill(grouped) -> None:
         workload(ev, probe_layers=ev.num_layers + 1)
 
 
-def test_release_array_delays_events() -> None:
-    """The kernel's release times: an event starts no earlier than its release."""
-    L, E, k, reqs = grouped_requests(2)
-    ev = build_events(routing_from_requests(reqs, L, E, k))
-    plan = make_plan(ev, _shape(L, E, k), uniform_layout(L * E, L, E), "lru")
-    base = simulate(ev, plan, HW)
-    rel = np.zeros(ev.num_events)
-    rel[-1] = base.total_seconds + 5.0
-    late = simulate(ev, plan, HW, release=rel)
-    compute = HW.layer_compute_base_us * 1e-6 + HW.layer_compute_per_token_us * 1e-6 * int(
-        ev.tokens[-1]
-    )
-    assert late.total_seconds == pytest.approx(base.total_seconds + 5.0 + compute)
-    assert np.array_equal(late.stats[K.S_HIT], base.stats[K.S_HIT])
-    assert DEFAULT_BYTES_PER_EXPERT > 0
+@pytest.mark.parametrize("policy", ["lru", "wtinylfu", "pinned_lfu"])
+def test_replay_in_steps_is_the_replay_in_one_call(grouped, policy: str) -> None:
+    """The kernel's clock carries state between calls: replaying pass by pass (what the
+    queue model does) counts and times exactly what one call does."""
+    from moetrace.tuner.policy.events import Events  # noqa: F401
+    from moetrace.tuner.sched.workload import step_events
+    from moetrace.tuner.sim.engine import Replay
+
+    ev, _ = grouped
+    plan = make_plan(ev, _shape(ev.num_layers, ev.num_experts, ev.top_k),
+                     uniform_layout(ev.num_layers * 5, ev.num_layers, ev.num_experts), policy)  # fmt: skip
+    one = simulate(ev, plan, HW)
+    r = Replay(plan, HW, ev.num_layers, ev.num_experts)
+    for p in range(ev.num_passes):
+        r.run(step_events(ev, np.array([p])))
+    assert np.array_equal(r.stats, one.stats)
+    assert r.now == pytest.approx(one.total_seconds)
+    r.wait_until(r.now + 5.0)
+    assert r.now == pytest.approx(one.total_seconds + 5.0)
+    with pytest.raises(ConfigError, match="needs the whole future"):
+        Replay(make_plan(ev, _shape(3, 16, 2), uniform_layout(15, 3, 16), "belady"), HW, 3, 16)

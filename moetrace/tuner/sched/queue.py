@@ -5,19 +5,17 @@ time: each running request contributes its next pass (its prefill, then one deco
 per step). ``continuous`` batching admits waiting requests whenever a place is free;
 ``static`` batching admits a new batch only when the last one has finished.
 
-The schedule is decided in simulated time: each step lasts its compute plus its expected
-stall; the expected stall per expert access is what the previous round's replay measured
-(``rounds`` rounds, the first without stalls). The chosen schedule's batched events are
-then replayed once through the simulator (:func:`moetrace.tuner.sim.engine.simulate`, the
-same kernel and cache code as every replay), each step released no earlier than its
-requests' arrival, and the latencies read off that replay's clock: queueing, prefill and
-decode with their stalls, per request.
+The schedule is decided as the replay goes: each step's events (at each MoE layer, the
+union of its requests' experts) are replayed through the simulator's kernel and cache
+(:class:`moetrace.tuner.sim.engine.Replay`, the same code as every replay), and the
+scheduler admits requests at the device's time after the last step, so it sees exactly
+the requests that have arrived. Latency per request: queueing, then prefill and decode
+with their stalls. An idle device waits for the next arrival while the link goes on.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +28,8 @@ from moetrace.store.plan import Plan, ScheduleConfig
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sched.arrivals import arrival_times
 from moetrace.tuner.sched.schedulers import QueueView, Scheduler, get_scheduler
-from moetrace.tuner.sched.workload import Workload, merge_passes, workload
-from moetrace.tuner.sim.engine import simulate
+from moetrace.tuner.sched.workload import step_events, workload
+from moetrace.tuner.sim.engine import Replay
 from moetrace.tuner.sim.metrics import SimResult
 
 log = logging.getLogger(__name__)
@@ -89,42 +87,6 @@ class Admissions:
         return picked
 
 
-def plan_steps(
-    w: Workload,
-    scheduler: Scheduler,
-    config: ScheduleConfig,
-    arrival: np.ndarray,
-    seconds: np.ndarray,
-) -> Schedule:
-    """Decide the schedule; a step with passes P is taken to last ``seconds[P].sum()``
-    (each pass's compute and expected stall)."""
-    n, B = w.num_requests, config.batch_size
-    static = config.batching == "static"
-    step_of_pass = np.full(int(w.pass_ptr[-1]), -1, np.int64)
-    adm = Admissions(scheduler, w.signature, arrival)
-    running: deque[list[int]] = deque()  # [request, next pass]
-    now, nxt, step = 0.0, 0, 0
-    while nxt < n or adm.waiting or running:
-        while nxt < n and arrival[nxt] <= now:
-            adm.waiting.append(nxt)
-            nxt += 1
-        free = (B if not running else 0) if static else B - len(running)
-        for r in adm.admit(now, [r for r, _ in running], free):
-            running.append([r, int(w.pass_ptr[r])])
-        if not running:
-            now = max(now, float(arrival[nxt]))
-            continue
-        passes = [p for _, p in running]
-        step_of_pass[passes] = step
-        now += float(seconds[passes].sum())
-        step += 1
-        for item in list(running):
-            item[1] += 1
-            if item[1] == w.pass_ptr[item[0] + 1]:
-                running.remove(item)
-    return Schedule(step_of_pass, np.asarray(adm.order, np.int64), tuple(adm.batches), step)
-
-
 @dataclass(frozen=True)
 class QueueResult:
     """A scheduled replay: the simulator's counters and each request's modeled times."""
@@ -171,17 +133,6 @@ class QueueResult:
         }
 
 
-def step_clock(
-    events: Events, stall: np.ndarray, hw: HardwareProfile, release: np.ndarray
-) -> np.ndarray:
-    """End second of every event, as the kernel's clock runs: it waits for the event's
-    release, stalls, then computes."""
-    c = hw.layer_compute_base_us * 1e-6 + hw.layer_compute_per_token_us * 1e-6 * events.tokens
-    d = np.cumsum(stall + c)
-    before = np.concatenate(([0.0], d[:-1]))
-    return d + np.maximum(np.maximum.accumulate(release - before), 0.0)
-
-
 def simulate_queue(
     events: Events,
     plan: Plan,
@@ -191,7 +142,6 @@ def simulate_queue(
     arrival_rate: float | None = None,
     recorded_arrivals: np.ndarray | None = None,
     seed: int = 0,
-    rounds: int = 2,
     bytes_per_expert: int | None = None,
     label: str = "",
 ) -> QueueResult:
@@ -204,46 +154,45 @@ def simulate_queue(
     w = workload(events, scheduler.probe_layers)
     rec = None if recorded_arrivals is None else np.asarray(recorded_arrivals)[w.request]
     arrival, kind = arrival_times(w.num_requests, arrival_rate, seed, rec)
-    compute = hardware.layer_compute_base_us * 1e-6 * events.num_layers
-    seconds = (
-        compute + hardware.layer_compute_per_token_us * 1e-6 * events.num_layers * w.pass_tokens
-    )
-    per_access = 0.0
-    result = None
-    for _ in range(max(1, rounds)):
-        sched = plan_steps(w, scheduler, cfg, arrival, seconds + per_access * w.pass_accesses)
-        batched = merge_passes(events, sched.step_of_pass)
-        first = np.full(sched.num_steps, -np.inf)
-        pass_req = np.repeat(np.arange(w.num_requests), np.diff(w.pass_ptr))
-        np.maximum.at(first, sched.step_of_pass, arrival[pass_req])
-        release = first[batched.pass_id.astype(np.int64)]
-        result = simulate(batched, plan, hardware, bytes_per_expert=bytes_per_expert,
-                          label=label or cfg.scheduler, record=True, release=release)  # fmt: skip
-        assert result.timeline is not None
-        stall = result.timeline.stall_s
-        per_access = float(stall.sum()) / max(1, int(w.pass_accesses.sum()))
-    assert result is not None
-    end = step_clock(batched, stall, hardware, release)
-    step_end = np.zeros(sched.num_steps)
-    np.maximum.at(step_end, batched.pass_id.astype(np.int64), end)
-    step_start = np.concatenate(([0.0], step_end[:-1]))
-    step_start = np.maximum(step_start, first)
-    first_pass, last_pass = w.pass_ptr[:-1], w.pass_ptr[1:] - 1
-    start = step_start[sched.step_of_pass[first_pass]]
-    finish = step_end[sched.step_of_pass[last_pass]]
-    over = _max_overtaken(sched.order)
-    return QueueResult(result, sched, cfg, kind, arrival, start, finish,
-                       {"max_overtaken": over})  # fmt: skip
+    replay = Replay(plan, hardware, events.num_layers, events.num_experts,
+                    bytes_per_expert=bytes_per_expert)  # fmt: skip
+    n, B = w.num_requests, cfg.batch_size
+    static = cfg.batching == "static"
+    step_of_pass = np.full(int(w.pass_ptr[-1]), -1, np.int64)
+    start, finish = np.zeros(n), np.zeros(n)
+    adm = Admissions(scheduler, w.signature, arrival)
+    running: list[list[int]] = []  # [request, next pass]
+    nxt = step = 0
+    while nxt < n or adm.waiting or running:
+        now = replay.now
+        while nxt < n and arrival[nxt] <= now:
+            adm.waiting.append(nxt)
+            nxt += 1
+        free = (B if not running else 0) if static else B - len(running)
+        for r in adm.admit(now, [r for r, _ in running], free):
+            running.append([r, int(w.pass_ptr[r])])
+            start[r] = now
+        if not running:
+            replay.wait_until(float(arrival[nxt]))
+            continue
+        passes = np.asarray([p for _, p in running], np.int64)
+        replay.run(step_events(events, passes))
+        step_of_pass[passes] = step
+        step += 1
+        for item in list(running):
+            item[1] += 1
+            if item[1] == w.pass_ptr[item[0] + 1]:
+                running.remove(item)
+                finish[item[0]] = replay.now
+    sched = Schedule(step_of_pass, np.asarray(adm.order, np.int64), tuple(adm.batches), step)
+    sim = replay.result(events.tokens_by_phase, label or cfg.scheduler)
+    return QueueResult(sim, sched, cfg, kind, arrival, start, finish,
+                       {"max_overtaken": _max_overtaken(sched.order)})  # fmt: skip
 
 
 def _max_overtaken(order: np.ndarray) -> int:
     """The most later-arriving requests admitted before any request."""
-    if len(order) == 0:
-        return 0
-    pos = np.empty(len(order), np.int64)
-    pos[order] = np.arange(len(order))
-    # request r is overtaken by every later request admitted before it
     worst = 0
-    for r in range(len(order)):
-        worst = max(worst, int((order[: pos[r]] > r).sum()))
+    for pos, r in enumerate(order.tolist()):
+        worst = max(worst, int((order[:pos] > r).sum()))
     return worst

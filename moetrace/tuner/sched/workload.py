@@ -3,7 +3,7 @@ and the batched events a schedule turns them into.
 
 A request's routing does not depend on the requests it runs with (MoE routers see one
 token at a time), so a batched forward pass needs, at each MoE layer, the union of what
-its requests' own passes need there: :func:`merge_passes` builds those events from the
+its requests' own passes need there: :func:`step_events` builds a step's events from the
 per-request ones, whatever the schedule, for the simulator's one replay kernel.
 """
 
@@ -77,44 +77,40 @@ def workload(events: Events, probe_layers: int = 1) -> Workload:
     )
 
 
-def merge_passes(events: Events, step_of_pass: np.ndarray) -> Events:
-    """Events of batched passes: pass ``p`` runs in step ``step_of_pass[p]`` (steps
-    numbered 0..S-1, each non-empty); at each layer a step needs the union of its passes'
-    experts (token counts summed). A step with a prefill pass counts as prefill. The
-    per-token arrays are kept as they are (the same tokens run), and each step is owned by
-    its first request (prefetchers keyed by request see batches as that request)."""
-    L, E = events.num_layers, events.num_experts
-    step_of_pass = np.asarray(step_of_pass, np.int64)
-    if step_of_pass.shape != (events.num_passes,) or (step_of_pass < 0).any():
-        raise ConfigError("every pass needs a step >= 0")
-    S = int(step_of_pass.max()) + 1
-    ev_key = step_of_pass[events.pass_id.astype(np.int64)] * L + events.layer.astype(np.int64)
-    keys, inv = np.unique(ev_key, return_inverse=True)
-    if not np.array_equal(np.unique(keys // L), np.arange(S)):
-        raise ConfigError("steps must be numbered 0..S-1 without gaps")
-    n = len(keys)
-    phase = np.full(n, 1, np.int8)
-    np.minimum.at(phase, inv, events.phase)
-    tokens = np.zeros(n, np.int64)
-    np.add.at(tokens, inv, events.tokens.astype(np.int64))
-    request = np.full(n, np.iinfo(np.int32).max, np.int64)
-    np.minimum.at(request, inv, events.request.astype(np.int64))
-    ptr, experts, counts = _merge_csr(inv, n, events.ptr, events.experts, events.counts, E)
-    pass_event = np.full((S, L), -1, np.int64)
-    pass_event[keys // L, keys % L] = np.arange(n)
+def step_events(events: Events, passes: np.ndarray) -> Events:
+    """The events of one batched step running ``passes`` together: at each layer, the
+    union of their experts (token counts summed); a step with a prefill pass counts as
+    prefill, and it is owned by its first request (prefetchers keyed by request see the
+    batch as that request). The per-token arrays are kept (they only serve fitting)."""
+    L = events.num_layers
+    ev = events.pass_event[np.asarray(passes, np.int64)].T  # (L, P)
+    ids = ev[ev >= 0]  # layer by layer
+    layer = events.layer[ids].astype(np.int64)
+    keys = np.unique(layer)
+    ptr, experts, counts = _gather_union(events.ptr, events.experts, events.counts, ids, layer,
+                                         keys, events.num_experts)  # fmt: skip
     spec = {}
     if events.spec_ptr is not None and events.spec_experts is not None:
         sc = events.spec_counts
         if sc is None:
             sc = np.ones(len(events.spec_experts), np.int32)
-        sp, se, sn = _merge_csr(inv, n, events.spec_ptr, events.spec_experts, sc, E)
+        sp, se, sn = _gather_union(events.spec_ptr, events.spec_experts, sc, ids, layer, keys,
+                                   events.num_experts)  # fmt: skip
         spec = {"spec_ptr": sp, "spec_experts": se, "spec_counts": sn}
+    tokens = np.bincount(layer, weights=events.tokens[ids], minlength=L)[keys]
+    phase = np.ones(L, np.int8)
+    np.minimum.at(phase, layer, events.phase[ids])
+    request = np.full(L, np.iinfo(np.int32).max, np.int64)
+    np.minimum.at(request, layer, events.request[ids].astype(np.int64))
+    n = len(keys)
+    pass_event = np.full((1, L), -1, np.int64)
+    pass_event[0, keys] = np.arange(n)
     return replace(
         events,
-        layer=(keys % L).astype(np.int16),
-        phase=phase,
-        request=request.astype(np.int32),
-        pass_id=(keys // L).astype(np.int32),
+        layer=keys.astype(np.int16),
+        phase=phase[keys],
+        request=request[keys].astype(np.int32),
+        pass_id=np.zeros(n, np.int32),
         tokens=tokens.astype(np.int32),
         ptr=ptr,
         experts=experts,
@@ -124,13 +120,22 @@ def merge_passes(events: Events, step_of_pass: np.ndarray) -> Events:
     )
 
 
-def _merge_csr(
-    inv: np.ndarray, n: int, ptr: np.ndarray, values: np.ndarray, weights: np.ndarray, E: int
+def _gather_union(
+    ptr: np.ndarray,
+    values: np.ndarray,
+    weights: np.ndarray,
+    ids: np.ndarray,
+    layer: np.ndarray,
+    keys: np.ndarray,
+    E: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Union of each old event's CSR row into new event ``inv[old]``, weights summed."""
-    owner = np.repeat(inv, np.diff(ptr))
-    code = owner * E + values.astype(np.int64)
+    """CSR rows ``ids`` merged by ``layer`` (sorted ``keys``): union, weights summed."""
+    lo = ptr[ids]
+    lens = ptr[ids + 1] - lo
+    starts = np.cumsum(lens) - lens
+    take = np.repeat(lo - starts, lens) + np.arange(int(lens.sum()))
+    code = np.repeat(layer, lens) * E + values[take].astype(np.int64)
     u, back = np.unique(code, return_inverse=True)
-    w = np.bincount(back, weights=weights.astype(np.float64), minlength=len(u))
-    new_ptr = np.searchsorted(u // E, np.arange(n + 1), side="left").astype(np.int64)
-    return new_ptr, (u % E).astype(np.int16), w.astype(np.int32)
+    w = np.bincount(back, weights=weights[take].astype(np.float64), minlength=len(u))
+    new_ptr = np.searchsorted(u // E, keys, side="left").astype(np.int64)
+    return np.append(new_ptr, len(u)), (u % E).astype(np.int16), w.astype(np.int32)

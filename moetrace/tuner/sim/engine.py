@@ -88,6 +88,95 @@ def make_plan(
     )
 
 
+class Replay:
+    """The simulator's state between kernel calls: the cache, the counters and the clock.
+    :func:`simulate` replays a trace in one call; the queue model
+    (:mod:`moetrace.tuner.sched.queue`) replays step by step as it decides the steps."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        hardware: HardwareProfile,
+        num_layers: int,
+        num_experts: int,
+        *,
+        bytes_per_expert: int | None = None,
+        future: Events | None = None,
+    ):
+        L, E = num_layers, num_experts
+        if (plan.routing.num_layers, plan.routing.num_experts) != (L, E):
+            raise PlanError(
+                f"plan is for {plan.routing.num_layers} MoE layers x {plan.routing.num_experts} "
+                f"experts, the trace has {L} x {E}"
+            )
+        self.assumed = False
+        bpe = bytes_per_expert or plan.budget.bytes_per_expert
+        if bpe is None:
+            bpe, self.assumed = DEFAULT_BYTES_PER_EXPERT, True
+            log.warning("bytes_per_expert unknown; assuming %d bytes per expert", bpe)
+        if bpe <= 0:
+            raise ConfigError(f"bytes_per_expert must be > 0, got {bpe}")
+        self.plan, self.hardware, self.bpe, self.E = plan, hardware, int(bpe), E
+        spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
+        parts = partitions(plan.layout)
+        if parts.num_slots == 0 and plan.layout.kind == "pool":
+            raise ConfigError("the cache has no slots")
+        if spec.oracle and future is None:
+            raise ConfigError(
+                f"policy {plan.eviction.policy!r} needs the whole future; it cannot replay "
+                "step by step"
+            )
+        self.prefetcher = get_prefetcher(plan.prefetch, L, E)
+        occ = next_use_index(future) if spec.oracle and future is not None else None
+        self.st, self.cfg, _ = build_cache(plan.layout, spec, E, occ)
+        self.warm = float((self.st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
+        self.stats = np.zeros((K.NUM_STATS, L, 2))
+        self.clock = np.zeros(3)
+        self.slot_ready, self.out, self.pf_out = K.scratch(self.st.slot_key.shape[0], E, 0)
+
+    @property
+    def now(self) -> float:
+        return float(self.clock[0])
+
+    def wait_until(self, t: float) -> None:
+        """The device idles until ``t`` (the link goes on loading what was queued)."""
+        self.clock[0] = max(self.clock[0], t)
+
+    def run(self, events: Events, record: tuple[np.ndarray, ...] | None = None) -> float:
+        """Replay ``events`` after what was replayed before; the device's time after them."""
+        plan, hw = self.plan, self.hardware
+        fetch = fetch_per_event(events, plan.prefetch, plan.phase_overrides,
+                                self.prefetcher.fetch_all)  # fmt: skip
+        pf_ptr, pf_layer, pf_exp = self.prefetcher.candidates(events, fetch)
+        if pf_exp.shape[0] > self.pf_out.shape[0]:
+            self.pf_out = np.zeros((pf_exp.shape[0], 3), np.int64)
+        return float(K.replay(
+            events.layer.astype(np.int64), events.phase.astype(np.int64),
+            events.tokens.astype(np.int64), events.ptr, events.experts.astype(np.int64),
+            pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), self.st, self.cfg,
+            float(self.bpe), hw.bytes_per_second, hw.transfer_latency_us * 1e-6,
+            hw.layer_compute_base_us * 1e-6, hw.layer_compute_per_token_us * 1e-6, self.stats,
+            self.slot_ready, self.out, self.pf_out, *(record or K.no_record()), self.clock,
+        ))  # fmt: skip
+
+    def result(
+        self, tokens_by_phase: np.ndarray, label: str = "", timeline: Timeline | None = None
+    ) -> SimResult:
+        plan = self.plan
+        return SimResult(
+            label=label or f"{plan.eviction.policy}+{plan.prefetch.name}",
+            stats=self.stats,
+            tokens_by_phase=np.asarray(tokens_by_phase).copy(),
+            total_seconds=self.now,
+            warmup_bytes=self.warm,
+            bytes_per_expert=self.bpe,
+            bytes_per_expert_assumed=self.assumed,
+            moe_layers=plan.routing.moe_layers,
+            drift=drift_report(self.st, self.cfg),
+            timeline=timeline,
+        )
+
+
 def simulate(
     events: Events,
     plan: Plan,
@@ -96,55 +185,12 @@ def simulate(
     bytes_per_expert: int | None = None,
     label: str = "",
     record: bool = False,
-    release: np.ndarray | None = None,
 ) -> SimResult:
     """Replay ``events`` under ``plan``: demand hits, prefetch accuracy, link time, stalls.
     ``record``: also keep what happened to every access and at every event
-    (:attr:`SimResult.timeline`, the same kernel recording as it counts).
-    ``release``: per event, the earliest second it may start (the queue model's
-    arrivals, :mod:`moetrace.tuner.sched`); the device idles until then."""
-    L, E = events.num_layers, events.num_experts
-    if (plan.routing.num_layers, plan.routing.num_experts) != (L, E):
-        raise PlanError(
-            f"plan is for {plan.routing.num_layers} MoE layers x {plan.routing.num_experts} "
-            f"experts, the trace has {L} x {E}"
-        )
-    assumed = False
-    bpe = bytes_per_expert or plan.budget.bytes_per_expert
-    if bpe is None:
-        bpe, assumed = DEFAULT_BYTES_PER_EXPERT, True
-        log.warning("bytes_per_expert unknown; assuming %d bytes per expert", bpe)
-    if bpe <= 0:
-        raise ConfigError(f"bytes_per_expert must be > 0, got {bpe}")
-    spec = eviction_spec(plan.eviction, L, E, plan.phase_overrides, plan.adaptation)
-    parts = partitions(plan.layout)
-    if parts.num_slots == 0 and plan.layout.kind == "pool":
-        raise ConfigError("the cache has no slots")
-    prefetcher = get_prefetcher(plan.prefetch, L, E)
-    fetch = fetch_per_event(events, plan.prefetch, plan.phase_overrides, prefetcher.fetch_all)
-    pf_ptr, pf_layer, pf_exp = prefetcher.candidates(events, fetch)
-    st, cfg, _ = build_cache(plan.layout, spec, E, next_use_index(events) if spec.oracle else None)
-    warm = float((st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
-    stats = np.zeros((K.NUM_STATS, L, 2))
-    rec = K.record_arrays(events.num_events, events.num_accesses) if record else K.no_record()
-    total = K.replay(
-        events.layer.astype(np.int64), events.phase.astype(np.int64),
-        events.tokens.astype(np.int64), events.ptr, events.experts.astype(np.int64),
-        pf_ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), st, cfg,
-        float(bpe), hardware.bytes_per_second, hardware.transfer_latency_us * 1e-6,
-        hardware.layer_compute_base_us * 1e-6, hardware.layer_compute_per_token_us * 1e-6, stats,
-        *K.scratch(st.slot_key.shape[0], E, pf_exp.shape[0]), *rec,
-        np.zeros(0) if release is None else np.ascontiguousarray(release, np.float64),
-    )  # fmt: skip
-    return SimResult(
-        label=label or f"{plan.eviction.policy}+{plan.prefetch.name}",
-        stats=stats,
-        tokens_by_phase=events.tokens_by_phase.copy(),
-        total_seconds=float(total),
-        warmup_bytes=float(warm),
-        bytes_per_expert=int(bpe),
-        bytes_per_expert_assumed=assumed,
-        moe_layers=plan.routing.moe_layers,
-        drift=drift_report(st, cfg),
-        timeline=Timeline(events.ptr, *rec) if record else None,
-    )
+    (:attr:`SimResult.timeline`, the same kernel recording as it counts)."""
+    r = Replay(plan, hardware, events.num_layers, events.num_experts,
+               bytes_per_expert=bytes_per_expert, future=events)  # fmt: skip
+    rec = K.record_arrays(events.num_events, events.num_accesses) if record else None
+    r.run(events, rec)
+    return r.result(events.tokens_by_phase, label, Timeline(events.ptr, *rec) if rec else None)

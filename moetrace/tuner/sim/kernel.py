@@ -50,7 +50,7 @@ def replay(
     rec_wasted,
     rec_issued,
     rec_stall,
-    release,
+    clock,
 ):
     """Replay events through the cache ``st``/``cfg``; fill ``stats`` (NUM_STATS, L, 2).
     Returns the total seconds. Scratch arrays come from the caller (nothing here
@@ -63,23 +63,21 @@ def replay(
     loads or by the prefetches it issued), ``rec_issued`` (int64) the prefetches it issued
     and ``rec_stall`` (float64) its stall seconds.
 
-    ``release`` (float64, per event; zero-length: none): the earliest time each event may
-    start (the queue model's arrivals); the device idles until then while the link goes on
-    loading what was queued."""
+    ``clock`` (float64, 3): the device's time, the link's free time and the number of
+    events replayed before, read at the start and written at the end, so that a replay can
+    go on in several calls (the queue model replays step by step); zeros for one call."""
     n_ev = ev_layer.shape[0]
     rec = rec_outcome.shape[0] > 0
-    released = release.shape[0] > 0
     E = cfg.num_experts
     xfer = bpe / bw
-    now = 0.0
-    link_free = 0.0
+    now = clock[0]
+    link_free = clock[1]
+    base = np.int64(clock[2])
     for i in range(n_ev):
         lay = ev_layer[i]
         ph = ev_phase[i]
         lo, hi = ev_ptr[i], ev_ptr[i + 1]
-        if released and release[i] > now:
-            now = release[i]
-        core.event(st, cfg, lay, ph, ev_exp[lo:hi], i, out)
+        core.event(st, cfg, lay, ph, ev_exp[lo:hi], base + i, out)
         need = now
         for j in range(hi - lo):
             s, old, status = out[j, 0], out[j, 1], out[j, 2]
@@ -117,7 +115,7 @@ def replay(
         now = need
         a, b = pf_ptr[i], pf_ptr[i + 1]
         if b > a:
-            core.prefetch(st, cfg, ph, pf_layer[a:b], pf_exp[a:b], i, pf_out)
+            core.prefetch(st, cfg, ph, pf_layer[a:b], pf_exp[a:b], base + i, pf_out)
         for q in range(b - a):
             tl = pf_layer[a + q]
             s = pf_out[q, 0]
@@ -140,6 +138,9 @@ def replay(
         c = c_base + c_tok * ev_tokens[i]
         stats[S_COMPUTE, lay, ph] += c
         now += c
+    clock[0] = now
+    clock[1] = link_free
+    clock[2] = base + n_ev
     return now
 
 
