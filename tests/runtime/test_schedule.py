@@ -40,8 +40,11 @@ def demo_plan():
 
 @pytest.mark.parametrize(
     "sched",
-    [ScheduleConfig("affinity", 4, "static"), ScheduleConfig("fcfs", 3, "static"),
-     ScheduleConfig("affinity", 3, "static", {"max_overtakes": 2})],  # fmt: skip
+    [
+        ScheduleConfig("affinity", 4, "static"),
+        ScheduleConfig("fcfs", 3, "static"),
+        ScheduleConfig("affinity", 3, "static", {"max_overtakes": 2}),
+    ],  # fmt: skip
 )
 def test_runtime_schedule_matches_the_queue_model(tmp_path: Path, demo_plan, sched) -> None:
     """Record the prompts one at a time; the simulator schedules that trace, the runtime
@@ -65,7 +68,10 @@ def test_runtime_schedule_matches_the_queue_model(tmp_path: Path, demo_plan, sch
     q = simulate_queue(ev, plan, load_hardware(), schedule=sched)
     sim = q.sim.summary()
     assert [tuple(b["requests"]) for b in run.batches] == list(q.schedule.batches)
-    assert (rt["accesses"], rt["hits"]) == (sim["accesses"], round(sim["hit_rate"] * sim["accesses"]))
+    assert (rt["accesses"], rt["hits"]) == (
+        sim["accesses"],
+        round(sim["hit_rate"] * sim["accesses"]),
+    )
     assert rt["hit_rate"] == pytest.approx(sim["hit_rate"], abs=1e-12)
     if sched.scheduler == "affinity" and not sched.params:
         assert [tuple(b["requests"]) for b in run.batches] != [(0, 1, 2, 3), (4, 5, 6, 7),

@@ -24,9 +24,12 @@ def write_synthetic_trace(
     bytes_per_expert: int | None = 1_000_000,
     speculative: bool = False,
     seed: int = 0,
+    groups: int = 0,
 ) -> Path:
     """Write a trace whose experts follow a Zipf popularity per layer, a per-request bias
-    and a chance ``stickiness`` that a token reuses the previous token's experts."""
+    and a chance ``stickiness`` that a token reuses the previous token's experts. With
+    ``groups`` > 0, request r uses only the r-th (mod ``groups``) of that many disjoint
+    shares of the experts (topics that need different experts, arriving interleaved)."""
     rng = np.random.default_rng(seed)
     L, E, k = num_layers, num_experts, top_k
     model = ModelInfo(
@@ -44,6 +47,10 @@ def write_synthetic_trace(
         for r in range(requests):
             pop = np.stack([rng.permutation(base) for _ in range(L)])
             pop = pop * rng.gamma(2.0, size=(L, E))
+            if groups:
+                share = np.zeros(E, bool)
+                share[(r % groups) * E // groups : (r % groups + 1) * E // groups] = True
+                pop[:, ~share] = 0.0
             pop /= pop.sum(axis=1, keepdims=True)
             cols: dict[str, list] = {
                 k_: [] for k_ in ("token", "step", "phase", "forward", "layer")
