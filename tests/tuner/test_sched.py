@@ -179,13 +179,13 @@ def test_arrivals() -> None:
 
 def test_probe_signature_is_the_first_layers_prefill(grouped) -> None:
     ev, _ = grouped
-    w = workload(ev, probe_layers=1)
+    w = workload(ev, get_scheduler("affinity").signature)
     assert w.signature.shape == (32, ev.num_experts)
     assert np.allclose(np.linalg.norm(w.signature, axis=1), 1.0)
     half = ev.num_experts // 2
     assert (w.signature[0::2, half:] == 0).all() and (w.signature[1::2, :half] == 0).all()
     with pytest.raises(ConfigError, match="probe_layers"):
-        workload(ev, probe_layers=ev.num_layers + 1)
+        workload(ev, get_scheduler("affinity", {"probe_layers": ev.num_layers + 1}).signature)
 
 
 @pytest.mark.parametrize("policy", ["lru", "wtinylfu", "pinned_lfu"])
@@ -209,3 +209,19 @@ def test_replay_in_steps_is_the_replay_in_one_call(grouped, policy: str) -> None
     assert r.now == pytest.approx(one.total_seconds + 5.0)
     with pytest.raises(ConfigError, match="needs the whole future"):
         Replay(make_plan(ev, _shape(3, 16, 2), uniform_layout(15, 3, 16), "belady"), HW, 3, 16)
+
+
+def test_steps_in_one_call_equal_steps_one_by_one(grouped) -> None:
+    """A grid of steps (what the queue replays when nothing can be admitted) gives the
+    events of its rows one after another; -1 leaves a request out of a step."""
+    from moetrace.tuner.sched.workload import step_events
+
+    ev, _ = grouped
+    grid = np.array([[0, 14, 30], [1, 15, -1], [2, 16, -1]])
+    many = step_events(ev, grid)
+    rows = [step_events(ev, row[row >= 0]) for row in grid]
+    assert many.num_events == sum(r.num_events for r in rows)
+    assert np.array_equal(many.experts, np.concatenate([r.experts for r in rows]))
+    assert np.array_equal(many.layer, np.concatenate([r.layer for r in rows]))
+    assert np.array_equal(many.tokens, np.concatenate([r.tokens for r in rows]))
+    assert np.array_equal(many.pass_id, np.repeat(np.arange(3), [r.num_events for r in rows]))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,7 @@ class QueueResult:
     arrival: np.ndarray  # seconds, per request (arrival order)
     start: np.ndarray  # when its first pass started
     finish: np.ndarray  # when its last pass ended
-    extra: dict[str, Any] = field(default_factory=dict)
+    max_overtaken: int = 0  # the most later requests admitted before one request
 
     @property
     def latency(self) -> np.ndarray:
@@ -129,7 +129,7 @@ class QueueResult:
             "max_latency_s": float(lat.max()),
             "mean_wait_s": float(self.wait.mean()),
             "mean_waiting": float(self.wait.sum() / makespan) if makespan > 0 else 0.0,
-            "max_overtaken": int(self.extra.get("max_overtaken", 0)),
+            "max_overtaken": self.max_overtaken,
         }
 
 
@@ -151,7 +151,7 @@ def simulate_queue(
     index) when given, else a backlog (every request waiting at 0)."""
     cfg = schedule or plan.schedule
     scheduler = get_scheduler(cfg)
-    w = workload(events, scheduler.probe_layers)
+    w = workload(events, scheduler.signature)
     rec = None if recorded_arrivals is None else np.asarray(recorded_arrivals)[w.request]
     arrival, kind = arrival_times(w.num_requests, arrival_rate, seed, rec)
     replay = Replay(plan, hardware, events.num_layers, events.num_experts,
@@ -175,19 +175,23 @@ def simulate_queue(
         if not running:
             replay.wait_until(float(arrival[nxt]))
             continue
-        passes = np.asarray([p for _, p in running], np.int64)
-        replay.run(step_events(events, passes))
-        step_of_pass[passes] = step
-        step += 1
+        # until a request finishes, nothing can be admitted when the batch is full, the
+        # batching static or nobody left to come: replay those steps in one call
+        quiet = static or len(running) == B or (nxt >= n and not adm.waiting)
+        steps = min(int(w.pass_ptr[r + 1]) - p for r, p in running) if quiet else 1
+        grid = np.asarray([p for _, p in running], np.int64)[None, :] + np.arange(steps)[:, None]
+        replay.run(step_events(events, grid))
+        step_of_pass[grid] = step + np.arange(steps)[:, None]
+        step += steps
         for item in list(running):
-            item[1] += 1
+            item[1] += steps
             if item[1] == w.pass_ptr[item[0] + 1]:
                 running.remove(item)
                 finish[item[0]] = replay.now
     sched = Schedule(step_of_pass, np.asarray(adm.order, np.int64), tuple(adm.batches), step)
     sim = replay.result(events.tokens_by_phase, label or cfg.scheduler)
     return QueueResult(sim, sched, cfg, kind, arrival, start, finish,
-                       {"max_overtaken": _max_overtaken(sched.order)})  # fmt: skip
+                       _max_overtaken(sched.order))  # fmt: skip
 
 
 def _max_overtaken(order: np.ndarray) -> int:

@@ -20,6 +20,8 @@ import numpy as np
 
 from moetrace.errors import ConfigError
 from moetrace.store.plan import ScheduleConfig
+from moetrace.tuner.policy.events import Events
+from moetrace.tuner.sched.workload import probe_signature
 
 
 @dataclass
@@ -54,6 +56,11 @@ class Scheduler:
         bad = [k for k, v in self.params.items() if not v >= 0]
         if bad:
             raise ConfigError(f"scheduler parameter {bad[0]} must be >= 0")
+
+    def signature(self, events: Events, first_pass: np.ndarray) -> np.ndarray:
+        """What this scheduler knows of each waiting request (rows of unit length): by
+        default its probe, the first ``probe_layers`` MoE layers' routing of its prompt."""
+        return probe_signature(events, first_pass, self.probe_layers)
 
     def pick(self, view: QueueView, free: int) -> list[int]:
         """Up to ``free`` waiting requests to admit now, in admission order."""

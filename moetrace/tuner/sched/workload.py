@@ -9,6 +9,7 @@ per-request ones, whatever the schedule, for the simulator's one replay kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -54,8 +55,10 @@ def probe_signature(events: Events, first_pass: np.ndarray, probe_layers: int) -
     return np.divide(sig, norm, out=np.zeros_like(sig), where=norm > 0)
 
 
-def workload(events: Events, probe_layers: int = 1) -> Workload:
-    """The requests of ``events`` (built in arrival order, one pass per request step)."""
+def workload(events: Events, signature: Callable[[Events, np.ndarray], np.ndarray]) -> Workload:
+    """The requests of ``events`` (built in arrival order, one pass per request step);
+    ``signature(events, first pass of each request)`` is what the scheduler knows of them
+    (:meth:`moetrace.tuner.sched.schedulers.Scheduler.signature`)."""
     first = np.ones(events.num_events, bool)
     first[1:] = events.pass_id[1:] != events.pass_id[:-1]
     pass_req = np.zeros(events.num_passes, np.int64)
@@ -73,44 +76,51 @@ def workload(events: Events, probe_layers: int = 1) -> Workload:
         pass_ptr=ptr,
         pass_tokens=pass_tokens,
         pass_accesses=pass_acc.astype(np.int64),
-        signature=probe_signature(events, ptr[:-1], probe_layers),
+        signature=signature(events, ptr[:-1]),
     )
 
 
 def step_events(events: Events, passes: np.ndarray) -> Events:
-    """The events of one batched step running ``passes`` together: at each layer, the
-    union of their experts (token counts summed); a step with a prefill pass counts as
-    prefill, and it is owned by its first request (prefetchers keyed by request see the
-    batch as that request). The per-token arrays are kept (they only serve fitting)."""
+    """The events of batched steps: row ``s`` of ``passes`` (steps x requests; -1 where a
+    request has no pass in that step, or a 1-d array for one step) runs together. At each
+    layer a step needs the union of its passes' experts (token counts summed); a step with
+    a prefill pass counts as prefill, and it is owned by its first request (prefetchers
+    keyed by request see the batch as that request). Events come step by step, layer by
+    layer. The per-token arrays are kept (they only serve fitting)."""
     L = events.num_layers
-    ev = events.pass_event[np.asarray(passes, np.int64)].T  # (L, P)
-    ids = ev[ev >= 0]  # layer by layer
-    layer = events.layer[ids].astype(np.int64)
-    keys = np.unique(layer)
-    ptr, experts, counts = _gather_union(events.ptr, events.experts, events.counts, ids, layer,
+    grid = np.atleast_2d(np.asarray(passes, np.int64))
+    S = grid.shape[0]
+    ev = np.where(grid[:, :, None] >= 0, events.pass_event[np.maximum(grid, 0)], -1)  # S,P,L
+    ev = ev.transpose(0, 2, 1)  # step, layer, request
+    ids = ev[ev >= 0]
+    step = np.broadcast_to(np.arange(S)[:, None, None], ev.shape)[ev >= 0]
+    key = step * L + events.layer[ids].astype(np.int64)
+    keys = np.unique(key)
+    ptr, experts, counts = _gather_union(events.ptr, events.experts, events.counts, ids, key,
                                          keys, events.num_experts)  # fmt: skip
     spec = {}
     if events.spec_ptr is not None and events.spec_experts is not None:
         sc = events.spec_counts
         if sc is None:
             sc = np.ones(len(events.spec_experts), np.int32)
-        sp, se, sn = _gather_union(events.spec_ptr, events.spec_experts, sc, ids, layer, keys,
+        sp, se, sn = _gather_union(events.spec_ptr, events.spec_experts, sc, ids, key, keys,
                                    events.num_experts)  # fmt: skip
         spec = {"spec_ptr": sp, "spec_experts": se, "spec_counts": sn}
-    tokens = np.bincount(layer, weights=events.tokens[ids], minlength=L)[keys]
-    phase = np.ones(L, np.int8)
-    np.minimum.at(phase, layer, events.phase[ids])
-    request = np.full(L, np.iinfo(np.int32).max, np.int64)
-    np.minimum.at(request, layer, events.request[ids].astype(np.int64))
+    at = np.searchsorted(keys, key)
     n = len(keys)
-    pass_event = np.full((1, L), -1, np.int64)
-    pass_event[0, keys] = np.arange(n)
+    tokens = np.bincount(at, weights=events.tokens[ids], minlength=n)
+    phase = np.ones(n, np.int8)
+    np.minimum.at(phase, at, events.phase[ids])
+    request = np.full(n, np.iinfo(np.int32).max, np.int64)
+    np.minimum.at(request, at, events.request[ids].astype(np.int64))
+    pass_event = np.full((S, L), -1, np.int64)
+    pass_event[keys // L, keys % L] = np.arange(n)
     return replace(
         events,
-        layer=keys.astype(np.int16),
-        phase=phase[keys],
-        request=request[keys].astype(np.int32),
-        pass_id=np.zeros(n, np.int32),
+        layer=(keys % L).astype(np.int16),
+        phase=phase,
+        request=request.astype(np.int32),
+        pass_id=(keys // L).astype(np.int32),
         tokens=tokens.astype(np.int32),
         ptr=ptr,
         experts=experts,
@@ -125,16 +135,16 @@ def _gather_union(
     values: np.ndarray,
     weights: np.ndarray,
     ids: np.ndarray,
-    layer: np.ndarray,
+    key: np.ndarray,
     keys: np.ndarray,
     E: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR rows ``ids`` merged by ``layer`` (sorted ``keys``): union, weights summed."""
+    """CSR rows ``ids`` merged by ``key`` (sorted unique ``keys``): union, weights summed."""
     lo = ptr[ids]
     lens = ptr[ids + 1] - lo
     starts = np.cumsum(lens) - lens
     take = np.repeat(lo - starts, lens) + np.arange(int(lens.sum()))
-    code = np.repeat(layer, lens) * E + values[take].astype(np.int64)
+    code = np.repeat(key, lens) * E + values[take].astype(np.int64)
     u, back = np.unique(code, return_inverse=True)
     w = np.bincount(back, weights=weights[take].astype(np.float64), minlength=len(u))
     new_ptr = np.searchsorted(u // E, keys, side="left").astype(np.int64)
