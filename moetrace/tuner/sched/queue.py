@@ -15,7 +15,6 @@ with their stalls. An idle device waits for the next arrival while the link goes
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +30,6 @@ from moetrace.tuner.sched.schedulers import QueueView, Scheduler, get_scheduler
 from moetrace.tuner.sched.workload import step_events, workload
 from moetrace.tuner.sim.engine import Replay
 from moetrace.tuner.sim.metrics import SimResult
-
-log = logging.getLogger(__name__)
 
 RECENT_DECAY = 0.5
 """Weight of the earlier admissions in the scheduler's view of the cache's content, per
