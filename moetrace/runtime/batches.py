@@ -10,7 +10,6 @@ is run that way too, which the log says).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -23,6 +22,7 @@ import torch
 
 from moetrace.errors import ModelError, RuntimeEngineError
 from moetrace.runtime.engine import OffloadEngine
+from moetrace.runtime.session import recording
 from moetrace.store.plan import ScheduleConfig
 from moetrace.tuner.sched.queue import Admissions
 from moetrace.tuner.sched.schedulers import get_scheduler
@@ -108,15 +108,7 @@ def generate_scheduled(
     new_total = 0
     t0 = time.perf_counter()
     try:
-        with contextlib.ExitStack() as stack:
-            recorder = None
-            if trace_dir is not None:
-                from moetrace.tracer.recorder import RoutingRecorder
-
-                speculative = engine.plan.prefetch.name == "speculative"
-                recorder = stack.enter_context(
-                    RoutingRecorder(engine.model, trace_dir, speculative=speculative)
-                )
+        with recording(engine, trace_dir) as recorder:
             while adm.waiting:
                 start = time.perf_counter() - t0
                 batch = adm.admit(start, [], sched.batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,20 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+@contextlib.contextmanager
+def recording(engine: OffloadEngine, trace_dir: str | os.PathLike[str] | None) -> Iterator[Any]:
+    """A tracer recording the engine's model into ``trace_dir`` (with the speculative
+    columns when the plan prefetches speculatively), or None without a folder."""
+    if trace_dir is None:
+        yield None
+        return
+    from moetrace.tracer.recorder import RoutingRecorder
+
+    speculative = engine.plan.prefetch.name == "speculative"
+    with RoutingRecorder(engine.model, trace_dir, speculative=speculative) as recorder:
+        yield recorder
+
+
 def generate(
     engine: OffloadEngine,
     tokenizer: Any,
@@ -103,15 +117,7 @@ def generate(
     """
     if tokenizer is None:
         raise ModelError("the model has no tokenizer; cannot run text prompts")
-    with contextlib.ExitStack() as stack:
-        recorder = None
-        if trace_dir is not None:
-            from moetrace.tracer.recorder import RoutingRecorder
-
-            speculative = engine.plan.prefetch.name == "speculative"
-            recorder = stack.enter_context(
-                RoutingRecorder(engine.model, trace_dir, speculative=speculative)
-            )
+    with recording(engine, trace_dir) as recorder:
         texts, new, t0 = [], 0, time.perf_counter()
         for i, prompt in enumerate(prompts):
             enc = tokenizer(prompt, return_tensors="pt").to(engine.device)

@@ -40,19 +40,7 @@ def routing(
             cols["forward"].append(t)
             cols["layer"].append(layer)
             exps.append(list(e) + [-1] * (k - len(e)))
-    return SimpleNamespace(
-        request=np.asarray(cols["request"], np.int32),
-        step=np.asarray(cols["step"], np.int32),
-        token=np.asarray(cols["token"], np.int32),
-        phase=np.asarray(cols["phase"], np.int8),
-        forward=np.asarray(cols["forward"], np.int64),
-        layer=np.asarray(cols["layer"], np.int16),
-        experts=np.asarray(exps, np.int16),
-        moe_layers=tuple(range(L)),
-        num_experts=num_experts,
-        top_k=k,
-        speculative=None,
-    )
+    return _namespace(cols, exps, L, num_experts, k)
 
 
 def events_of(seq: list[int], num_experts: int) -> Events:
@@ -130,6 +118,11 @@ def routing_from_requests(
                 cols["forward"].append(fwd)
                 cols["layer"].append(layer)
                 exps.append(np.asarray(per_layer[layer]))
+    return _namespace(cols, exps, L, E, k)
+
+
+def _namespace(cols: dict[str, list[int]], exps: list, L: int, E: int, k: int) -> SimpleNamespace:
+    """A routing's arrays, as ``build_events`` reads them."""
     return SimpleNamespace(
         request=np.asarray(cols["request"], np.int32),
         step=np.asarray(cols["step"], np.int32),

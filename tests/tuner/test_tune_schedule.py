@@ -124,3 +124,14 @@ def test_v2_plan_simulates_as_fcfs(topics: Path, tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["simulate", str(topics), "--plan", str(tmp_path / "v2.json"),
                                   "--batch-size", "1"])  # fmt: skip
     assert r.exit_code == 0 and "fcfs {}" in r.output, r.output
+
+
+def test_queue_settings_are_checked() -> None:
+    from moetrace.errors import ConfigError, PlanError
+
+    with pytest.raises(PlanError, match="schedule.batch_size must be an integer >= 1"):
+        QueueSettings(batch_size=0)
+    with pytest.raises(PlanError, match="schedule.batching must be one of"):
+        QueueSettings(batching="dynamic")
+    with pytest.raises(ConfigError, match="arrival rate must be > 0"):
+        QueueSettings(arrival_rate=-1.0)

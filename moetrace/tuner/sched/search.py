@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from moetrace.errors import ConfigError
 from moetrace.store.hardware import HardwareProfile
 from moetrace.store.plan import Plan, ScheduleConfig
 from moetrace.tuner.policy.events import Events
@@ -35,6 +36,11 @@ class QueueSettings:
     batching: str = "continuous"
     arrival_rate: float | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.config("fcfs", {})  # batch size and batching checked as the plan checks them
+        if self.arrival_rate is not None and not self.arrival_rate > 0:
+            raise ConfigError(f"arrival rate must be > 0 requests/s, got {self.arrival_rate}")
 
     def config(self, scheduler: str, params: dict[str, float]) -> ScheduleConfig:
         return ScheduleConfig(scheduler, self.batch_size, self.batching, params)
@@ -113,9 +119,11 @@ def judge_schedule(
     """The plan's schedule and FCFS on a validation split (rows ``schedule``, ``fcfs``)."""
     sc = plan.schedule
     grid = [(sc.scheduler, dict(sc.params)), ("fcfs", {})]
+    if sc.scheduler == "fcfs" and not sc.params:
+        grid = grid[1:]  # the same replay twice
     rows = run_rows(plan, val_ev, hw, replace(q, batch_size=sc.batch_size,
                                               batching=sc.batching), grid, bpe, recorded)  # fmt: skip
-    rows[0]["name"], rows[1]["name"] = "schedule", "fcfs"
+    rows = [{**rows[0], "name": "schedule"}, {**rows[-1], "name": "fcfs"}]
     return rows
 
 
