@@ -447,6 +447,15 @@ def _add_tune(group: click.Group) -> None:
     @click.option(
         "--no-schedule", is_flag=True, help="Skip the scheduler search (the plan keeps FCFS)."
     )
+    @click.option(
+        "--workers", type=click.IntRange(1), default=None,
+        help="Processes for the replays (default: one per CPU; 1: in this process).",
+    )  # fmt: skip
+    @click.option(
+        "--ray", "ray", default=None, envvar="RAY_ADDRESS", metavar="ADDRESS",
+        help="Run the replays on a Ray cluster (auto, ray://host:10001, or 'local' for a "
+        "new local one); also read from RAY_ADDRESS.",
+    )  # fmt: skip
     def tune_cmd(
         traces: tuple[str, ...],
         out: str,

@@ -31,6 +31,7 @@ from moetrace.store.plan import (
     PrefetchConfig,
     Provenance,
 )
+from moetrace.tuner.parallel import Fanout, default_workers, shared
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sched.arrivals import recorded_arrivals
 from moetrace.tuner.sched.search import (
@@ -131,6 +132,11 @@ class TuneConfig:
     judge: tuple[str, ...] = ()
     queue: QueueSettings | None = field(default_factory=QueueSettings)
     """How the queue is modeled for the schedule search (None: no search, FCFS)."""
+    workers: int | None = None
+    """Processes for the replays (None: one per CPU this process may use; 1: serial)."""
+    ray: str | None = None
+    """Run the replays on this Ray cluster instead (``auto``, ``ray://host:port``, or
+    ``local`` for a new local cluster of ``workers`` CPUs)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
@@ -141,6 +147,8 @@ class TuneConfig:
             raise ConfigError(f"bytes_per_expert must be > 0, got {self.bytes_per_expert}")
         if not 0.0 <= self.tolerance < 1.0:
             raise ConfigError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         object.__setattr__(self, "splits", tuple(self.splits))
         object.__setattr__(self, "judge", tuple(self.judge))
 
@@ -203,7 +211,8 @@ class _Candidate:
 class _Search:
     """Scores candidates on every split: tables fitted on the split's ``fit`` requests,
     scored on its ``select`` requests, as stall per token relative to uniform LRU there
-    (one number per split; :func:`_best` chooses among them)."""
+    (one number per split; :func:`_best` chooses among them). The replays of a batch of
+    candidates are fanned out (:class:`moetrace.tuner.parallel.Fanout`)."""
 
     def __init__(
         self,
@@ -212,40 +221,72 @@ class _Search:
         hw: HardwareProfile,
         bpe: int | None,
         slots: int,
+        fanout: Fanout,
     ):
         self.loaded, self.splits, self.hw, self.bpe = loaded, splits, hw, bpe
+        self.fanout = fanout
+        self.handles = [(fanout.share(f"search:{i}:fit", fit), fanout.share(f"search:{i}:sel", sel))
+                        for i, (_, fit, sel) in enumerate(splits)]  # fmt: skip
         self.log: list[dict[str, Any]] = []
         self.progress: Progress | None = None
         L, E = len(loaded.model.moe_layers), loaded.model.num_experts
         lru = _Candidate("lru", uniform_layout(slots, L, E), "lru", {}, PrefetchConfig())
-        self.lru = [self._stall(lru, fit, sel) for _, fit, sel in splits]
+        self.lru = self._rows([lru])[0]
 
-    def _stall(self, c: _Candidate, fit: Events, sel: Events) -> dict[str, Any]:
-        plan = c.plan(sel, self.loaded.shape, self.bpe, fit)
-        return _row(c.name, simulate(sel, plan, self.hw, bytes_per_expert=self.bpe))
+    def _rows(self, cands: Sequence[_Candidate]) -> list[list[dict[str, Any]]]:
+        """Per candidate, its row on each split (replays fanned out)."""
+        tasks = [(c, fit, sel, self.loaded.shape, self.hw, self.bpe)
+                 for c in cands for fit, sel in self.handles]  # fmt: skip
+        rows = self.fanout.map(_candidate_row, tasks)
+        n = len(self.handles)
+        return [rows[i * n : (i + 1) * n] for i in range(len(cands))]
+
+    def score_all(self, cands: Sequence[_Candidate]) -> list[np.ndarray]:
+        out = []
+        for c, rows in zip(cands, self._rows(cands), strict=True):
+            rels = []
+            for (name, _, _), row, lru in zip(self.splits, rows, self.lru, strict=True):
+                base = lru["stall_per_token_ms"]
+                rel = row["stall_per_token_ms"] / base if base else row["stall_per_token_ms"] + 1.0
+                rels.append(rel)
+                self.log.append({**row, "split": name, "stall_vs_lru": rel})
+                log.info("candidate %s on %s: hit %.4f stall %.3fx LRU", c.name, name,
+                         row["hit_rate"], rel)  # fmt: skip
+            if self.progress is not None:
+                self.progress.update()
+            out.append(np.asarray(rels, dtype=np.float64))
+        return out
 
     def score(self, c: _Candidate) -> np.ndarray:
-        out = []
-        for (name, fit, sel), lru in zip(self.splits, self.lru, strict=True):
-            row = self._stall(c, fit, sel)
-            base = lru["stall_per_token_ms"]
-            rel = row["stall_per_token_ms"] / base if base else row["stall_per_token_ms"] + 1.0
-            out.append(rel)
-            self.log.append({**row, "split": name, "stall_vs_lru": rel})
-            log.info("candidate %s on %s: hit %.4f stall %.3fx LRU", c.name, name,
-                     row["hit_rate"], rel)  # fmt: skip
-        if self.progress is not None:
-            self.progress.update()
-        return np.asarray(out, dtype=np.float64)
+        return self.score_all([c])[0]
+
+
+def _candidate_row(
+    c: _Candidate, fit: Any, sel: Any, shape: Any, hw: HardwareProfile, bpe: int | None
+) -> dict[str, Any]:
+    """A task: fit ``c`` on the events ``fit`` stands for, replay those ``sel`` stands for."""
+    fit_ev, sel_ev = shared(fit), shared(sel)
+    plan = c.plan(sel_ev, shape, bpe, fit_ev)
+    return _row(c.name, simulate(sel_ev, plan, hw, bytes_per_expert=bpe))
+
+
+def _plan_row(
+    name: str, plan: Plan, ev: Any, hw: HardwareProfile, bpe: int | None
+) -> dict[str, Any]:
+    """A task: replay the events ``ev`` stands for under ``plan``."""
+    return _row(name, simulate(shared(ev), plan, hw, bytes_per_expert=bpe))
 
 
 def _best(
-    options: Sequence[Any], score: Callable[[Any], np.ndarray], tolerance: float = TOLERANCE
+    options: Sequence[Any],
+    score: Callable[[list[Any]], list[np.ndarray]],
+    tolerance: float = TOLERANCE,
 ) -> tuple[Any, np.ndarray]:
     """The option with the least **regret**: on each split, its stall relative to the best
     option's there; an option's regret is its worst split's (minimax regret). Options that
-    lose to LRU by more than ``tolerance`` on some split come last. Ties: the first."""
-    scores = np.stack([score(o) for o in options])
+    lose to LRU by more than ``tolerance`` on some split come last. Ties: the first.
+    ``score`` scores all options at once (their replays run side by side)."""
+    scores = np.stack(score(list(options)))
     regret = (scores / np.maximum(scores.min(axis=0), 1e-12)).max(axis=1)
     loses = (scores > 1.0 + tolerance).any(axis=1)
     i = min(range(len(options)), key=lambda j: (bool(loses[j]), float(regret[j]), j))
@@ -270,38 +311,51 @@ def _search(
 
     first, lru_score = _best(
         layouts,
-        lambda lay: search.score(
-            _Candidate(f"lru {lname(lay)}", lay, "lru", {}, none, adaptation=adapt)
+        lambda lays: search.score_all(
+            [
+                _Candidate(f"lru {lname(lay)}", lay, "lru", {}, none, adaptation=adapt)
+                for lay in lays
+            ]
         ),
     )
     layout = first
     online = {"lru": lru_score}
 
-    def score_policy(c: tuple[str, dict[str, float]]) -> np.ndarray:
-        sc = search.score(
-            _Candidate(
-                f"{c[0]} {c[1]} {layout.kind}", layout, c[0], dict(c[1]), none, adaptation=adapt
-            )  # fmt: skip
-        )
-        if c[0] in FALLBACKS and not c[1]:
-            online[c[0]] = sc
-        return sc
+    def score_policies(cs: list[tuple[str, dict[str, float]]]) -> list[np.ndarray]:
+        scores = search.score_all([
+            _Candidate(f"{n} {p} {layout.kind}", layout, n, dict(p), none, adaptation=adapt)
+            for n, p in cs
+        ])  # fmt: skip
+        for (n, p), sc in zip(cs, scores, strict=True):
+            if n in FALLBACKS and not p:
+                online[n] = sc
+        return scores
 
-    (policy, params), _ = _best(EVICTION_GRID[1:], score_policy)
+    (policy, params), _ = _best(EVICTION_GRID[1:], score_policies)
     adapt = replace(adapt, fallback=min(online, key=lambda n: (float(online[n].max()), n)))
     layout, base = _best(
         layouts,
-        lambda lay: search.score(
-            _Candidate(
-                f"{policy} {params} {lname(lay)}", lay, policy, dict(params), none, adaptation=adapt
-            )  # fmt: skip
-        ),
+        lambda lays: search.score_all(
+            [
+                _Candidate(
+                    f"{policy} {params} {lname(lay)}",
+                    lay,
+                    policy,
+                    dict(params),
+                    none,
+                    adaptation=adapt,
+                )
+                for lay in lays
+            ]
+        ),  # fmt: skip
     )
     best = _Candidate(f"{policy} {params} {layout.kind}", layout, policy, dict(params), none,
                       adaptation=adapt)  # fmt: skip
     if layout != first:
-        online = {n: search.score(_Candidate(f"{n} {lname(layout)} (fallback)", layout, n, {},
-                                             none)) for n in FALLBACKS}  # fmt: skip
+        names = list(FALLBACKS)
+        online = dict(zip(names, search.score_all(
+            [_Candidate(f"{n} {lname(layout)} (fallback)", layout, n, {}, none) for n in names]
+        ), strict=True))  # fmt: skip
         fallback = min(online, key=lambda n: (float(online[n].max()), n))
         if online[fallback].max() > 1.0 + TOLERANCE:
             # every online policy on this layout loses to uniform LRU: switching to one
@@ -320,7 +374,7 @@ def _search(
         prefetches.append(PrefetchConfig("speculative", lookahead=1, fetch=0))
     with_pf = [replace(best, name=f"{best.name} + {p.name} fetch={p.fetch}", prefetch=p)
                for p in prefetches]  # fmt: skip
-    cand, pf_score = _best(with_pf, search.score)
+    cand, pf_score = _best(with_pf, search.score_all)
     ratio = pf_score / np.maximum(base, 1e-12)
     if ratio.mean() >= 0.99 or ratio.max() > 1.0:  # a prefetcher must earn its link time
         return best
@@ -381,6 +435,18 @@ def tune(
     ``progress``: a bar over the candidates scored when stderr is a terminal, else
     ``on_progress(done, total, elapsed)`` every few seconds (:mod:`moetrace.progress`).
     """
+    workers = config.workers or default_workers()
+    with Fanout(workers, config.ray) as fanout:
+        return _tune(traces, config, fanout, progress, on_progress)
+
+
+def _tune(
+    traces: Sequence[str | os.PathLike[str]],
+    config: TuneConfig,
+    fanout: Fanout,
+    progress: bool,
+    on_progress: OnProgress | None,
+) -> TuneResult:
     t0 = time.perf_counter()
     hw = load_hardware(config.hardware)
     loaded = load_traces(traces, order=config.order)
@@ -418,7 +484,7 @@ def tune(
         if sp.name not in judged_only and sp.name.split("=")[0] not in judged_only
     ]
     search = _Search(loaded, [(sp.name, ev(sp.fit), shifted(sp, sp.select))
-                              for sp in search_splits], hw, bpe, slots)  # fmt: skip
+                              for sp in search_splits], hw, bpe, slots, fanout)  # fmt: skip
     n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
     total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
     search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
@@ -436,7 +502,8 @@ def tune(
             plan_s = cand.plan(ev(sp.tune), loaded.shape, bpe, ev(sp.tune))
             plans.append(plan_s)
             rows = validate(plan_s, ev(sp.tune), shifted(sp, sp.validation), hw, bpe,
-                            baselines=baselines.get(sp.name))  # fmt: skip
+                            baselines=baselines.get(sp.name), fanout=fanout,
+                            key=f"validation:{sp.name}")  # fmt: skip
             baselines[sp.name] = [r for r in rows[2:] if r["name"] != PLAN_LAYOUT_BOUND]
             per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
                               "validation_requests": len(sp.validation),
@@ -478,10 +545,11 @@ def tune(
             log.warning("the schedule search needs order 'arrival'; the plan keeps FCFS")
         else:
             recorded = recorded_arrivals(loaded.paths, loaded.routing.request_ids)
-            plan, expected["schedule"] = _tune_schedule(
-                plan, [(sp, p, ev(sp.tune), shifted(sp, sp.validation)) for sp, p in
-                       zip(splits, plans, strict=True)], hw, bpe, config, recorded,
-            )  # fmt: skip
+            queued = [(sp, p, fanout.share(f"tune:{sp.name}", ev(sp.tune)),
+                          fanout.share(f"validation:{sp.name}", shifted(sp, sp.validation)))
+                         for sp, p in zip(splits, plans, strict=True)]  # fmt: skip
+            plan, expected["schedule"] = _tune_schedule(plan, queued, hw, bpe, config,
+                                                        recorded, fanout)  # fmt: skip
     plan = replace(plan, expected=expected)
     return TuneResult(plan, validation, search.log, time.perf_counter() - t0, per_split,
                       fallback)  # fmt: skip
@@ -489,22 +557,23 @@ def tune(
 
 def _tune_schedule(
     plan: Plan,
-    per_split: list[tuple[Split, Plan, Events, Events]],
+    per_split: list[tuple[Split, Plan, Any, Any]],
     hw: HardwareProfile,
     bpe: int | None,
     config: TuneConfig,
     recorded: np.ndarray | None,
+    fanout: Fanout,
 ) -> tuple[Plan, dict[str, Any]]:
     """Choose the schedule on the first split's tune part; judge it against FCFS on every
     split's validation part under that split's plan; FCFS when it loses on any."""
     q = config.queue
     assert q is not None
-    chosen, search = choose_schedule(plan, per_split[0][2], hw, q, bpe, recorded)
+    chosen, search = choose_schedule(plan, per_split[0][2], hw, q, bpe, recorded, fanout)
     fallback = None
     for attempt in (chosen, q.config("fcfs", {})):
         splits = []
         for sp, p, _, val in per_split:
-            rows = judge_schedule(replace(p, schedule=attempt), val, hw, q, bpe, recorded)
+            rows = judge_schedule(replace(p, schedule=attempt), val, hw, q, bpe, recorded, fanout)
             splits.append({"name": sp.name, "validation_requests": len(sp.validation),
                            "rows": rows})  # fmt: skip
         losing = [(s["name"], why) for s in splits
@@ -556,11 +625,14 @@ def validate(
     bpe: int | None,
     *,
     baselines: list[dict[str, Any]] | None = None,
+    fanout: Fanout | None = None,
+    key: str = "validation",
 ) -> list[dict[str, Any]]:
     """The plan and the baselines on the validation events (baselines' tables from tune).
 
     ``baselines`` (the rows after the plan's two, from an earlier call on the same events)
-    are reused instead of replayed again.
+    are reused instead of replayed again. ``fanout``: where the replays run (default: in
+    this process); ``key`` names the validation events shared with its workers.
     """
     L, E = val_ev.num_layers, val_ev.num_experts
     uniform = uniform_layout(plan.layout.total_slots, L, E)
@@ -586,16 +658,20 @@ def validate(
             ("W-TinyLFU (after Caffeine)", base("wtinylfu")),
             ("LeCaR (after Vietri et al.)", base("lecar")),
         ]  # fmt: skip
-    rows = [_row(name, simulate(val_ev, p, hw, bytes_per_expert=bpe)) for name, p in runs]
+    if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
+        bound = replace(no_pf, eviction=EvictionConfig("belady"), adaptation=Adaptation())
+        runs.append((PLAN_LAYOUT_BOUND, bound))
+    handle = val_ev if fanout is None else fanout.share(key, val_ev)
+    rows = (fanout or Fanout(1)).map(_plan_row, [(name, p, handle, hw, bpe) for name, p in runs])
+    extra = rows.pop() if plan.layout != uniform else None
     if baselines is None:
         # mixtral-offloading's released cache is per-layer LRU with the current layer's
         # experts protected: exactly the "lru" row's replay, named for the peer
         mixtral = {**rows[2], "name": "mixtral-offloading as released (per-layer LRU)"}
         baselines = [dict(r) for r in rows[2:4]] + [mixtral] + [dict(r) for r in rows[4:]]
     rows = rows[:2] + [dict(r) for r in baselines]
-    if plan.layout != uniform:  # the bound for the plan's own layout, for transparency
-        bound = replace(no_pf, eviction=EvictionConfig("belady"), adaptation=Adaptation())
-        rows.append(_row(PLAN_LAYOUT_BOUND, simulate(val_ev, bound, hw, bytes_per_expert=bpe)))
+    if extra is not None:
+        rows.append(extra)
     names = [r["name"] for r in rows]
     lru = rows[2]["hit_rate"]
     bel = rows[names.index("belady (oracle bound, no prefetch)")]["hit_rate"]

@@ -46,7 +46,7 @@ def test_losing_schedule_falls_back_to_fcfs(topics: Path, monkeypatch) -> None:
     """A schedule that loses to FCFS on a split is not written (the check can fail)."""
     import moetrace.tuner.tune as T
 
-    def rigged(plan, tune_ev, hw, q, bpe, recorded=None):  # chooses badly on purpose
+    def rigged(plan, tune_ev, hw, q, *args):  # chooses badly on purpose
         return q.config("affinity", {"max_overtakes": 1e9}), []
 
     def worse(rows, tolerance):

@@ -13,6 +13,7 @@ import numpy as np
 from moetrace.errors import ConfigError
 from moetrace.store.hardware import HardwareProfile
 from moetrace.store.plan import Plan, ScheduleConfig
+from moetrace.tuner.parallel import Fanout, shared
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sched.queue import simulate_queue
 
@@ -60,30 +61,37 @@ def schedule_name(scheduler: str, params: dict[str, float]) -> str:
 
 def run_rows(
     plan: Plan,
-    events: Events,
+    events: Any,
     hw: HardwareProfile,
     q: QueueSettings,
     grid: Sequence[tuple[str, dict[str, float]]],
     bpe: int | None,
     recorded: np.ndarray | None = None,
+    fanout: Fanout | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per scheduler of ``grid`` on ``events`` under ``plan``'s cache
-    (``recorded``: arrival seconds by request index, used without an arrival rate)."""
-    return [
-        schedule_row(
-            schedule_name(s, p),
-            simulate_queue(
-                events,
-                plan,
-                hw,
-                schedule=q.config(s, p),
-                arrival_rate=q.arrival_rate,
-                seed=q.seed,
-                bytes_per_expert=bpe,
-            ),
-        )  # fmt: skip
-        for s, p in grid
-    ]
+    """One row per scheduler of ``grid`` on ``events`` (or a handle ``fanout`` shared
+    them under) under ``plan``'s cache (``recorded``: arrival seconds by request index,
+    used without an arrival rate); the replays fanned out."""
+    tasks = [(schedule_name(s, p), plan, events, hw, q.config(s, p), q, bpe, recorded)
+             for s, p in grid]  # fmt: skip
+    return (fanout or Fanout(1)).map(_queue_row, tasks)
+
+
+def _queue_row(
+    name: str,
+    plan: Plan,
+    events: Any,
+    hw: HardwareProfile,
+    config: ScheduleConfig,
+    q: QueueSettings,
+    bpe: int | None,
+    recorded: np.ndarray | None,
+) -> dict[str, Any]:
+    """A task: one scheduler's queue replay, as a row."""
+    result = simulate_queue(shared(events), plan, hw, schedule=config,
+                            arrival_rate=q.arrival_rate, seed=q.seed, bytes_per_expert=bpe,
+                            recorded_arrivals=recorded)  # fmt: skip
+    return schedule_row(name, result)
 
 
 def choose_schedule(
@@ -93,10 +101,11 @@ def choose_schedule(
     q: QueueSettings,
     bpe: int | None,
     recorded: np.ndarray | None = None,
+    fanout: Fanout | None = None,
 ) -> tuple[ScheduleConfig, list[dict[str, Any]]]:
     """The scheduler of the grid moving the fewest bytes on the tune split with p99
     latency within :data:`P99_LIMIT` of FCFS's (FCFS when none is)."""
-    rows = run_rows(plan, tune_ev, hw, q, SCHEDULE_GRID, bpe, recorded)
+    rows = run_rows(plan, tune_ev, hw, q, SCHEDULE_GRID, bpe, recorded, fanout)
     fcfs = rows[0]
     ok = [
         (r["bytes_moved"], i)
@@ -115,6 +124,7 @@ def judge_schedule(
     q: QueueSettings,
     bpe: int | None,
     recorded: np.ndarray | None = None,
+    fanout: Fanout | None = None,
 ) -> list[dict[str, Any]]:
     """The plan's schedule and FCFS on a validation split (rows ``schedule``, ``fcfs``)."""
     sc = plan.schedule
@@ -122,7 +132,7 @@ def judge_schedule(
     if sc.scheduler == "fcfs" and not sc.params:
         grid = grid[1:]  # the same replay twice
     rows = run_rows(plan, val_ev, hw, replace(q, batch_size=sc.batch_size,
-                                              batching=sc.batching), grid, bpe, recorded)  # fmt: skip
+                                              batching=sc.batching), grid, bpe, recorded, fanout)  # fmt: skip
     rows = [{**rows[0], "name": "schedule"}, {**rows[-1], "name": "fcfs"}]
     return rows
 
