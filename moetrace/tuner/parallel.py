@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -70,6 +71,9 @@ class Fanout:
             import ray
         except ImportError:
             raise ConfigError("--ray needs the ray package (pip install 'moetrace[ray]')") from None
+        why = _unreachable(address)
+        if why is not None:
+            raise ConfigError(f"cannot connect to Ray at {address!r}: {why}")
         try:
             if not ray.is_initialized():
                 if address == "local":
@@ -123,6 +127,20 @@ class Fanout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a ``host:port`` or ``ray://host:port`` address (None when
+    something does, or for ``auto``/``local``), so that a wrong address fails in seconds
+    rather than after Ray's own minutes of retries."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _call(item: tuple[Callable[..., Any], tuple[Any, ...]]) -> Any:

@@ -52,3 +52,36 @@ def test_fanout_shares_before_forking() -> None:
         Fanout(0)
     with pytest.raises(ConfigError, match="workers must be >= 1"):
         TuneConfig(budget="25%", workers=0)
+
+
+def test_ray_address_that_does_not_answer_is_one_line(monkeypatch) -> None:
+    pytest.importorskip("ray")
+    with pytest.raises(ConfigError, match="cannot connect to Ray at '127.0.0.1:1': .*refused"):
+        Fanout(1, ray="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="cannot connect to Ray at 'ray://127.0.0.1:1'"):
+        Fanout(1, ray="ray://127.0.0.1:1")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A real local Ray cluster of 2 CPUs (skips cleanly where Ray cannot start)."""
+    ray = pytest.importorskip("ray")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # no shared memory, no ports...
+        pytest.skip(f"Ray cannot start here: {exc}")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_tune_equals_serial_tune(trace: Path, ray_cluster) -> None:
+    base = TuneConfig(budget="25%", seed=2, splits=("time",))
+    serial = tune([trace], TuneConfig(**{**base.__dict__, "workers": 1}), progress=False)
+    on_ray = tune([trace], TuneConfig(**{**base.__dict__, "ray": "auto"}), progress=False)
+    a, b = _without_clock(serial.plan.to_json()), _without_clock(on_ray.plan.to_json())
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert serial.search == on_ray.search
+    with Fanout(2, ray="auto") as fan:
+        assert fan.kind == "ray"
+        h = fan.share("k", [1, 2, 3])
+        assert not isinstance(h, str)  # an object reference, resolved on the workers
