@@ -157,13 +157,13 @@ def test_minimax_regret_is_not_the_worst_split_rule():
     rule takes B (0.95 everywhere); regret compares each split with the best candidate
     there: A is at most 2% behind anywhere, B 19% behind on the first two splits."""
     scores = {"A": [0.80, 0.80, 0.97], "B": [0.95, 0.95, 0.95], "C": [1.10, 0.70, 1.30]}
-    pick, s = T._best(list(scores), lambda n: np.asarray(scores[n]))
+    pick, s = T._best(list(scores), lambda ns: [np.asarray(scores[n]) for n in ns])
     assert pick == "A" and list(s) == scores["A"]
     worst = min(scores, key=lambda n: max(scores[n]))
     assert worst == "B"  # the rule it replaces would have chosen otherwise
     # a candidate losing to LRU on a split comes last even with the least regret
     scores["A"] = [0.50, 0.50, 1.02]
-    assert T._best(list(scores), lambda n: np.asarray(scores[n]))[0] == "B"
+    assert T._best(list(scores), lambda ns: [np.asarray(scores[n]) for n in ns])[0] == "B"
 
 
 def test_shift_split_permutes_validation_and_is_judged_only(tmp_path: Path):
