@@ -30,6 +30,11 @@ def ms(value: float | None) -> str:
     return MISSING if _bad(value) else f"{float(value):.3g} ms"
 
 
+def seconds(value: float | None) -> str:
+    """Seconds with three significant digits: 186.40412 -> '186 s', 0.03126 -> '0.0313 s'."""
+    return MISSING if _bad(value) else f"{float(value):.3g} s"
+
+
 def per_s(value: float | None) -> str:
     """A rate: 2398.77 -> '2,399/s'."""
     return MISSING if _bad(value) else f"{float(value):,.0f}/s"

@@ -266,3 +266,44 @@ def test_runtime_statistics_are_charted(
     assert set(hit["series"]) == {"prefill", "decode"}
     assert spec["encoding"]["y"]["scale"]["domain"][0] > 0  # zoomed: 60-70% per layer
     assert not [t for t in _page_texts(at) if RAW_FLOAT.search(t)]
+
+
+SCHEDULE_ROWS = [
+    {"name": "schedule", "scheduler": "affinity", "params": {"max_overtakes": 32},
+     "hit_rate": 0.7263512345, "bytes_moved": 7858784123904, "mean_latency_s": 186.40412,
+     "p99_latency_s": 320.2041234, "mean_waiting": 21.312345, "max_overtaken": 32},
+    {"name": "fcfs", "scheduler": "fcfs", "params": {}, "hit_rate": 0.7172123,
+     "bytes_moved": 8361597123904, "mean_latency_s": 202.116123, "p99_latency_s": 340.318123,
+     "mean_waiting": 21.8123, "max_overtaken": 0},
+]  # fmt: skip
+
+
+def test_plans_page_shows_the_schedule_against_fcfs(
+    monkeypatch: pytest.MonkeyPatch, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 16: a plan's schedule and what the tuner measured against FCFS, formatted."""
+    from dataclasses import replace
+
+    from moetrace.store.plan import ScheduleConfig, load_plan, save_plan
+
+    plan = load_plan(files["pf"])
+    info = {"settings": {"batch_size": 8, "batching": "continuous", "arrival_rate": None},
+            "search": [], "fallback": None,
+            "splits": [{"name": "random", "rows": SCHEDULE_ROWS},
+                       {"name": "time", "rows": SCHEDULE_ROWS}]}  # fmt: skip
+    sched = replace(plan, schedule=ScheduleConfig("affinity", 8, params={"max_overtakes": 32}),
+                    expected={**plan.expected, "schedule": info})  # fmt: skip
+    path = save_plan(sched, tmp_path / "scheduled.json")
+    at = _open(_app(monkeypatch, traces=[files["trace"]], plans=[path]), "plans")
+    texts = _page_texts(at)
+    assert any("Schedule:** affinity (max_overtakes 32), batches of up to 8" in t for t in texts)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Bytes moved vs FCFS (random)"] == "-6%"
+    assert metrics["p99 latency vs FCFS"] == "-6%"
+    frames = [d.value for d in at.dataframe if list(d.value.index) == ["schedule", "fcfs"]]
+    assert len(frames) == 2 and frames[0].loc["schedule", "p99 latency"] == "320 s"
+    assert frames[0].loc["fcfs", "bytes moved"] == "7.6 TiB"
+    assert not [t for t in texts if RAW_FLOAT.search(t)]
+    # a plan that runs FCFS one at a time and measured nothing has no schedule section
+    at = _open(_plans_app(monkeypatch, files, "pf"), "plans")
+    assert not any("Schedule:" in t for t in _page_texts(at))

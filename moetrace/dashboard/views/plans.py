@@ -28,6 +28,7 @@ from moetrace.dashboard.data.plans import (
     plan_facts,
 )
 from moetrace.dashboard.views.layer_curves import replay_allowed, sample_text, simulated_layers
+from moetrace.dashboard.views.plan_schedule import render_schedule
 from moetrace.dashboard.views.plan_stats import runtime_stats
 from moetrace.errors import MoetraceError
 
@@ -237,10 +238,15 @@ def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
         ),
         width="stretch",
     )
+    render_schedule(plan)
     with st.expander("Cache layout, prefetcher and expected metrics (table)"):
         st.dataframe(pd.DataFrame({"value": list(facts.values())}, index=list(facts)))
         other = flatten(
-            {k: v for k, v in dict(plan.expected).items() if k not in ("rows", "splits")}
+            {
+                k: v
+                for k, v in dict(plan.expected).items()
+                if k not in ("rows", "splits", "schedule")
+            }  # fmt: skip
         )
         if other:
             st.dataframe(
