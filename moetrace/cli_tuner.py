@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -106,11 +105,24 @@ def _count_summary(report: Any) -> str:
     return "\n".join(lines)
 
 
+def _executor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--workers and --ray, shared by analyze and tune (results are the same on each)."""
+    f = click.option(
+        "--ray", "ray", default=None, envvar="RAY_ADDRESS", metavar="ADDRESS",
+        help="Run the tasks on a Ray cluster (auto, ray://host:10001, or 'local' for a "
+        "new local one); also read from RAY_ADDRESS.",
+    )(f)  # fmt: skip
+    return click.option(
+        "--workers", type=click.IntRange(1), default=None,
+        help="Processes for the tasks (default: one per CPU; 1: in this process).",
+    )(f)  # fmt: skip
+
+
 def _add_analyze(group: click.Group) -> None:
     from moetrace.tuner.analyze import PHASE_CHOICES
 
     @group.command("analyze")
-    @click.argument("trace", type=click.Path(path_type=Path))
+    @click.argument("traces", nargs=-1, required=True)
     @click.option(
         "--phase",
         type=click.Choice(PHASE_CHOICES),
@@ -133,10 +145,22 @@ def _add_analyze(group: click.Group) -> None:
         "the experts, comma-separated (default 12.5%,25%,50%).",
     )
     @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every split.")
+    @_executor_options
     def analyze_cmd(
-        trace: Path, phase: str, json_out: str | None, cache_sizes: str | None, seed: int
+        traces: tuple[str, ...],
+        phase: str,
+        json_out: str | None,
+        cache_sizes: str | None,
+        seed: int,
+        workers: int | None,
+        ray: str | None,
     ) -> None:
-        """Can caching or prefetching pay off? Mine a trace for skewed reuse and groups.
+        """Can caching or prefetching pay off? Mine traces for skewed reuse and groups.
+
+        TRACES: one trace folder, or several of one model (folders or quoted globs such
+        as "fleet/server-*"), analyzed as one workload: requests replayed trace after
+        trace. The work runs as one task per MoE layer on a local process pool
+        (--workers, default the CPUs) or a Ray cluster (--ray); the report is the same.
 
         Prints a verdict (cache size for 80%/90% hits under LRU and the optimum, which
         predictors beat frequency), then a per-layer table. See docs/analyze.md.
@@ -148,6 +172,7 @@ def _add_analyze(group: click.Group) -> None:
         Example:
           moetrace analyze out/deepseek --json deepseek-analysis.json
           moetrace analyze out/llama4 --phase decode --cache-sizes 16,32,25%
+          moetrace analyze "fleet/server-*" --workers 8
         """
         from moetrace.tuner.analyze import AnalyzeConfig, analyze
         from moetrace.tuner.mining.report import AnalysisReport
@@ -155,7 +180,8 @@ def _add_analyze(group: click.Group) -> None:
         sizes = None
         if cache_sizes is not None:
             sizes = tuple(x.strip() for x in cache_sizes.split(",") if x.strip())
-        report = analyze(trace, AnalyzeConfig(phase=phase, cache_sizes=sizes, seed=seed))
+        cfg = AnalyzeConfig(phase=phase, cache_sizes=sizes, seed=seed, workers=workers, ray=ray)
+        report = analyze(list(traces), cfg)
         summary = _analyze_summary if isinstance(report, AnalysisReport) else _count_summary
         click.echo(summary(report))
         if json_out is not None:
@@ -401,9 +427,7 @@ def _add_simulate(group: click.Group) -> None:
 
 def _add_tune(group: click.Group) -> None:
     @group.command("tune")
-    @click.argument(
-        "traces", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False)
-    )
+    @click.argument("traces", nargs=-1, required=True)
     @click.option(
         "--budget",
         required=True,
@@ -447,15 +471,7 @@ def _add_tune(group: click.Group) -> None:
     @click.option(
         "--no-schedule", is_flag=True, help="Skip the scheduler search (the plan keeps FCFS)."
     )
-    @click.option(
-        "--workers", type=click.IntRange(1), default=None,
-        help="Processes for the replays (default: one per CPU; 1: in this process).",
-    )  # fmt: skip
-    @click.option(
-        "--ray", "ray", default=None, envvar="RAY_ADDRESS", metavar="ADDRESS",
-        help="Run the replays on a Ray cluster (auto, ray://host:10001, or 'local' for a "
-        "new local one); also read from RAY_ADDRESS.",
-    )  # fmt: skip
+    @_executor_options
     def tune_cmd(
         traces: tuple[str, ...],
         out: str,

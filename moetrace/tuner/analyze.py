@@ -8,27 +8,37 @@ arrival order, a token's k experts needed together: token-set accesses).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from moetrace.errors import AnalysisError
 from moetrace.store import schema as S
-from moetrace.store.arrays import Routing, load_routing
-from moetrace.store.reader import Trace, open_trace
+from moetrace.store.arrays import require_routing
+from moetrace.store.reader import Trace
+from moetrace.store.traceset import load_routing_many, open_traces
 from moetrace.tuner.analyze_counts import analyze_counts
 from moetrace.tuner.mining import frequency as F
 from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import phases as P
 from moetrace.tuner.mining import requests as RQ
 from moetrace.tuner.mining import transitions as T
-from moetrace.tuner.mining.curves import reuse_and_mrc
-from moetrace.tuner.mining.mrc import lru_hit_curve
+from moetrace.tuner.mining.curves import combine_reuse
+from moetrace.tuner.mining.layers import (
+    LayerPart,
+    LayerTask,
+    RoutingSource,
+    Source,
+    TraceSource,
+    layer_part,
+)
 from moetrace.tuner.mining.report import (
     REPORT_VERSION,
     AnalysisReport,
@@ -38,15 +48,9 @@ from moetrace.tuner.mining.report import (
     RequestStats,
     TransitionStats,
 )
-from moetrace.tuner.mining.reuse import stack_distances
-from moetrace.tuner.mining.streams import (
-    compact_requests,
-    first_tokens,
-    layer_rows,
-    layer_stream,
-    token_starts,
-)
+from moetrace.tuner.mining.streams import compact_requests, first_tokens, token_starts
 from moetrace.tuner.mining.verdict import MIN_LIFT, make_verdict
+from moetrace.tuner.parallel import Fanout, default_workers, shared
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,17 @@ class AnalyzeConfig:
     """Analyze only the first this many tokens in replay order (None: all)."""
     max_request_cells: int = 50_000_000
     """Cap on requests x layers x experts for request matrices (subsample beyond)."""
+    max_requests: int = 5_000
+    """Cap on the requests clustered and scored by the request predictors (a seeded
+    subsample beyond; the other sections use every request)."""
     sections: tuple[str, ...] = field(default=("groups", "transitions", "requests", "phases"))
     """Optional sections to compute (skew, reuse and MRC always are)."""
+    workers: int | None = None
+    """Processes for the per-layer tasks (None: the CPUs of this machine). The report is
+    the same for any number."""
+    ray: str | None = None
+    """Run the per-layer tasks on this Ray cluster instead (see
+    :class:`~moetrace.tuner.parallel.Fanout`)."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASE_CHOICES:
@@ -85,7 +98,10 @@ class AnalyzeConfig:
                 raise AnalysisError(f"{name} must be in (0, 1), got {v}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise AnalysisError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-        for name in ("top_pairs", "prefix_tokens", "max_clusters", "max_request_cells"):
+        if self.workers is not None and self.workers < 1:
+            raise AnalysisError(f"workers must be >= 1, got {self.workers}")
+        for name in ("top_pairs", "prefix_tokens", "max_clusters", "max_request_cells",
+                     "max_requests"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AnalysisError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = set(self.sections) - {"groups", "transitions", "requests", "phases"}
@@ -136,17 +152,10 @@ def _irows(a: np.ndarray) -> tuple[tuple[int, ...], ...]:
 
 
 def _groups(
-    routing: Routing,
-    freq: np.ndarray,
-    tokens: np.ndarray,
-    cfg: AnalyzeConfig,
-    top_k: int,
+    pairs: np.ndarray | None, freq: np.ndarray, tokens: np.ndarray, cfg: AnalyzeConfig, k: int
 ) -> GroupStats | None:
-    if top_k < 2:
+    if pairs is None:
         return None
-    # routing is in memory already: one numba pass beats re-reading the Parquet parts
-    # (G.pair_counts is the DuckDB equivalent; tests check they agree)
-    pairs = G.pair_counts_from_routing(routing.layer, routing.experts, *freq.shape)
     lifts = G.lift(pairs, freq, tokens)
     top, grps, max_lift, supports = [], [], [], []
     for layer in range(freq.shape[0]):
@@ -155,19 +164,18 @@ def _groups(
         tp = G.top_pairs(pairs, lifts, layer, cfg.top_pairs, support)
         top.extend(tp)
         max_lift.append(tp[0].lift if tp else float("nan"))
-        grps.extend(G.greedy_groups(pairs, lifts, layer, max_size=top_k, min_support=support))
+        grps.extend(G.greedy_groups(pairs, lifts, layer, max_size=k, min_support=support))
     return GroupStats(tuple(top), tuple(grps), tuple(max_lift), tuple(supports))
 
 
-def _transitions(routing: Routing, cfg: AnalyzeConfig) -> TransitionStats | None:
-    scores = T.score_transitions(
-        routing, top_n=routing.top_k, test_fraction=cfg.transition_test_fraction, seed=cfg.seed
-    )
+def _transitions(
+    scores: list[T.TransitionScore], top_n: int, cfg: AnalyzeConfig
+) -> TransitionStats | None:
     if not scores:
         return None
     n = np.array([s.test_tokens for s in scores], dtype=np.float64)
     return TransitionStats(
-        top_n=routing.top_k,
+        top_n=top_n,
         test_fraction=cfg.transition_test_fraction,
         scores=tuple(scores),
         model_recall=float((np.array([s.recall for s in scores]) * n).sum() / n.sum()),
@@ -175,41 +183,53 @@ def _transitions(routing: Routing, cfg: AnalyzeConfig) -> TransitionStats | None
     )
 
 
-def _prompt_docs(trace: Trace, request_ids: Sequence[str]) -> list[str | None] | None:
-    table = trace.requests()
-    ids = table.column("request_id").to_pylist()
-    texts = table.column("prompt_text").to_pylist()
-    tags = table.column("tags").to_pylist()
+def _prompt_docs(traces: Sequence[Trace], request_ids: Sequence[str]) -> list[str | None] | None:
     docs: dict[str, str] = {}
-    for rid, text, tag in zip(ids, texts, tags, strict=True):
-        words = [text or ""] + [f"tag_{k}={v}" for k, v in (tag or [])]
-        docs[rid] = " ".join(w for w in words if w)
+    for i, trace in enumerate(traces):
+        table = trace.requests()
+        ids = table.column("request_id").to_pylist()
+        texts = table.column("prompt_text").to_pylist()
+        tags = table.column("tags").to_pylist()
+        for rid, text, tag in zip(ids, texts, tags, strict=True):
+            words = [text or ""] + [f"tag_{k}={v}" for k, v in (tag or [])]
+            docs[rid if len(traces) == 1 else f"{i}:{rid}"] = " ".join(w for w in words if w)
     out = [docs.get(r) or None for r in request_ids]
     return out if any(out) else None
 
 
 def _requests(
-    trace: Trace, routing: Routing, sizes: tuple[int, ...], cfg: AnalyzeConfig
+    traces: Sequence[Trace], source: Source, ids: Sequence[str], E: int, L: int, cfg: AnalyzeConfig
 ) -> RequestStats | None:
-    R = len(routing.request_ids)
+    R = len(ids)
     if R < 2:
         return None
-    cells = routing.num_layers * routing.num_experts
-    if R * cells > cfg.max_request_cells:
-        keep = max(2, cfg.max_request_cells // cells)
+    keep = min(R, max(2, cfg.max_request_cells // (L * E)), max(2, cfg.max_requests))
+    chosen = None
+    if keep < R:
         rng = np.random.default_rng(cfg.seed)
         chosen = np.sort(rng.choice(R, keep, replace=False))
         log.info("request analysis: subsampling %d of %d requests", keep, R)
-        routing = compact_requests(routing.select(np.isin(routing.request, chosen)))
+    if isinstance(source, RoutingSource):
+        routing = source.routing
+        if chosen is not None:
+            routing = compact_requests(routing.select(np.isin(routing.request, chosen)))
+    else:
+        wanted = set(ids) if chosen is None else {ids[i] for i in chosen}
+        kept = [
+            tuple(raw for raw, r in zip(per_raw, per, strict=True) if r in wanted)
+            for per_raw, per in zip(source.requests, _prefixed(source), strict=True)
+        ]
+        routing = TraceSource(source.paths, source.phase, tuple(kept)).layers(range(L))
+        routing = compact_requests(routing)
     mats = RQ.normalize(RQ.activation_matrices(routing))
     clus = RQ.cluster_requests(mats, cfg.seed, cfg.max_clusters)
     preds = RQ.score_predictors(
         routing,
-        sizes,
+        resolve_cache_sizes(cfg.cache_sizes, E, routing.top_k),
         seed=cfg.seed,
         test_fraction=cfg.request_test_fraction,
         prefix_tokens=cfg.prefix_tokens,
-        prompts=_prompt_docs(trace, routing.request_ids),
+        prompts=_prompt_docs(traces, routing.request_ids),
         clustering_max=cfg.max_clusters,
     )
     return RequestStats(
@@ -222,44 +242,32 @@ def _requests(
     )
 
 
+def _prefixed(source: TraceSource) -> list[tuple[str, ...]]:
+    """Each trace's kept request ids as they appear in the merged routing."""
+    if len(source.paths) == 1:
+        return list(source.requests)
+    return [tuple(f"{i}:{r}" for r in per) for i, per in enumerate(source.requests)]
+
+
 def _phases(
-    trace: Trace,
-    routing: Routing,
-    rows: list[np.ndarray],
-    freqs: dict[str, np.ndarray],
-    cfg: AnalyzeConfig,
-    compute_extra: bool,
+    tokens: dict[str, int], parts: Sequence[LayerPart], freqs: dict[str, np.ndarray], L: int
 ) -> PhaseStats:
-    present = [p for p in S.PHASES if (routing.phase == S.PHASE_CODE[p]).any()]
-    tokens = {}
-    starts = token_starts(routing)
-    for p in present:
-        tokens[p] = int(np.count_nonzero(starts & (routing.phase == S.PHASE_CODE[p])))
+    present = [p for p in S.PHASES if any(p in part.phases_present for part in parts)]
     both = all(freqs[p].sum() > 0 for p in S.PHASES)
     js = P.js_per_layer(freqs["prefill"], freqs["decode"]) if both else None
     model_js = (
         P.js_divergence(freqs["prefill"].sum(axis=0), freqs["decode"].sum(axis=0)) if both else None
     )
-    distinct: dict[str, tuple[float, ...]] = {}
+    distinct = {
+        p: tuple(part.distinct_per_forward.get(p, float("nan")) for part in parts) for p in present
+    }
     lru_by_phase: dict[str, tuple[tuple[float, ...], ...]] = {}
-    if compute_extra:
-        if cfg.max_tokens is None:
-            per_pass = P.distinct_per_forward(trace)
-        else:
-            per_pass = P.distinct_per_forward_from_routing(routing)
-        distinct = {p: v for p, v in per_pass.items() if p in present}
-        if len(present) > 1:
-            for p in present:
-                curves = []
-                for layer, r in enumerate(rows):
-                    st = layer_stream(routing, layer, r[routing.phase[r] == S.PHASE_CODE[p]])
-                    sd, _ = stack_distances(st.experts, st.row, routing.num_experts)
-                    hist = np.bincount(sd[sd >= 0], minlength=routing.num_experts)
-                    curves.append(lru_hit_curve(hist, st.num_accesses))
-                lru_by_phase[p] = _rows(np.asarray(curves))
+    if len(present) > 1 and all(part.phase_lru or not part.rows for part in parts):
+        for p in present:
+            lru_by_phase[p] = _rows(np.asarray([part.phase_lru[p] for part in parts]))
     return PhaseStats(
         phases=tuple(present),
-        tokens=tokens,
+        tokens={p: tokens.get(p, 0) for p in present},
         frequency_by_phase={p: _irows(freqs[p]) for p in S.PHASES if freqs[p].sum() > 0},
         js_divergence=js,
         model_js_divergence=model_js,
@@ -268,41 +276,94 @@ def _phases(
     )
 
 
+def _rows_by_phase(traces: Sequence[Trace]) -> dict[str, int]:
+    have: dict[str, int] = {}
+    for t in traces:
+        counts = t.sql("SELECT phase::VARCHAR AS p, count(*) AS n FROM activations_raw GROUP BY 1")
+        for p, n in zip(
+            counts.column("p").to_pylist(), counts.column("n").to_pylist(), strict=True
+        ):
+            have[p] = have.get(p, 0) + n
+    return have
+
+
+def _kept_requests(trace: Trace, phase: str | None) -> tuple[str, ...]:
+    """The trace's request ids with rows (in ``phase``), in arrival order."""
+    where = f"WHERE phase = '{phase}'" if phase else ""
+    present = set(
+        trace.sql(f"SELECT DISTINCT request_id FROM activations_raw {where}").column(0).to_pylist()
+    )
+    ids = trace.requests().column("request_id").to_pylist()
+    return tuple(r for r in ids if r in present)
+
+
+def _tokens_by_phase(trace: Trace, phase: str | None) -> dict[str, int]:
+    where = f"WHERE phase = '{phase}'" if phase else ""
+    table = trace.sql(
+        "SELECT phase::VARCHAR AS p, count(*) AS n FROM (SELECT DISTINCT request_id, step, "
+        f"token, phase FROM activations_raw {where}) GROUP BY 1"
+    )
+    return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+
+
+def _layer_task(handle: Any, layer: int, task: LayerTask) -> LayerPart:
+    return layer_part(shared(handle), layer, task)
+
+
+TraceArg = Trace | str | os.PathLike[str]
+
+
 def analyze(
-    trace: Trace | str | os.PathLike[str], config: AnalyzeConfig | None = None
+    trace: TraceArg | Sequence[TraceArg], config: AnalyzeConfig | None = None
 ) -> AnalysisReport | CountReport:
-    """Analyze a trace (a :class:`Trace` or its directory); see the module docstring.
+    """Analyze a trace, or several traces of one model as one workload (folders, globs or
+    :class:`Trace` objects, requests replayed trace after trace); see the module
+    docstring.
 
     A count trace (per-expert counts only) gets a :class:`CountReport` (skew only, see
     :mod:`moetrace.tuner.analyze_counts`); every other option of ``config`` needs routing.
+    The work runs as one task per MoE layer (:mod:`moetrace.tuner.mining.layers`) on
+    ``config.workers`` processes or ``config.ray``; the report is the same on each.
     """
     cfg = config or AnalyzeConfig()
-    if not isinstance(trace, Trace):
-        trace = open_trace(trace)
-    if trace.is_count_trace:
-        return analyze_counts(trace, phase=cfg.phase)
+    given = [trace] if isinstance(trace, Trace | str | os.PathLike) else list(trace)
+    traces = open_traces(given)
+    if len(traces) == 1 and traces[0].is_count_trace:
+        return analyze_counts(traces[0], phase=cfg.phase)
+    for t in traces:  # several traces are one routing workload: a count trace has none
+        require_routing(t)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    m = trace.manifest
-    E, k = m.model.num_experts, m.top_k
-    if trace.num_activations == 0:
-        raise AnalysisError(f"{trace.path}: trace has no activations to analyze")
+    m = traces[0].manifest
+    E, k, L = m.model.num_experts, m.top_k, len(m.model.moe_layers)
+    where = ", ".join(str(t.path) for t in traces)
+    if sum(t.num_activations for t in traces) == 0:
+        raise AnalysisError(f"{where}: trace has no activations to analyze")
     sizes = resolve_cache_sizes(cfg.cache_sizes, E, k)
     phase = None if cfg.phase == "all" else cfg.phase
-    routing = load_routing(trace, phase=phase)
-    if routing.num_rows == 0:
-        counts = trace.sql(
-            "SELECT phase::VARCHAR AS p, count(*) AS n FROM activations_raw GROUP BY 1"
-        )
-        have = dict(
-            zip(counts.column("p").to_pylist(), counts.column("n").to_pylist(), strict=True)
-        )
-        raise AnalysisError(
-            f"{trace.path}: no activations in phase {cfg.phase!r} (rows per phase: {have})"
-        )
+    source: Source
     if cfg.max_tokens is not None:
-        routing = first_tokens(routing, cfg.max_tokens)
-    routing = compact_requests(routing)  # requests with rows in the analyzed phase only
+        routing = load_routing_many(traces, phase=phase)
+        routing = compact_requests(first_tokens(routing, cfg.max_tokens))
+        ids = list(routing.request_ids)
+        starts = token_starts(routing)
+        tokens_in = {
+            p: int(np.count_nonzero(starts & (routing.phase == S.PHASE_CODE[p]))) for p in S.PHASES
+        }
+        source = RoutingSource(routing)
+    else:
+        kept = tuple(_kept_requests(t, phase) for t in traces)
+        source = TraceSource(tuple(str(t.path) for t in traces), phase, kept)
+        ids = [r for per in _prefixed(source) for r in per]
+        tokens_in = {}
+        for t in traces:
+            for p, n in _tokens_by_phase(t, phase).items():
+                tokens_in[p] = tokens_in.get(p, 0) + n
+    if not ids:
+        raise AnalysisError(
+            f"{where}: no activations in phase {cfg.phase!r} (rows per phase: "
+            f"{_rows_by_phase(traces)})"
+        )
     timings["load"] = time.perf_counter() - t0
 
     def lap(name: str, start: float) -> float:
@@ -312,46 +373,54 @@ def analyze(
         return now
 
     t = time.perf_counter()
-    if cfg.max_tokens is None:
-        freqs = F.frequency_matrices(trace)
-    else:
-        freqs = {
-            p: F.frequency_from_routing(
-                routing.layer[sel], routing.experts[sel], routing.num_layers, E
-            )
-            for p in S.PHASES
-            for sel in [routing.phase == S.PHASE_CODE[p]]
-        }
+    task = LayerTask(
+        sizes=sizes,
+        seed=cfg.seed,
+        num_layers=L,
+        groups="groups" in cfg.sections,
+        phase_curves="phases" in cfg.sections,
+        transitions="transitions" in cfg.sections and L > 1,
+        transition_test_fraction=cfg.transition_test_fraction,
+    )
+    with Fanout(cfg.workers or default_workers(), cfg.ray) as fan:
+        handle = fan.share("analyze-source", source)
+        parts: list[LayerPart] = fan.map(_layer_task, [(handle, lay, task) for lay in range(L)])
+    t = lap("layers", t)
+    scores = [part.transition for part in parts if part.transition is not None]
+    freqs = {p: np.stack([part.freq[p] for part in parts]) for p in S.PHASES}
+    if phase is not None and cfg.max_tokens is None:  # the other phase too, for the contrast
+        freqs = {p: sum(F.frequency_matrices(tr)[p] for tr in traces) for p in S.PHASES}
     freq = sum(freqs.values()) if phase is None else freqs[phase]
-    rows = layer_rows(routing)
-    tokens = np.array([r.size for r in rows], dtype=np.int64)
+    tokens = np.array([part.rows for part in parts], dtype=np.int64)
     skew = F.skew_stats(freq, tokens)
-    t = lap("skew", t)
-    reuse, mrc = reuse_and_mrc(routing, rows, sizes, cfg.seed)
+    reuse, mrc = combine_reuse([part.reuse for part in parts], sizes, k, E, cfg.workers)
     t = lap("reuse_mrc", t)
-    groups = _groups(routing, freq, tokens, cfg, k) if "groups" in cfg.sections else None
+    pairs = None
+    if task.groups and k >= 2:
+        pairs = np.stack([part.pairs for part in parts])  # type: ignore[misc]
+    groups = _groups(pairs, freq, tokens, cfg, k)
+    transitions = _transitions(scores, k, cfg)
     t = lap("groups", t)
-    transitions = _transitions(routing, cfg) if "transitions" in cfg.sections else None
-    t = lap("transitions", t)
     with threadpool_limits(limits=1):  # small BLAS calls; threads only contend
-        requests = _requests(trace, routing, sizes, cfg) if "requests" in cfg.sections else None
+        requests = _requests(traces, source, ids, E, L, cfg) if "requests" in cfg.sections else None
     t = lap("requests", t)
-    phases = _phases(trace, routing, rows, freqs, cfg, "phases" in cfg.sections)
-    t = lap("phases", t)
+    phases = _phases(tokens_in, parts, freqs, L)
+    if "phases" not in cfg.sections:
+        phases = dataclasses.replace(phases, distinct_per_forward={}, lru_by_phase={})
     verdict = make_verdict(E, skew, mrc, transitions, requests, phases, min_lift=cfg.min_lift)
     timings["total"] = time.perf_counter() - t0
     return AnalysisReport(
         report_version=REPORT_VERSION,
-        trace=str(trace.path),
+        trace=where,
         model=m.model.name,
         moe_layers=tuple(m.model.moe_layers),
         num_experts=E,
         top_k=k,
         phase=cfg.phase,
         seed=cfg.seed,
-        num_rows=routing.num_rows,
+        num_rows=int(tokens.sum()),
         num_accesses=int(sum(skew.accesses)),
-        num_requests=len(routing.request_ids),
+        num_requests=len(ids),
         verdict=verdict,
         skew=skew,
         reuse=reuse,

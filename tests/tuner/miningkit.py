@@ -19,6 +19,7 @@ def write_trace(
     prompts: Sequence[str | None] | None = None,
     moe_layers: Sequence[int] | None = None,
     part_rows: int = 1 << 20,
+    id_prefix: str = "r",
 ) -> Path:
     """Write requests whose routing is ``experts[r]`` of shape (tokens, layers, k).
 
@@ -48,7 +49,7 @@ def write_trace(
             rows = n_tok * num_layers
             w.write_request(
                 RequestRecord(
-                    request_id=f"r{r:05d}",
+                    request_id=f"{id_prefix}{r:05d}",
                     prompt_tokens=int((ph == 0).sum()),
                     generated_tokens=int((ph == 1).sum()),
                     prompt_text=None if prompts is None else prompts[r],

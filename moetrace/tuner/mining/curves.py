@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,6 +47,46 @@ def _irows(a: np.ndarray) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(int(x) for x in row) for row in a)
 
 
+@dataclass(frozen=True)
+class LayerReuse:
+    """One layer's reuse summary and policy hit rates (a layer task's share of the curves)."""
+
+    summary: ReuseSummary
+    sample: np.ndarray
+    """Token distances of reused accesses (a seeded sample of at most
+    :data:`MODEL_QUANTILE_SAMPLE`) for the model-wide quantiles."""
+    stream: TokenStream
+    belady: tuple[float, ...]
+    """Belady-MIN hit rate at each policy size."""
+    lfu: tuple[float, ...]
+
+
+def layer_reuse(
+    experts: np.ndarray,
+    row: np.ndarray,
+    num_experts: int,
+    sizes: tuple[int, ...],
+    seed: np.random.SeedSequence,
+) -> LayerReuse:
+    """Reuse distances and Belady/LFU hit rates of one layer's access stream."""
+    sd, td = stack_distances(experts, row, num_experts)
+    summ = summarize(sd, td, num_experts)
+    reused = td[td > 0]
+    if reused.size > MODEL_QUANTILE_SAMPLE:
+        rng = np.random.default_rng(seed)
+        reused = rng.choice(reused, MODEL_QUANTILE_SAMPLE, replace=False)
+    n = int(experts.shape[0])
+    ts = TokenStream(experts, row, num_experts)
+    opt = tuple(ts.belady_hits(c) / n if n else 0.0 for c in sizes)
+    lfu = tuple(ts.lfu_hits(c) / n if n else 0.0 for c in sizes)
+    return LayerReuse(summ, reused, ts, opt, lfu)
+
+
+def layer_seeds(seed: int, num_layers: int) -> list[np.random.SeedSequence]:
+    """One seed per layer (the same whichever process computes the layer)."""
+    return np.random.SeedSequence(seed).spawn(max(num_layers, 1))
+
+
 def reuse_and_mrc(
     routing: Routing,
     rows: list[np.ndarray],
@@ -55,32 +96,36 @@ def reuse_and_mrc(
 ) -> tuple[ReuseStats, MRCStats]:
     """Reuse statistics and LRU/LFU/Belady curves; ``rows[l]``: routing rows of layer l."""
     E = routing.num_experts
-    L = len(rows)
-    seeds = np.random.SeedSequence(seed).spawn(max(L, 1))
+    seeds = layer_seeds(seed, len(rows))
 
-    def one_layer(layer: int) -> tuple[ReuseSummary, np.ndarray, TokenStream, list, list]:
+    def one_layer(layer: int) -> LayerReuse:
         st = layer_stream(routing, layer, rows[layer])
-        sd, td = stack_distances(st.experts, st.row, E)
-        summ = summarize(sd, td, E)
-        reused = td[td > 0]
-        if reused.size > MODEL_QUANTILE_SAMPLE:
-            rng = np.random.default_rng(seeds[layer])
-            reused = rng.choice(reused, MODEL_QUANTILE_SAMPLE, replace=False)
-        n = st.num_accesses
-        ts = TokenStream(st.experts, st.row, E)
-        opt = [ts.belady_hits(c) / n if n else 0.0 for c in sizes]
-        lfu = [ts.lfu_hits(c) / n if n else 0.0 for c in sizes]
-        return summ, reused, ts, opt, lfu
+        return layer_reuse(st.experts, st.row, E, sizes, seeds[layer])
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        results = list(pool.map(one_layer, range(L)))
-        summaries = [r[0] for r in results]
-        streams = [r[2] for r in results]
-        belady = np.asarray([r[3] for r in results], dtype=np.float64)
-        lfu = np.asarray([r[4] for r in results], dtype=np.float64)
-        acc = np.asarray([s.num_accesses for s in streams], dtype=np.float64)
-        total = max(float(acc.sum()), 1.0)
-        memo = {c: float((belady[:, i] * acc).sum() / total) for i, c in enumerate(sizes)}
+        parts = list(pool.map(one_layer, range(len(rows))))
+    return combine_reuse(parts, sizes, routing.top_k, E, workers)
+
+
+def combine_reuse(
+    parts: list[LayerReuse],
+    sizes: tuple[int, ...],
+    top_k: int,
+    num_experts: int,
+    workers: int | None = None,
+) -> tuple[ReuseStats, MRCStats]:
+    """The model's reuse statistics and curves from every layer's :class:`LayerReuse`
+    (exact: layers are independent caches). Belady sizes for the targets beyond the
+    policy sizes are searched on the layers' streams here (threads)."""
+    E = num_experts
+    summaries = [p.summary for p in parts]
+    streams = [p.stream for p in parts]
+    belady = np.asarray([p.belady for p in parts], dtype=np.float64).reshape(len(parts), -1)
+    lfu = np.asarray([p.lfu for p in parts], dtype=np.float64).reshape(len(parts), -1)
+    acc = np.asarray([s.num_accesses for s in streams], dtype=np.float64)
+    total = max(float(acc.sum()), 1.0)
+    memo = {c: float((belady[:, i] * acc).sum() / total) for i, c in enumerate(sizes)}
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
 
         def opt_rate(c: int) -> float:
             if c not in memo:
@@ -88,10 +133,9 @@ def reuse_and_mrc(
             return memo[c]
 
         belady_size_for = {
-            str(t): smallest_size_reaching(opt_rate, routing.top_k, E, t, dict(memo))
-            for t in TARGETS
+            str(t): smallest_size_reaching(opt_rate, top_k, E, t, dict(memo)) for t in TARGETS
         }
-    samples = np.concatenate([r[1] for r in results]) if results else np.zeros(0)
+    samples = np.concatenate([p.sample for p in parts]) if parts else np.zeros(0)
     stack_hists = np.asarray([s.stack_hist for s in summaries])
     hist_sum = stack_hists.sum(axis=0)
     model_lru = np.cumsum(hist_sum) / total

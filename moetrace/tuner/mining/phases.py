@@ -71,12 +71,16 @@ def distinct_per_forward_from_routing(routing: Routing) -> dict[str, tuple[float
             continue
         for layer in range(routing.num_layers):
             rows = np.flatnonzero(in_phase & (routing.layer == layer))
-            ex = routing.experts[rows]
-            fwd = np.repeat(routing.forward[rows], ex.shape[1])
-            flat = ex.reshape(-1).astype(np.int64)
-            keep = flat >= 0
-            pairs = np.unique(fwd[keep] * E + flat[keep])
-            passes = np.unique(pairs // E).size
-            means.append(pairs.size / passes if passes else float("nan"))
+            means.append(distinct_per_pass(routing.forward[rows], routing.experts[rows], E))
         out[p] = tuple(means)
     return out
+
+
+def distinct_per_pass(forward: np.ndarray, experts: np.ndarray, num_experts: int) -> float:
+    """Mean distinct experts per forward pass of one layer's rows (NaN without rows)."""
+    fwd = np.repeat(forward, experts.shape[1])
+    flat = experts.reshape(-1).astype(np.int64)
+    keep = flat >= 0
+    pairs = np.unique(fwd[keep] * num_experts + flat[keep])
+    passes = np.unique(pairs // num_experts).size
+    return pairs.size / passes if passes else float("nan")

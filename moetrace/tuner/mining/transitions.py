@@ -113,15 +113,19 @@ def score_transitions(
     top_n: int,
     test_fraction: float = 0.2,
     seed: int = 0,
+    first_layer: int = 0,
 ) -> list[TransitionScore]:
-    """Recall@top_n of the fitted transition table vs the frequency baseline, per pair."""
+    """Recall@top_n of the fitted transition table vs the frequency baseline, per pair.
+
+    ``first_layer``: the model's MoE-layer index of the routing's layer 0 (when the
+    routing holds a slice of the layers); it numbers the scores and seeds each pair's
+    subsample, so a pair scores the same in a slice as in the whole routing."""
     starts = next_layer_index(routing)
     if starts.size == 0 or routing.num_layers < 2:
         return []
     test_req = split_requests(len(routing.request_ids), test_fraction, seed)
     is_test = test_req[routing.request[starts]]
     counts = transition_counts(routing, starts[~is_test]).astype(np.float64)
-    rng = np.random.default_rng(seed + 1)
     top_n = min(top_n, routing.num_experts)
     out = []
     for layer in range(routing.num_layers - 1):
@@ -134,6 +138,7 @@ def score_transitions(
         if test_starts.size == 0:
             continue
         if test_starts.size > MAX_TEST_TOKENS:
+            rng = np.random.default_rng([seed + 1, first_layer + layer])
             test_starts = np.sort(rng.choice(test_starts, MAX_TEST_TOKENS, replace=False))
         cur = routing.experts[test_starts].astype(np.int64)
         actual = routing.experts[test_starts + 1].astype(np.int64)
@@ -147,5 +152,5 @@ def score_transitions(
         s_pred, n = _recall(pred, actual)
         s_base, _ = _recall(base, actual)
         if n:
-            out.append(TransitionScore(layer, s_pred / n, s_base / n, n))
+            out.append(TransitionScore(first_layer + layer, s_pred / n, s_base / n, n))
     return out

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moetrace.errors import AnalysisError, ConfigError
-from moetrace.store.arrays import Routing, load_routing
+from moetrace.errors import ConfigError
+from moetrace.store.arrays import Routing
 from moetrace.store.budget import parse_budget as budget_spec
 from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import (
@@ -21,8 +21,8 @@ from moetrace.store.plan import (
     ScheduleConfig,
     load_plan,
 )
-from moetrace.store.reader import open_trace
 from moetrace.store.schema import ModelInfo
+from moetrace.store.traceset import load_routing_many, open_traces
 from moetrace.tuner.policy.events import Events, build_events
 from moetrace.tuner.sim.engine import make_plan, simulate
 from moetrace.tuner.sim.layouts import pool_layout, uniform_layout
@@ -51,46 +51,11 @@ class LoadedTraces:
 
 
 def load_traces(paths: Sequence[str | os.PathLike[str]], *, order: str = "arrival") -> LoadedTraces:
-    """Load and concatenate the routing of traces of one model (in the given order)."""
-    if not paths:
-        raise AnalysisError("no traces given")
-    parts: list[Routing] = []
-    model: ModelInfo | None = None
-    for path in paths:
-        trace = open_trace(path)
-        m = trace.manifest.model
-        if model is None:
-            model = m
-        elif (m.fingerprint, m.moe_layers, m.num_experts, m.top_k) != (
-            model.fingerprint, model.moe_layers, model.num_experts, model.top_k,
-        ):  # fmt: skip
-            raise AnalysisError(f"{path}: trace is of another model than {paths[0]} ({m.name})")
-        parts.append(load_routing(trace, order=order))
-    assert model is not None
-    if len(parts) == 1:
-        return LoadedTraces(parts[0], model, tuple(str(p) for p in paths))
-    offs = np.cumsum([0] + [len(p.request_ids) for p in parts])
-    fwd_offs = np.cumsum([0] + [int(p.forward.max()) + 1 if p.num_rows else 0 for p in parts])
-    ids = tuple(f"{i}:{r}" for i, p in enumerate(parts) for r in p.request_ids)
-    cat = np.concatenate
-    spec = None
-    if all(p.speculative is not None for p in parts):
-        spec = cat([p.speculative for p in parts])  # type: ignore[misc]
-    routing = Routing(
-        request_ids=ids,
-        moe_layers=model.moe_layers,
-        num_experts=model.num_experts,
-        top_k=model.top_k,
-        request=cat([p.request + offs[i] for i, p in enumerate(parts)]).astype(np.int32),
-        token=cat([p.token for p in parts]),
-        step=cat([p.step for p in parts]),
-        phase=cat([p.phase for p in parts]),
-        forward=cat([p.forward + fwd_offs[i] for i, p in enumerate(parts)]),
-        layer=cat([p.layer for p in parts]),
-        experts=cat([p.experts for p in parts]),
-        speculative=spec,
-    )
-    return LoadedTraces(routing, model, tuple(str(p) for p in paths))
+    """Load and concatenate the routing of traces of one model (folders or globs, in the
+    given order; see :mod:`moetrace.store.traceset`)."""
+    traces = open_traces(paths)
+    routing = load_routing_many(traces, order=order)
+    return LoadedTraces(routing, traces[0].manifest.model, tuple(str(t.path) for t in traces))
 
 
 def events_for(
