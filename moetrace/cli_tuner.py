@@ -37,6 +37,7 @@ def _analyze_summary(report: Any) -> str:
         f"{report.model}: {report.num_requests} requests, {report.num_rows} token-layer rows, "
         f"{len(report.moe_layers)} MoE layers x {E} experts, top-{report.top_k}, "
         f"phase {report.phase}",
+        *([f"traces: {report.trace}"] if ", " in report.trace else []),
         "",
         "Verdict:",
         *[f"  - {line}" for line in report.verdict.lines],
@@ -308,7 +309,7 @@ def schedule_table(rows: list[dict[str, Any]]) -> str:
 
 def _add_simulate(group: click.Group) -> None:
     @group.command("simulate")
-    @click.argument("trace", type=click.Path(exists=True, file_okay=False))
+    @click.argument("trace")
     @click.option(
         "--plan", "plan", type=click.Path(exists=True, dir_okay=False), help="Plan file to replay."
     )

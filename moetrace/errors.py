@@ -15,6 +15,11 @@ class TraceFormatError(MoetraceError):
     """A trace directory, manifest or part is missing, corrupt or of another version."""
 
 
+class TraceLocationError(TraceFormatError):
+    """A trace location cannot be reached: object storage unreachable, access denied, or
+    a bad S3 endpoint setting (the message names the location)."""
+
+
 class TraceWriteError(MoetraceError):
     """A trace could not be written (conflicting manifest, closed writer, bad rows)."""
 

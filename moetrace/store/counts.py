@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from moetrace.errors import TraceFormatError, TraceWriteError
 from moetrace.store import encode as E
 from moetrace.store import schema as S
+from moetrace.store.location import require_local
 from moetrace.store.reader import committed_count_parts
 from moetrace.store.writer import dir_lock, fsync_dir, new_writer_id, write_manifest
 
@@ -105,6 +106,7 @@ def write_counts(
             f"{path}: write_counts needs a manifest with content={S.CONTENT_COUNTS!r}, "
             f"got {manifest.content!r}"
         )
+    require_local(path)
     directory = Path(path)
     on_disk = write_manifest(directory, manifest)
     table = counts_table(on_disk, counts, source=source, phase=phase)

@@ -8,23 +8,25 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moetrace.errors import TraceFormatError
 from moetrace.store import schema as S
+from moetrace.store.location import RemotePath, TracePath, arrow_path, as_path, missing_hint
 
 log = logging.getLogger(__name__)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> S.Manifest:
-    directory = Path(path)
+    """The manifest of the trace at ``path`` (a local folder or an ``s3://`` location)."""
+    directory = as_path(path)
     target = directory / S.MANIFEST_NAME
     if not directory.exists():
-        raise TraceFormatError(f"{directory}: no such trace directory")
+        raise TraceFormatError(f"{directory}: no such trace directory{missing_hint(directory)}")
     if not directory.is_dir():
         raise TraceFormatError(
             f"{directory}: not a directory (a trace is a directory with manifest.json)"
@@ -38,17 +40,17 @@ def read_manifest(path: str | os.PathLike[str]) -> S.Manifest:
     return S.Manifest.from_json(data, where=str(target))
 
 
-def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
+def committed_parts(path: str | os.PathLike[str]) -> list[tuple[TracePath, TracePath]]:
     """(activations part, requests part) pairs that are committed, in name order.
 
     An activations part without its requests part is an interrupted commit and is skipped;
     a requests part without its activations part means a file was lost, which is an error.
     """
-    directory = Path(path)
+    directory = as_path(path)
     act_dir = directory / S.ACTIVATIONS_DIR
     req_dir = directory / S.REQUESTS_DIR
 
-    def names(d: Path) -> set[str]:
+    def names(d: TracePath) -> set[str]:
         if not d.is_dir():
             return set()
         return {
@@ -75,10 +77,10 @@ def committed_parts(path: str | os.PathLike[str]) -> list[tuple[Path, Path]]:
     return [(act_dir / n, req_dir / n) for n in sorted(acts & reqs)]
 
 
-def committed_count_parts(path: str | os.PathLike[str]) -> list[Path]:
+def committed_count_parts(path: str | os.PathLike[str]) -> list[TracePath]:
     """The committed counts parts of a count trace, in name order (``.tmp-`` files are
     writes in progress and skipped)."""
-    directory = Path(path) / S.COUNTS_DIR
+    directory = as_path(path) / S.COUNTS_DIR
     if not directory.is_dir():
         return []
     return sorted(
@@ -88,13 +90,24 @@ def committed_count_parts(path: str | os.PathLike[str]) -> list[Path]:
     )
 
 
-def _check_counts_values(part: Path, manifest: S.Manifest) -> None:
-    """Layers, experts and counts of a counts part must fit the manifest (parts are small:
-    at most layers x experts rows per source, so the columns are read)."""
+def _read_table(part: TracePath, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a part (local or remote) with pyarrow; TraceFormatError naming it on failure."""
+    fs, where = arrow_path(part)
     try:
-        table = pq.read_table(part, columns=["layer", "expert", "count"])
+        return pq.read_table(where, columns=list(columns) if columns else None, filesystem=fs)
     except (OSError, pa.ArrowException) as exc:
         raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+
+
+def _read_metadata(part: TracePath) -> pq.FileMetaData:
+    fs, where = arrow_path(part)
+    return pq.read_metadata(where, filesystem=fs)
+
+
+def _check_counts_values(part: TracePath, manifest: S.Manifest) -> None:
+    """Layers, experts and counts of a counts part must fit the manifest (parts are small:
+    at most layers x experts rows per source, so the columns are read)."""
+    table = _read_table(part, ["layer", "expert", "count"])
     layer, expert, count = (table.column(i).to_numpy() for i in range(3))
     bad_layer = np.setdiff1d(layer, np.asarray(manifest.model.moe_layers))
     if bad_layer.size:
@@ -113,10 +126,10 @@ def _check_counts_values(part: Path, manifest: S.Manifest) -> None:
         raise TraceFormatError(f"{part}: negative count {int(count.min())}")
 
 
-def _check_part(part: Path, expected: pa.Schema) -> pq.FileMetaData:
+def _check_part(part: TracePath, expected: pa.Schema) -> pq.FileMetaData:
     """Validate one part's footer and schema; return its Parquet metadata."""
     try:
-        meta = pq.read_metadata(part)
+        meta = _read_metadata(part)
         schema = meta.schema.to_arrow_schema()
     except (OSError, pa.ArrowException) as exc:
         raise TraceFormatError(f"{part}: corrupt or truncated Parquet part ({exc})") from None
@@ -145,7 +158,7 @@ def expert_id_columns(manifest: S.Manifest) -> list[str]:
     return cols
 
 
-def expert_id_error(part: Path, column: str, value: int, num_experts: int) -> TraceFormatError:
+def expert_id_error(part: TracePath, column: str, value: int, num_experts: int) -> TraceFormatError:
     """The error for an expert id the manifest's ``num_experts`` does not allow."""
     return TraceFormatError(
         f"{part}: expert id {value} in column {column} is out of range "
@@ -164,7 +177,7 @@ def _bad_id(values: np.ndarray, num_experts: int) -> int | None:
     return int(bad[0])
 
 
-def _check_expert_ids(part: Path, meta: pq.FileMetaData, manifest: S.Manifest) -> None:
+def _check_expert_ids(part: TracePath, meta: pq.FileMetaData, manifest: S.Manifest) -> None:
     """Check that the expert ids of an activations part fit the manifest's ``num_experts``.
 
     Uses the row-group min/max statistics of the footer (the writer writes them for the
@@ -188,14 +201,11 @@ def _check_expert_ids(part: Path, meta: pq.FileMetaData, manifest: S.Manifest) -
                 if value < S.DROPPED_EXPERT or value >= num_experts:
                     raise expert_id_error(part, col, int(value), num_experts)
     if unknown:  # no statistics (not written by moetrace): read just those columns
-        try:
-            table = pq.read_table(part, columns=unknown)
-        except (OSError, pa.ArrowException) as exc:
-            raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+        table = _read_table(part, unknown)
         check_expert_columns(part, table, num_experts)
 
 
-def check_expert_columns(part: Path, table: pa.Table, num_experts: int) -> None:
+def check_expert_columns(part: TracePath, table: pa.Table, num_experts: int) -> None:
     """Raise :func:`expert_id_error` for the first out-of-range id in ``table``'s columns."""
     for col in table.column_names:
         values = table.column(col).drop_null().to_numpy()
@@ -204,19 +214,16 @@ def check_expert_columns(part: Path, table: pa.Table, num_experts: int) -> None:
             raise expert_id_error(part, col, bad, num_experts)
 
 
-def _check_unique_requests(parts: Sequence[Path]) -> None:
+def _check_unique_requests(parts: Sequence[TracePath]) -> None:
     """Raise TraceFormatError when a request id is in two requests parts (or twice in one).
 
     The writer never commits an id twice (it refuses ids already in the trace, under the
     trace lock), so a repeated id means a part pair was copied: counting it would count
     its requests twice.
     """
-    seen: dict[str, Path] = {}
+    seen: dict[str, TracePath] = {}
     for part in parts:
-        try:
-            ids = pq.read_table(part, columns=["request_id"]).column(0).to_pylist()
-        except (OSError, pa.ArrowException) as exc:
-            raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+        ids = _read_table(part, ["request_id"]).column(0).to_pylist()
         mine: set[str] = set()
         for rid in ids:
             if rid in mine:
@@ -235,18 +242,22 @@ def _check_unique_requests(parts: Sequence[Path]) -> None:
 
 @dataclass(frozen=True)
 class PartInfo:
-    activations: Path
-    requests: Path
+    activations: TracePath
+    requests: TracePath
     activation_rows: int
     request_rows: int
     bytes: int
 
 
 class Trace:
-    """A validated, read-only view of a trace directory."""
+    """A validated, read-only view of a trace directory.
+
+    ``path`` is a :class:`pathlib.Path` for a local trace, a
+    :class:`~moetrace.store.location.RemotePath` (prints as its ``s3://`` URL) for one on
+    object storage, which is read in place through :attr:`fs`."""
 
     def __init__(self, path: str | os.PathLike[str], *, validate: bool = True) -> None:
-        self.path = Path(path)
+        self.path: TracePath = as_path(path)
         self.manifest = read_manifest(self.path)
         self._act_schema = S.activations_schema(self.manifest)
         parts = []
@@ -257,8 +268,8 @@ class Trace:
                 n_act = act_meta.num_rows
                 n_req = _check_part(req, S.REQUESTS_SCHEMA).num_rows
             else:
-                n_act = pq.read_metadata(act).num_rows
-                n_req = pq.read_metadata(req).num_rows
+                n_act = _read_metadata(act).num_rows
+                n_req = _read_metadata(req).num_rows
             parts.append(PartInfo(act, req, n_act, n_req, act.stat().st_size + req.stat().st_size))
         if validate:
             _check_unique_requests([p.requests for p in parts])
@@ -272,7 +283,18 @@ class Trace:
         for part in count_parts if validate else ():
             _check_part(part, S.COUNTS_SCHEMA)
             _check_counts_values(part, self.manifest)
-        self.count_parts: tuple[Path, ...] = tuple(count_parts)
+        self.count_parts: tuple[TracePath, ...] = tuple(count_parts)
+
+    # ------------------------------------------------------------------ location
+    @property
+    def fs(self) -> pafs.FileSystem:
+        """The pyarrow filesystem the trace is read through (local or S3)."""
+        return arrow_path(self.path)[0]
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the trace is on object storage (``s3://``), read in place."""
+        return isinstance(self.path, RemotePath)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -333,22 +355,20 @@ class Trace:
             "GROUP BY ALL HAVING sum(count) > 0 ORDER BY layer, expert, phase NULLS FIRST"
         )
 
-    def _read(self, part: Path, columns: Sequence[str] | None) -> pa.Table:
-        try:
-            return pq.read_table(part, columns=list(columns) if columns else None)
-        except (OSError, pa.ArrowException) as exc:
-            raise TraceFormatError(f"{part}: cannot read part ({exc})") from None
+    def _read(self, part: TracePath, columns: Sequence[str] | None) -> pa.Table:
+        return _read_table(part, columns)
 
     def iter_activations(
         self, columns: Sequence[str] | None = None, batch_size: int = 1 << 18
     ) -> Iterator[pa.RecordBatch]:
         """Stream activation rows part by part in bounded memory."""
         for part in self.parts:
+            fs, where = arrow_path(part.activations)
             try:
-                pf = pq.ParquetFile(part.activations)
-                yield from pf.iter_batches(
-                    batch_size=batch_size, columns=list(columns) if columns else None
-                )
+                with fs.open_input_file(where) as fh:
+                    yield from pq.ParquetFile(fh).iter_batches(
+                        batch_size=batch_size, columns=list(columns) if columns else None
+                    )
             except (OSError, pa.ArrowException) as exc:
                 raise TraceFormatError(f"{part.activations}: cannot read part ({exc})") from None
 
@@ -388,7 +408,8 @@ class Trace:
 
 
 def open_trace(path: str | os.PathLike[str], *, validate: bool = True) -> Trace:
-    """Open a trace directory, checking its manifest and every part.
+    """Open a trace directory (a local path or ``s3://bucket/prefix``, read in place),
+    checking its manifest and every part.
 
     With ``validate`` (the default) each committed part's footer and schema are checked,
     the expert ids of each activations part against ``model.num_experts`` (from the

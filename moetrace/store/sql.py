@@ -14,6 +14,10 @@ Views (see docs/trace-format.md):
 
 ``connect(trace, read_only=True)`` and :func:`open_read_only` (what ``moetrace sql`` uses)
 lock the connection down for untrusted SQL: see :func:`lock_down` and :func:`check_read_only`.
+
+A local trace's views read its parts with DuckDB's ``read_parquet``; a trace on object
+storage (``s3://``) is read in place through pyarrow datasets registered on the connection
+(DuckDB pushes projections and filters into them; no DuckDB extension is needed).
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from functools import cached_property
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from moetrace.errors import QueryError
 from moetrace.store import schema as S
+from moetrace.store.location import RemotePath, TracePath, arrow_path
 from moetrace.store.reader import Trace
 
 READ_ONLY = "moetrace sql is read-only"
@@ -54,12 +61,23 @@ def _files_sql(files: list[str]) -> str:
     return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
-def _source(con: duckdb.DuckDBPyConnection, name: str, files: list[str], schema: pa.Schema) -> str:
-    """A FROM clause reading the parts, or an empty registered table when there are none."""
-    if files:
-        return f"read_parquet({_files_sql(files)})"
-    con.register(f"_empty_{name}", schema.empty_table())
-    return f"_empty_{name}"
+def _source(
+    con: duckdb.DuckDBPyConnection, name: str, parts: Sequence[TracePath], schema: pa.Schema
+) -> str:
+    """A FROM clause reading the parts, or an empty registered table when there are none.
+
+    Local parts: ``read_parquet``. Remote parts: a pyarrow dataset over them (read in place
+    through the trace's filesystem), registered as ``_parts_<name>``."""
+    if not parts:
+        con.register(f"_empty_{name}", schema.empty_table())
+        return f"_empty_{name}"
+    if not isinstance(parts[0], RemotePath):
+        return f"read_parquet({_files_sql([str(p) for p in parts])})"
+    fs = arrow_path(parts[0])[0]
+    keys = [arrow_path(p)[1] for p in parts]
+    dataset = ds.dataset(keys, filesystem=fs, format="parquet", schema=schema)
+    con.register(f"_parts_{name}", dataset)
+    return f"_parts_{name}"
 
 
 def connect(
@@ -73,8 +91,10 @@ def connect(
     """
     con = con or duckdb.connect()
     k = trace.top_k
-    act_src = _source(con, "activations", trace.activation_files, trace.activation_schema)
-    req_src = _source(con, "requests", trace.request_files, S.REQUESTS_SCHEMA)
+    act_src = _source(
+        con, "activations", [p.activations for p in trace.parts], trace.activation_schema
+    )
+    req_src = _source(con, "requests", [p.requests for p in trace.parts], S.REQUESTS_SCHEMA)
     e_cols = S.expert_columns(k)
     w_cols = S.weight_columns(k)
     con.execute(f"CREATE OR REPLACE VIEW activations_raw AS SELECT * FROM {act_src}")
@@ -136,15 +156,16 @@ def connect(
     )
     con.register("_moe_layers_tbl", layers_tbl)
     con.execute("CREATE OR REPLACE VIEW moe_layers AS SELECT * FROM _moe_layers_tbl")
-    if read_only:
-        lock_down(con, trace.activation_files + trace.request_files + trace.count_files)
+    if read_only:  # a remote trace's parts are read by pyarrow: DuckDB needs no file access
+        files = trace.activation_files + trace.request_files + trace.count_files
+        lock_down(con, [] if trace.is_remote else files)
     return con
 
 
 def _counts_sql(con: duckdb.DuckDBPyConnection, trace: Trace) -> str:
     """The ``counts`` view's query: the counts parts, or the activations counted."""
     if trace.is_count_trace:
-        src = _source(con, "counts", trace.count_files, S.COUNTS_SCHEMA)
+        src = _source(con, "counts", trace.count_parts, S.COUNTS_SCHEMA)
         return (
             "SELECT layer, expert, phase::VARCHAR AS phase, count, source::VARCHAR AS source "
             f"FROM {src}"

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from moetrace.errors import TraceFormatError, TraceWriteError
 from moetrace.store import encode as E
 from moetrace.store import schema as S
+from moetrace.store.location import require_local
 
 try:  # POSIX advisory locks; elsewhere concurrent writers only avoid name collisions
     import fcntl
@@ -142,6 +143,7 @@ class TraceWriter:
             raise TraceWriteError(f"part_rows must be >= 1, got {part_rows}")
         if threads < 0:
             raise TraceWriteError(f"threads must be >= 0, got {threads}")
+        require_local(path)
         self.path = Path(path)
         self.manifest = write_manifest(self.path, manifest)
         self.top_k = self.manifest.top_k

@@ -15,6 +15,7 @@ import torch
 from moetrace.devices import check_device
 from moetrace.errors import ConfigError, ModelError, PromptsError, TraceWriteError
 from moetrace.progress import OnProgress, Progress, default_interval
+from moetrace.store.location import require_local
 from moetrace.store.schema import MANIFEST_NAME, Manifest, SourceInfo
 from moetrace.store.writer import TraceWriter
 from moetrace.tracer.prompts import Prompt, load_prompts
@@ -261,6 +262,7 @@ def record(
     elapsed)`` every few seconds (see :mod:`moetrace.progress`; without it an INFO log line).
     """
     cfg = config or RecordConfig()
+    require_local(out, "record a trace")
     out = Path(out)
     prepare_out(out, cfg.resume)
     existing = existing_manifest(out) if cfg.resume else None

@@ -36,6 +36,7 @@ import numpy as np
 from moetrace import __version__
 from moetrace.errors import ConfigError, ServerError
 from moetrace.progress import OnProgress, Progress, default_interval
+from moetrace.store.location import require_local
 from moetrace.store.schema import DROPPED_EXPERT, Manifest, ModelInfo, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
 from moetrace.tracer.engines import SGLANG_DTYPES, Completion, Engine, Sampling, get_engine
@@ -250,6 +251,7 @@ def record_server(
 ) -> RecordResult:
     """Record the routing a server returns for ``prompts`` into the trace ``out``."""
     cfg = config or ServerRecordConfig()
+    require_local(out, "record a trace")
     out = Path(out)
     prepare_out(out, cfg.resume)
     interval = default_interval() if progress else 0.0

@@ -382,7 +382,9 @@ def analyze(
         transitions="transitions" in cfg.sections and L > 1,
         transition_test_fraction=cfg.transition_test_fraction,
     )
-    with Fanout(cfg.workers or default_workers(), cfg.ray) as fan:
+    # fresh workers: each task reads its layers itself, and a fork after DuckDB, pyarrow
+    # and numba ran in this process is not safe (their threads and compiler state)
+    with Fanout(cfg.workers or default_workers(), cfg.ray, start="spawn") as fan:
         handle = fan.share("analyze-source", source)
         parts: list[LayerPart] = fan.map(_layer_task, [(handle, lay, task) for lay in range(L)])
     t = lap("layers", t)

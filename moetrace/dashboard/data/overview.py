@@ -114,7 +114,8 @@ def verdict(trace: Trace, phase: str = "all") -> VerdictView:
     except ImportError as exc:
         return VerdictView(unavailable=f"moetrace analyze is not available ({exc})")
     try:
-        report = analyze(trace, AnalyzeConfig(phase=phase, sections=()))
+        # in this process: a page's server starts no worker processes
+        report = analyze(trace, AnalyzeConfig(phase=phase, sections=(), workers=1))
     except MoetraceError as exc:
         return VerdictView(unavailable=str(exc))
     from moetrace.tuner.mining.report import CountReport

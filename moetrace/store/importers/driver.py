@@ -51,6 +51,7 @@ from moetrace.store.importers.facts import (
     resolve_model,
 )
 from moetrace.store.importers.known_models import find_known_model
+from moetrace.store.location import require_local
 from moetrace.store.reader import Trace, open_trace, read_manifest
 from moetrace.store.schema import MANIFEST_NAME, Manifest, RequestRecord, SourceInfo
 from moetrace.store.writer import TraceWriter
@@ -272,6 +273,7 @@ def import_trace(
         shared_experts=shared_experts,
         bytes_per_expert=bytes_per_expert,
     )
+    require_local(out, "import into a trace")
     src_path, out_path = require_source(Path(src)), Path(out)
     existing = existing_trace_manifest(out_path)
     name, name_reason = given.model_name, None

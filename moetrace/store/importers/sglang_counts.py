@@ -44,6 +44,7 @@ from moetrace.store.importers.driver import existing_trace_manifest, file_sha256
 from moetrace.store.importers.facts import ModelOverrides, resolve_model
 from moetrace.store.importers.known_models import find_known_model
 from moetrace.store.importers.paths import known_model_folder
+from moetrace.store.location import require_local
 from moetrace.store.schema import CONTENT_COUNTS, Manifest, ModelInfo, SourceInfo
 
 log = logging.getLogger(__name__)
@@ -270,6 +271,7 @@ def import_counts(
         shared_experts=shared_experts,
         bytes_per_expert=bytes_per_expert,
     )
+    require_local(out, "import into a trace")
     src_path, out_path = Path(src), Path(out)
     files = find_files(src_path, SUFFIX)
     existing = existing_trace_manifest(out_path)
