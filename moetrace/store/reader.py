@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -284,6 +285,14 @@ class Trace:
             _check_part(part, S.COUNTS_SCHEMA)
             _check_counts_values(part, self.manifest)
         self.count_parts: tuple[TracePath, ...] = tuple(count_parts)
+
+    def with_parts(self, keep: Sequence[int]) -> Trace:
+        """The same trace restricted to the committed parts ``keep`` (indices into
+        :attr:`parts`): a shard of its requests for a task that reads only those parts."""
+        out = copy.copy(self)
+        out.parts = tuple(self.parts[i] for i in keep)
+        out.__dict__.pop("_connection", None)
+        return out
 
     # ------------------------------------------------------------------ location
     @property

@@ -20,10 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from moetrace.errors import AnalysisError, TraceFormatError
 from moetrace.store import schema as S
 from moetrace.store.arrays import Routing, load_routing
+from moetrace.store.location import arrow_path
 from moetrace.store.reader import Trace, open_trace
 
 GLOB_CHARS = frozenset("*?[")
@@ -147,3 +150,36 @@ def load_routing_many(
     return concat_routing(
         [load_routing(t, phase=phase, order=order, layers=layers) for t in traces]
     )
+
+
+def shard_parts(trace: Trace, rows: int) -> list[tuple[int, ...]]:
+    """The trace's committed parts in groups of consecutive parts holding at least
+    ``rows`` activation rows (the last group may hold fewer): shards of its requests in
+    replay order. That needs parts in arrival order (one writer commits them so); when
+    their arrivals interleave (several writers at once), the whole trace is one shard."""
+    n = len(trace.parts)
+    if n <= 1:
+        return [tuple(range(n))]
+    spans = []
+    for part in trace.parts:
+        fs, where = arrow_path(part.requests)
+        arrival = pq.read_table(where, columns=["arrival"], filesystem=fs).column(0)
+        spans.append((pc.min(arrival).as_py(), pc.max(arrival).as_py()))
+    ordered = all(
+        a[1] is not None and b[0] is not None and a[1] < b[0]
+        for a, b in zip(spans[:-1], spans[1:], strict=True)
+    )
+    if not ordered:
+        return [tuple(range(n))]
+    groups: list[tuple[int, ...]] = []
+    current: list[int] = []
+    held = 0
+    for i, part in enumerate(trace.parts):
+        current.append(i)
+        held += part.activation_rows
+        if held >= rows:
+            groups.append(tuple(current))
+            current, held = [], 0
+    if current:
+        groups.append(tuple(current))
+    return groups

@@ -32,12 +32,19 @@ from moetrace.tuner.mining import requests as RQ
 from moetrace.tuner.mining import transitions as T
 from moetrace.tuner.mining.curves import combine_reuse
 from moetrace.tuner.mining.layers import (
+    SHARD_ROWS,
     LayerPart,
     LayerTask,
     RoutingSource,
+    ShardPart,
     Source,
     TraceSource,
-    layer_part,
+    merge_layers,
+    pair_task,
+    routing_source,
+    shard_part,
+    trace_source,
+    warm_up,
 )
 from moetrace.tuner.mining.report import (
     REPORT_VERSION,
@@ -88,6 +95,10 @@ class AnalyzeConfig:
     ray: str | None = None
     """Run the per-layer tasks on this Ray cluster instead (see
     :class:`~moetrace.tuner.parallel.Fanout`)."""
+    shard_rows: int = SHARD_ROWS
+    """Rows (all layers) per shard of requests: one task per (layer, shard). The report
+    is the same for any value (shards merge exactly); smaller shards mean more, smaller
+    tasks."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASE_CHOICES:
@@ -101,7 +112,7 @@ class AnalyzeConfig:
         if self.workers is not None and self.workers < 1:
             raise AnalysisError(f"workers must be >= 1, got {self.workers}")
         for name in ("top_pairs", "prefix_tokens", "max_clusters", "max_request_cells",
-                     "max_requests"):  # fmt: skip
+                     "max_requests", "shard_rows"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AnalysisError(f"{name} must be >= 1, got {getattr(self, name)}")
         bad = set(self.sections) - {"groups", "transitions", "requests", "phases"}
@@ -219,7 +230,7 @@ def _requests(
             tuple(raw for raw, r in zip(per_raw, per, strict=True) if r in wanted)
             for per_raw, per in zip(source.requests, _prefixed(source), strict=True)
         ]
-        routing = TraceSource(source.paths, source.phase, tuple(kept)).layers(range(L))
+        routing = dataclasses.replace(source, requests=tuple(kept)).layers(range(L))
         routing = compact_requests(routing)
     mats = RQ.normalize(RQ.activation_matrices(routing))
     clus = RQ.cluster_requests(mats, cfg.seed, cfg.max_clusters)
@@ -306,8 +317,12 @@ def _tokens_by_phase(trace: Trace, phase: str | None) -> dict[str, int]:
     return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
 
 
-def _layer_task(handle: Any, layer: int, task: LayerTask) -> LayerPart:
-    return layer_part(shared(handle), layer, task)
+def _shard_task(handle: Any, layer: int, shard: int, task: LayerTask) -> ShardPart:
+    return shard_part(shared(handle), layer, shard, task)
+
+
+def _pair_task(handle: Any, layer: int, task: LayerTask) -> T.TransitionScore | None:
+    return pair_task(shared(handle), layer, task)
 
 
 TraceArg = Trace | str | os.PathLike[str]
@@ -350,10 +365,10 @@ def analyze(
         tokens_in = {
             p: int(np.count_nonzero(starts & (routing.phase == S.PHASE_CODE[p]))) for p in S.PHASES
         }
-        source = RoutingSource(routing)
+        source = routing_source(routing, cfg.shard_rows)
     else:
         kept = tuple(_kept_requests(t, phase) for t in traces)
-        source = TraceSource(tuple(str(t.path) for t in traces), phase, kept)
+        source = trace_source([str(t.path) for t in traces], phase, kept, cfg.shard_rows)
         ids = [r for per in _prefixed(source) for r in per]
         tokens_in = {}
         for t in traces:
@@ -375,20 +390,28 @@ def analyze(
     t = time.perf_counter()
     task = LayerTask(
         sizes=sizes,
-        seed=cfg.seed,
-        num_layers=L,
         groups="groups" in cfg.sections,
         phase_curves="phases" in cfg.sections,
-        transitions="transitions" in cfg.sections and L > 1,
         transition_test_fraction=cfg.transition_test_fraction,
+        seed=cfg.seed,
     )
-    # fresh workers: each task reads its layers itself, and a fork after DuckDB, pyarrow
-    # and numba ran in this process is not safe (their threads and compiler state)
-    with Fanout(cfg.workers or default_workers(), cfg.ray, start="spawn") as fan:
+    workers = cfg.workers or default_workers()
+    shards = range(len(source.shards))
+    if workers > 1 and cfg.ray is None:
+        warm_up(task)  # compile in this process: forked workers inherit the machine code
+    with Fanout(workers, cfg.ray) as fan:
         handle = fan.share("analyze-source", source)
-        parts: list[LayerPart] = fan.map(_layer_task, [(handle, lay, task) for lay in range(L)])
-    t = lap("layers", t)
-    scores = [part.transition for part in parts if part.transition is not None]
+        args = [(handle, lay, sh, task) for lay in range(L) for sh in shards]
+        shard_parts: list[ShardPart] = fan.map(_shard_task, args)
+        t = lap("shards", t)
+        scores: list[T.TransitionScore] = []
+        if "transitions" in cfg.sections and L > 1:
+            pair_args = [(handle, lay, task) for lay in range(1, L)]
+            scores = [s for s in fan.map(_pair_task, pair_args) if s is not None]
+        t = lap("transitions", t)
+    parts = merge_layers(shard_parts, L, sizes, workers)
+    del shard_parts
+    t = lap("merge", t)
     freqs = {p: np.stack([part.freq[p] for part in parts]) for p in S.PHASES}
     if phase is not None and cfg.max_tokens is None:  # the other phase too, for the contrast
         freqs = {p: sum(F.frequency_matrices(tr)[p] for tr in traces) for p in S.PHASES}

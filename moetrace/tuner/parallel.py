@@ -45,20 +45,13 @@ class Fanout:
 
     ``workers``: 1 runs in this process; more use a local pool of that many processes
     (fork: workers inherit the shared events; where fork is unavailable, serial).
-    ``start="spawn"`` starts the workers as fresh interpreters instead: for tasks that
-    read their own input (shared objects then travel with each task), and safe where the
-    parent's threads or compiler state must not be forked (DuckDB, pyarrow and numba
-    after their first use).
     ``ray``: an address (``"auto"``, ``"ray://host:10001"``, ``"local"`` for a new local
     cluster) runs the tasks on Ray instead."""
 
-    def __init__(self, workers: int = 1, ray: str | None = None, *, start: str = "fork"):
+    def __init__(self, workers: int = 1, ray: str | None = None):
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
-        if start not in ("fork", "spawn"):
-            raise ConfigError(f"start must be 'fork' or 'spawn', got {start!r}")
         self.workers = workers
-        self.start = start
         self.ray_address = ray
         self._pool: ProcessPoolExecutor | None = None
         self._keys: list[str] = []
@@ -71,9 +64,7 @@ class Fanout:
     def kind(self) -> str:
         if self._ray is not None:
             return "ray"
-        if self.workers > 1 and (self.start == "spawn" or _can_fork()):
-            return "pool"
-        return "serial"
+        return "pool" if self.workers > 1 and _can_fork() else "serial"
 
     def _start_ray(self, address: str) -> None:
         try:
@@ -98,8 +89,6 @@ class Fanout:
         """Make ``obj`` available to tasks; returns the handle to pass them."""
         if self._ray is not None:
             return self._ray.put(obj)
-        if self.start == "spawn":  # fresh workers inherit nothing: the object goes along
-            return obj
         if key not in _SHARED or _SHARED[key] is not obj:
             _SHARED[key] = obj
             self._keys.append(key)
@@ -118,7 +107,7 @@ class Fanout:
         if self.kind == "serial" or len(args) == 1:
             return [fn(*a) for a in args]
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context(self.start))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"))
         return list(self._pool.map(_call, [(fn, a) for a in args]))
 
     def _stop_pool(self) -> None:

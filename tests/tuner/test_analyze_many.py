@@ -26,7 +26,14 @@ from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import phases as P
 from moetrace.tuner.mining import transitions as T
 from moetrace.tuner.mining.curves import combine_reuse, reuse_and_mrc
-from moetrace.tuner.mining.layers import LayerTask, RoutingSource, TraceSource, layer_part
+from moetrace.tuner.mining.layers import (
+    LayerTask,
+    merge_layers,
+    pair_task,
+    routing_source,
+    shard_part,
+    trace_source,
+)
 from moetrace.tuner.mining.streams import layer_rows
 from moetrace.tuner.parallel import _SHARED
 
@@ -61,29 +68,42 @@ def _report(rep) -> dict:  # type: ignore[no-untyped-def]
     return d
 
 
-def test_layer_tasks_equal_the_single_pass_implementations(fleet: Path) -> None:
-    """Every merged piece against the whole-routing (or DuckDB) computation of it."""
+def test_shard_tasks_equal_the_single_pass_implementations(fleet: Path) -> None:
+    """Every merged piece of many small shards against the whole-routing (or DuckDB)
+    computation of it."""
     trace = open_trace(fleet / "server-0")
     routing = load_routing(trace)
     L = routing.num_layers
-    task = LayerTask(sizes=(3, 6), seed=3, num_layers=L, groups=True, phase_curves=True,
-                     transitions=True)  # fmt: skip
+    task = LayerTask(sizes=(3, 6), groups=True, phase_curves=True, seed=3)
     ids = tuple(routing.request_ids)
-    for source in (RoutingSource(routing), TraceSource((str(trace.path),), None, (ids,))):
-        parts = [layer_part(source, lay, task) for lay in range(L)]
+    sources = (
+        routing_source(routing, shard_rows=300),
+        trace_source([str(trace.path)], None, (ids,), shard_rows=300),
+    )
+    for source in sources:
+        assert len(source.shards) > 2
+        shards = [shard_part(source, lay, sh, task) for lay in range(L)
+                  for sh in range(len(source.shards))]  # fmt: skip
+        parts = merge_layers(shards[::-1], L, (3, 6))  # merged in shard order whatever given
         freqs = F.frequency_matrices(trace)
         for p in freqs:
             assert np.array_equal(np.stack([x.freq[p] for x in parts]), freqs[p])
         assert np.array_equal(np.stack([x.pairs for x in parts]), G.pair_counts(trace))
         whole = T.score_transitions(routing, top_n=K, test_fraction=0.2, seed=3)
-        assert [x.transition for x in parts[1:]] == whole
+        assert [pair_task(source, lay, task) for lay in range(1, L)] == whole
         distinct = P.distinct_per_forward(trace)
         for p, means in distinct.items():
             assert tuple(x.distinct_per_forward[p] for x in parts) == pytest.approx(means)
-
         merged = combine_reuse([x.reuse for x in parts], (3, 6), K, E, 1)
-        single = reuse_and_mrc(routing, layer_rows(routing), (3, 6), 3, workers=1)
+        single = reuse_and_mrc(routing, layer_rows(routing), (3, 6), workers=1)
         assert merged == single
+
+
+def test_shards_do_not_change_the_report(fleet: Path) -> None:
+    path = fleet / "server-0"
+    one = analyze(path, AnalyzeConfig(workers=1))
+    many = analyze(path, AnalyzeConfig(workers=2, shard_rows=250))
+    assert _report(one) == _report(many)
 
 
 def test_many_traces_are_one_workload(fleet: Path, tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """Reuse distances and cache curves of every MoE layer (the costly part of analyze).
 
-Layers are independent, so they run on a thread pool (the numba kernels release the GIL).
+Layers are independent caches, so the model's figures are an exact combination of each
+layer's (:func:`combine_reuse`); a layer's reuse figures come from its stream's
+:class:`~moetrace.tuner.mining.partial.StreamPartial` (merged over shards), its Belady
+and LFU rates from its whole stream (:func:`policy_reuse`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 
 from moetrace.store.arrays import Routing
 from moetrace.tuner.mining.mrc import lru_hit_curve, smallest_size
+from moetrace.tuner.mining.partial import StreamPartial, distance_quantiles, stream_partial
 from moetrace.tuner.mining.replacement import TokenStream, smallest_size_reaching
 from moetrace.tuner.mining.report import MRCStats, ReuseStats
 from moetrace.tuner.mining.reuse import (
@@ -20,13 +24,10 @@ from moetrace.tuner.mining.reuse import (
     TOKEN_BINS,
     ReuseSummary,
     hist_quantiles,
-    stack_distances,
-    summarize,
 )
 from moetrace.tuner.mining.streams import layer_stream
 
 TARGETS = (0.8, 0.9)
-MODEL_QUANTILE_SAMPLE = 100_000
 MRC_DEFINITION = (
     "independent cache per MoE layer, same size for every layer; requests replayed one "
     "after another in arrival order; a token's k experts are needed together: each is a "
@@ -49,58 +50,61 @@ def _irows(a: np.ndarray) -> tuple[tuple[int, ...], ...]:
 
 @dataclass(frozen=True)
 class LayerReuse:
-    """One layer's reuse summary and policy hit rates (a layer task's share of the curves)."""
+    """One layer's reuse summary and policy hit rates (a layer's share of the curves)."""
 
     summary: ReuseSummary
-    sample: np.ndarray
-    """Token distances of reused accesses (a seeded sample of at most
-    :data:`MODEL_QUANTILE_SAMPLE`) for the model-wide quantiles."""
+    distances: np.ndarray
+    """Distinct token distances of reused accesses (sorted) ..."""
+    distance_counts: np.ndarray
+    """... and how many reuses had each (exact: the model-wide quantiles need them)."""
     stream: TokenStream
     belady: tuple[float, ...]
     """Belady-MIN hit rate at each policy size."""
     lfu: tuple[float, ...]
 
 
+def reuse_summary(p: StreamPartial) -> ReuseSummary:
+    """The :class:`ReuseSummary` of a whole layer stream's (merged) partial."""
+    values = np.arange(p.num_experts, dtype=np.int64)
+    return ReuseSummary(
+        stack_hist=p.stack_hist,
+        cold=p.cold,
+        token_hist=p.token_hist(),
+        token_quantiles=distance_quantiles(p.distances, p.distance_counts, QUANTILES),
+        distinct_quantiles=distance_quantiles(values, p.stack_hist, QUANTILES),
+    )
+
+
+def policy_reuse(p: StreamPartial, stream: TokenStream, sizes: tuple[int, ...]) -> LayerReuse:
+    """A layer's :class:`LayerReuse` from its merged partial and its whole stream."""
+    n = stream.num_accesses
+    opt = tuple(stream.belady_hits(c) / n if n else 0.0 for c in sizes)
+    lfu = tuple(stream.lfu_hits(c) / n if n else 0.0 for c in sizes)
+    return LayerReuse(reuse_summary(p), p.distances, p.distance_counts, stream, opt, lfu)
+
+
 def layer_reuse(
-    experts: np.ndarray,
-    row: np.ndarray,
-    num_experts: int,
-    sizes: tuple[int, ...],
-    seed: np.random.SeedSequence,
+    experts: np.ndarray, row: np.ndarray, num_experts: int, sizes: tuple[int, ...]
 ) -> LayerReuse:
-    """Reuse distances and Belady/LFU hit rates of one layer's access stream."""
-    sd, td = stack_distances(experts, row, num_experts)
-    summ = summarize(sd, td, num_experts)
-    reused = td[td > 0]
-    if reused.size > MODEL_QUANTILE_SAMPLE:
-        rng = np.random.default_rng(seed)
-        reused = rng.choice(reused, MODEL_QUANTILE_SAMPLE, replace=False)
-    n = int(experts.shape[0])
-    ts = TokenStream(experts, row, num_experts)
-    opt = tuple(ts.belady_hits(c) / n if n else 0.0 for c in sizes)
-    lfu = tuple(ts.lfu_hits(c) / n if n else 0.0 for c in sizes)
-    return LayerReuse(summ, reused, ts, opt, lfu)
-
-
-def layer_seeds(seed: int, num_layers: int) -> list[np.random.SeedSequence]:
-    """One seed per layer (the same whichever process computes the layer)."""
-    return np.random.SeedSequence(seed).spawn(max(num_layers, 1))
+    """Reuse distances and Belady/LFU hit rates of one layer's whole access stream."""
+    p = stream_partial(experts, row, num_experts)
+    return policy_reuse(p, TokenStream(experts, row, num_experts), sizes)
 
 
 def reuse_and_mrc(
     routing: Routing,
     rows: list[np.ndarray],
     sizes: tuple[int, ...],
-    seed: int,
     workers: int | None = None,
 ) -> tuple[ReuseStats, MRCStats]:
-    """Reuse statistics and LRU/LFU/Belady curves; ``rows[l]``: routing rows of layer l."""
+    """Reuse statistics and LRU/LFU/Belady curves of routing in memory, in one pass per
+    layer (``rows[l]``: routing rows of layer l); the reference the sharded analysis is
+    tested against."""
     E = routing.num_experts
-    seeds = layer_seeds(seed, len(rows))
 
     def one_layer(layer: int) -> LayerReuse:
         st = layer_stream(routing, layer, rows[layer])
-        return layer_reuse(st.experts, st.row, E, sizes, seeds[layer])
+        return layer_reuse(st.experts, st.row, E, sizes)
 
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         parts = list(pool.map(one_layer, range(len(rows))))
@@ -135,11 +139,13 @@ def combine_reuse(
         belady_size_for = {
             str(t): smallest_size_reaching(opt_rate, top_k, E, t, dict(memo)) for t in TARGETS
         }
-    samples = np.concatenate([p.sample for p in parts]) if parts else np.zeros(0)
+    distances = np.concatenate([p.distances for p in parts]) if parts else np.zeros(0, np.int64)
+    counts = np.concatenate([p.distance_counts for p in parts]) if parts else distances
+    keys, inv = np.unique(distances, return_inverse=True)
+    counts = np.bincount(inv, weights=counts, minlength=keys.size).astype(np.int64)
     stack_hists = np.asarray([s.stack_hist for s in summaries])
     hist_sum = stack_hists.sum(axis=0)
     model_lru = np.cumsum(hist_sum) / total
-    nan = tuple(float("nan") for _ in QUANTILES)
     reuse = ReuseStats(
         quantiles=QUANTILES,
         token_quantiles=tuple(s.token_quantiles for s in summaries),
@@ -148,9 +154,7 @@ def combine_reuse(
         token_hist=_irows(np.asarray([s.token_hist for s in summaries])),
         distinct_hist=_irows(stack_hists),
         cold=tuple(s.cold for s in summaries),
-        model_token_quantiles=tuple(float(x) for x in np.quantile(samples, QUANTILES))
-        if samples.size
-        else nan,
+        model_token_quantiles=distance_quantiles(keys, counts, QUANTILES),
         model_distinct_quantiles=hist_quantiles(hist_sum),
     )
     lru = [lru_hit_curve(s.stack_hist, int(n)) for s, n in zip(summaries, acc, strict=True)]
