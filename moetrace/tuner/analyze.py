@@ -261,7 +261,7 @@ def _prefixed(source: TraceSource) -> list[tuple[str, ...]]:
 
 
 def _phases(
-    tokens: dict[str, int], parts: Sequence[LayerPart], freqs: dict[str, np.ndarray], L: int
+    tokens: dict[str, int], parts: Sequence[LayerPart], freqs: dict[str, np.ndarray]
 ) -> PhaseStats:
     present = [p for p in S.PHASES if any(p in part.phases_present for part in parts)]
     both = all(freqs[p].sum() > 0 for p in S.PHASES)
@@ -273,7 +273,7 @@ def _phases(
         p: tuple(part.distinct_per_forward.get(p, float("nan")) for part in parts) for p in present
     }
     lru_by_phase: dict[str, tuple[tuple[float, ...], ...]] = {}
-    if len(present) > 1 and all(part.phase_lru or not part.rows for part in parts):
+    if len(present) > 1 and all(part.phase_lru for part in parts):
         for p in present:
             lru_by_phase[p] = _rows(np.asarray([part.phase_lru[p] for part in parts]))
     return PhaseStats(
@@ -429,7 +429,7 @@ def analyze(
     with threadpool_limits(limits=1):  # small BLAS calls; threads only contend
         requests = _requests(traces, source, ids, E, L, cfg) if "requests" in cfg.sections else None
     t = lap("requests", t)
-    phases = _phases(tokens_in, parts, freqs, L)
+    phases = _phases(tokens_in, parts, freqs)
     if "phases" not in cfg.sections:
         phases = dataclasses.replace(phases, distinct_per_forward={}, lru_by_phase={})
     verdict = make_verdict(E, skew, mrc, transitions, requests, phases, min_lift=cfg.min_lift)

@@ -241,7 +241,7 @@ class LayerPart:
     pairs: np.ndarray | None
     reuse: LayerReuse
     phase_lru: dict[str, np.ndarray]
-    """Per phase present in this layer, the LRU hit curve of that phase's rows alone."""
+    """Per phase, the LRU hit curve of that phase's rows alone (zeros without rows)."""
     distinct_per_forward: dict[str, float]
     """Per phase present, mean distinct experts one forward pass uses at this layer."""
     phases_present: tuple[str, ...]
@@ -264,7 +264,7 @@ def merge_layer(parts: Sequence[ShardPart], sizes: tuple[int, ...]) -> LayerPart
     present = tuple(ph for ph in S.PHASES if freq[ph].sum() > 0)
     phase_lru = {}
     if parts[0].phase_partials:
-        for ph in present:
+        for ph in S.PHASES:  # every phase: another layer may have rows where this has none
             merged = merge_all([p.phase_partials[ph] for p in parts])
             phase_lru[ph] = lru_hit_curve(merged.stack_hist, merged.accesses)
     keys = np.concatenate([p.pass_keys for p in parts])
