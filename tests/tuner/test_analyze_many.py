@@ -173,6 +173,9 @@ def test_globs_and_errors(fleet: Path, tmp_path: Path) -> None:
     res = runner.invoke(main, ["analyze", str(fleet / "server-0"), str(other)])
     assert res.exit_code == 2
     assert "another model" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["analyze", str(tmp_path / "nothing-*")])
+    assert res.exit_code == 2 and "no trace folder" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     res = runner.invoke(main, ["analyze", str(fleet / "server-*"), "--workers", "1"])
     assert res.exit_code == 0, res.output
     assert "requests: 30" in res.output or re.search(r"\b30 requests", res.output), res.output

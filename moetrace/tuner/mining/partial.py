@@ -129,7 +129,7 @@ def merge(a: StreamPartial, b: StreamPartial) -> StreamPartial:
     a_stack = [int(x) for x in a.stack]
     a_set = set(a_stack)
     b_order = [int(x) for x in b.first_experts]
-    for i, (e, d) in enumerate(zip(b_order, b.first_depth, strict=True)):
+    for e, d in zip(b_order, b.first_depth, strict=True):
         above = set(b_order[:d])  # b's experts used before this first use, on top
         if in_a[e]:
             pos = int(d)
@@ -143,7 +143,6 @@ def merge(a: StreamPartial, b: StreamPartial) -> StreamPartial:
         else:
             firsts.append(e)
             depths.append(len(a_set) + len(above - a_set))
-        del i
     d, c = _add_counts(a.distances, a.distance_counts, b.distances, b.distance_counts)
     if resolved_d:
         d, c = _add_counts(d, c, *_counted(np.asarray(resolved_d, np.int64)))
