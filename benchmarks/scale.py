@@ -6,9 +6,10 @@ analyzed as one workload by fresh ``moetrace analyze`` processes with 1 worker, 
 2 and a local Ray cluster of 2, interleaved per round (A B C A B C ...). ``tune`` runs
 the same way on a smaller fleet (``--tune-selections``; tuning replays every candidate
 policy on the whole workload, so a fleet's day is tuned on a sample of it). Wall time
-is measured around each process; peak memory is the largest sum of the resident sets
-of the process and all its descendants (pool workers, Ray's processes), sampled from
-/proc every 0.2 s. From the measured throughput, a table of what a day of a fleet costs
+is measured around each process; peak memory is the largest sum of the proportional set
+sizes (PSS: shared pages counted once) of the process and all its descendants (pool
+workers, Ray's processes and object store), sampled from /proc every 0.2 s; the analyze
+report's own section timings are kept too. From the measured throughput, a table of what a day of a fleet costs
 on N cores. Printed and written as JSON: config, versions, medians, raw samples.
 
 Usage:
@@ -37,8 +38,10 @@ VARIANTS = {"serial": ["--workers", "1"], "pool-2": ["--workers", "2"],
             "ray-2": ["--workers", "2", "--ray", "local"]}  # fmt: skip
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and every descendant (Linux /proc)."""
+def tree_pss(pid: int) -> int:
+    """Proportional set size of ``pid`` and every descendant (Linux /proc): pages shared
+    between them (a forked pool's copy-on-write pages, Ray's shared-memory object store)
+    count once, split among the processes that map them; VmRSS where PSS is unreadable."""
     parent: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -58,13 +61,15 @@ def tree_rss(pid: int) -> int:
                 frontier.append(child)
     total = 0
     for p in family:
-        try:
-            with open(f"/proc/{p}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
+        for name, key in ((f"/proc/{p}/smaps_rollup", "Pss:"), (f"/proc/{p}/status", "VmRSS:")):
+            try:
+                with open(name) as fh:
+                    kb = next((int(x.split()[1]) for x in fh if x.startswith(key)), None)
+            except OSError:
+                kb = None
+            if kb is not None:
+                total += kb * 1024
+                break
     return total
 
 
@@ -76,7 +81,7 @@ def measured(cmd: list[str]) -> dict[str, Any]:
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
+            peak[0] = max(peak[0], tree_pss(proc.pid))
             time.sleep(0.2)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -158,13 +163,17 @@ def main() -> None:
     for job, rounds in (("analyze", args.rounds), ("tune", args.tune_rounds)):
         for r in range(rounds):
             for name, extra in variants.items():
+                report = work / f"report-{name}-{r}.json"
                 if job == "analyze":
-                    cmd = [*moetrace, "analyze", str(big / "server-*"), *extra]
+                    cmd = [*moetrace, "analyze", str(big / "server-*"), "--json", str(report),
+                           *extra]  # fmt: skip
                 else:
                     plan = work / f"plan-{name}-{r}.json"
                     cmd = [*moetrace, "tune", str(small / "server-*"), "--budget", args.budget,
                            "--granularity", "token", "--out", str(plan), *extra]  # fmt: skip
                 run = measured(cmd)
+                if job == "analyze":
+                    run["timings"] = json.loads(report.read_text())["timings"]
                 samples[job].setdefault(name, []).append(run)
                 print(f"{job} {name} round {r}: {run['seconds']:.1f} s, "
                       f"peak {run['peak_bytes'] / 1e9:.2f} GB", flush=True)  # fmt: skip
