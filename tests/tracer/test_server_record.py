@@ -260,17 +260,18 @@ def test_recorded_trace_goes_through_analyze_tune_and_the_dashboard(
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_killed_halfway_then_resumed_loses_and_duplicates_nothing(tmp_path, config_dir, sig):
-    items = prompts(400)
+    items = prompts(160)
     pf = write_prompts(tmp_path / "p.jsonl", items)
     out = tmp_path / "t"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "moetrace", *_cli("URL", pf, out, "--config", str(config_dir),
             "--concurrency", "4")]  # fmt: skip
-    # a run of ~10 s: the signal lands mid-run even on a loaded machine (with 160 prompts,
-    # ~4 s, a CI run once finished before the signal arrived)
-    with FakeServer(engine="vllm", latency=0.1) as srv:
+    with FakeServer(engine="vllm", latency=0.1) as srv:  # a run of ~4 s: the signal lands mid-run
         args[args.index("URL")] = srv.url
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(  # Ctrl-C as in a terminal, even if this runner ignores it
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
         deadline = time.time() + 120
         committed = out / "requests"
         while time.time() < deadline and not (
