@@ -297,6 +297,11 @@ def missing_hint(path: TracePath) -> str:
     return f" (there is no bucket {path.bucket!r} at the {_endpoint_hint()})"
 
 
+def is_glob(pattern: str | os.PathLike[str]) -> bool:
+    """Whether ``pattern`` holds a wildcard (``*``, ``?``, ``[``)."""
+    return _WILDCARD.search(os.fspath(pattern)) is not None
+
+
 def glob(pattern: str | os.PathLike[str]) -> list[str]:
     """The trace folders (folders holding manifest.json) matching ``pattern``, sorted.
 

@@ -14,7 +14,6 @@ trace's.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,16 +23,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moetrace.errors import AnalysisError, TraceFormatError
+from moetrace.store import location
 from moetrace.store import schema as S
 from moetrace.store.arrays import Routing, load_routing
 from moetrace.store.location import arrow_path
 from moetrace.store.reader import Trace, open_trace
-
-GLOB_CHARS = frozenset("*?[")
-
-
-def _is_glob(spec: str) -> bool:
-    return any(c in spec for c in GLOB_CHARS)
 
 
 def expand_locations(specs: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -45,14 +39,7 @@ def expand_locations(specs: Sequence[str | os.PathLike[str]]) -> list[str]:
     out: list[str] = []
     for spec in specs:
         text = os.fspath(spec)
-        if "://" in text:
-            from moetrace.store import location  # remote (s3://...) locations
-
-            matches = location.glob(text) if _is_glob(text) else [text]
-        elif _is_glob(text):
-            matches = sorted(p for p in glob.glob(text) if (Path(p) / S.MANIFEST_NAME).is_file())
-        else:
-            matches = [text]
+        matches = location.glob(text) if location.is_glob(text) else [text]
         if not matches:
             raise TraceFormatError(f"{text}: no trace folder (with {S.MANIFEST_NAME}) matches")
         out.extend(matches)

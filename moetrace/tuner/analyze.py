@@ -368,7 +368,7 @@ def analyze(
         source = routing_source(routing, cfg.shard_rows)
     else:
         kept = tuple(_kept_requests(t, phase) for t in traces)
-        source = trace_source([str(t.path) for t in traces], phase, kept, cfg.shard_rows)
+        source = trace_source(traces, phase, kept, cfg.shard_rows)
         ids = [r for per in _prefixed(source) for r in per]
         tokens_in = {}
         for t in traces:

@@ -78,7 +78,7 @@ def test_shard_tasks_equal_the_single_pass_implementations(fleet: Path) -> None:
     ids = tuple(routing.request_ids)
     sources = (
         routing_source(routing, shard_rows=300),
-        trace_source([str(trace.path)], None, (ids,), shard_rows=300),
+        trace_source([trace], None, (ids,), shard_rows=300),
     )
     for source in sources:
         assert len(source.shards) > 2

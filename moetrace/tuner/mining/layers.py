@@ -22,6 +22,7 @@ whole routing in memory, and many traces against one).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ import numpy as np
 
 from moetrace.store import schema as S
 from moetrace.store.arrays import Routing, load_routing
-from moetrace.store.reader import open_trace
+from moetrace.store.reader import Trace, open_trace
 from moetrace.store.traceset import concat_routing, shard_parts
 from moetrace.tuner.mining import frequency as F
 from moetrace.tuner.mining import groups as G
@@ -52,19 +53,8 @@ def select_layers(routing: Routing, layers: Sequence[int]) -> Routing:
     remap = np.full(routing.num_layers, -1, np.int16)
     remap[list(layers)] = np.arange(len(layers), dtype=np.int16)
     sub = routing.select(remap[routing.layer] >= 0)
-    return Routing(
-        request_ids=sub.request_ids,
-        moe_layers=tuple(routing.moe_layers[i] for i in layers),
-        num_experts=sub.num_experts,
-        top_k=sub.top_k,
-        request=sub.request,
-        token=sub.token,
-        step=sub.step,
-        phase=sub.phase,
-        forward=sub.forward,
-        layer=remap[sub.layer],
-        experts=sub.experts,
-        speculative=sub.speculative,
+    return dataclasses.replace(
+        sub, moe_layers=tuple(routing.moe_layers[i] for i in layers), layer=remap[sub.layer]
     )
 
 
@@ -127,17 +117,15 @@ Source = TraceSource | RoutingSource
 
 
 def trace_source(
-    paths: Sequence[str],
+    traces: Sequence[Trace],
     phase: str | None,
     requests: Sequence[tuple[str, ...]],
     shard_rows: int = SHARD_ROWS,
 ) -> TraceSource:
-    """A :class:`TraceSource` whose shards hold about ``shard_rows`` rows each."""
-    shards = []
-    for i, p in enumerate(paths):
-        for keep in shard_parts(open_trace(p, validate=False), shard_rows):
-            shards.append((i, keep))
-    return TraceSource(tuple(paths), phase, tuple(requests), tuple(shards))
+    """A :class:`TraceSource` over opened traces, shards of about ``shard_rows`` rows."""
+    shards = [(i, keep) for i, t in enumerate(traces) for keep in shard_parts(t, shard_rows)]
+    paths = tuple(str(t.path) for t in traces)
+    return TraceSource(paths, phase, tuple(requests), tuple(shards))
 
 
 def routing_source(routing: Routing, shard_rows: int = SHARD_ROWS) -> RoutingSource:
