@@ -298,23 +298,20 @@ def _rows_by_phase(traces: Sequence[Trace]) -> dict[str, int]:
     return have
 
 
-def _kept_requests(trace: Trace, phase: str | None) -> tuple[str, ...]:
-    """The trace's request ids with rows (in ``phase``), in arrival order."""
-    where = f"WHERE phase = '{phase}'" if phase else ""
-    present = set(
-        trace.sql(f"SELECT DISTINCT request_id FROM activations_raw {where}").column(0).to_pylist()
-    )
-    ids = trace.requests().column("request_id").to_pylist()
-    return tuple(r for r in ids if r in present)
-
-
-def _tokens_by_phase(trace: Trace, phase: str | None) -> dict[str, int]:
+def _requests_and_tokens(trace: Trace, phase: str | None) -> tuple[tuple[str, ...], dict[str, int]]:
+    """In one scan: the trace's request ids with rows (in ``phase``), in arrival order,
+    and its tokens per phase."""
     where = f"WHERE phase = '{phase}'" if phase else ""
     table = trace.sql(
-        "SELECT phase::VARCHAR AS p, count(*) AS n FROM (SELECT DISTINCT request_id, step, "
-        f"token, phase FROM activations_raw {where}) GROUP BY 1"
+        "SELECT request_id, phase::VARCHAR AS p, count(DISTINCT (step, token)) AS n "
+        f"FROM activations_raw {where} GROUP BY ALL"
     )
-    return dict(zip(table.column(0).to_pylist(), table.column(1).to_pylist(), strict=True))
+    present = set(table.column("request_id").to_pylist())
+    tokens: dict[str, int] = {}
+    for p, n in zip(table.column("p").to_pylist(), table.column("n").to_pylist(), strict=True):
+        tokens[p] = tokens.get(p, 0) + n
+    ids = trace.requests().column("request_id").to_pylist()
+    return tuple(r for r in ids if r in present), tokens
 
 
 def _shard_task(handle: Any, layer: int, shard: int, task: LayerTask) -> ShardPart:
@@ -367,13 +364,10 @@ def analyze(
         }
         source = routing_source(routing, cfg.shard_rows)
     else:
-        kept = tuple(_kept_requests(t, phase) for t in traces)
-        source = trace_source(traces, phase, kept, cfg.shard_rows)
+        scanned = [_requests_and_tokens(t, phase) for t in traces]
+        source = trace_source(traces, phase, [kept for kept, _ in scanned], cfg.shard_rows)
         ids = [r for per in _prefixed(source) for r in per]
-        tokens_in = {}
-        for t in traces:
-            for p, n in _tokens_by_phase(t, phase).items():
-                tokens_in[p] = tokens_in.get(p, 0) + n
+        tokens_in = {p: sum(tok.get(p, 0) for _, tok in scanned) for p in S.PHASES}
     if not ids:
         raise AnalysisError(
             f"{where}: no activations in phase {cfg.phase!r} (rows per phase: "

@@ -25,7 +25,7 @@ from moetrace.tuner.mining import frequency as F
 from moetrace.tuner.mining import groups as G
 from moetrace.tuner.mining import phases as P
 from moetrace.tuner.mining import transitions as T
-from moetrace.tuner.mining.curves import combine_reuse, reuse_and_mrc
+from moetrace.tuner.mining.curves import combine_reuse, policy_reuse
 from moetrace.tuner.mining.layers import (
     LayerTask,
     merge_layers,
@@ -34,7 +34,9 @@ from moetrace.tuner.mining.layers import (
     shard_part,
     trace_source,
 )
-from moetrace.tuner.mining.streams import layer_rows
+from moetrace.tuner.mining.partial import stream_partial
+from moetrace.tuner.mining.replacement import TokenStream
+from moetrace.tuner.mining.streams import layer_rows, layer_stream
 from moetrace.tuner.parallel import _SHARED
 
 E, K = 12, 3
@@ -59,6 +61,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i in range(3):
         _write(root / f"server-{i}", seed=11 + i)
     return root
+
+
+def reuse_and_mrc(routing, sizes):  # type: ignore[no-untyped-def]
+    """The single-pass reference: each layer's whole stream at once, no shards."""
+    parts = []
+    for layer, rows in enumerate(layer_rows(routing)):
+        st = layer_stream(routing, layer, rows)
+        whole = stream_partial(st.experts, st.row, routing.num_experts)
+        parts.append(policy_reuse(whole, TokenStream(st.experts, st.row, E), sizes))
+    return combine_reuse(parts, sizes, routing.top_k, routing.num_experts, 1)
 
 
 def _report(rep) -> dict:  # type: ignore[no-untyped-def]
@@ -95,7 +107,7 @@ def test_shard_tasks_equal_the_single_pass_implementations(fleet: Path) -> None:
         for p, means in distinct.items():
             assert tuple(x.distinct_per_forward[p] for x in parts) == pytest.approx(means)
         merged = combine_reuse([x.reuse for x in parts], (3, 6), K, E, 1)
-        single = reuse_and_mrc(routing, layer_rows(routing), (3, 6), workers=1)
+        single = reuse_and_mrc(routing, (3, 6))
         assert merged == single
 
 

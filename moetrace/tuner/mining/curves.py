@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moetrace.store.arrays import Routing
 from moetrace.tuner.mining.mrc import lru_hit_curve, smallest_size
-from moetrace.tuner.mining.partial import StreamPartial, distance_quantiles, stream_partial
+from moetrace.tuner.mining.partial import StreamPartial, distance_quantiles
 from moetrace.tuner.mining.replacement import TokenStream, smallest_size_reaching
 from moetrace.tuner.mining.report import MRCStats, ReuseStats
 from moetrace.tuner.mining.reuse import (
@@ -25,7 +24,6 @@ from moetrace.tuner.mining.reuse import (
     ReuseSummary,
     hist_quantiles,
 )
-from moetrace.tuner.mining.streams import layer_stream
 
 TARGETS = (0.8, 0.9)
 MRC_DEFINITION = (
@@ -81,34 +79,6 @@ def policy_reuse(p: StreamPartial, stream: TokenStream, sizes: tuple[int, ...]) 
     opt = tuple(stream.belady_hits(c) / n if n else 0.0 for c in sizes)
     lfu = tuple(stream.lfu_hits(c) / n if n else 0.0 for c in sizes)
     return LayerReuse(reuse_summary(p), p.distances, p.distance_counts, stream, opt, lfu)
-
-
-def layer_reuse(
-    experts: np.ndarray, row: np.ndarray, num_experts: int, sizes: tuple[int, ...]
-) -> LayerReuse:
-    """Reuse distances and Belady/LFU hit rates of one layer's whole access stream."""
-    p = stream_partial(experts, row, num_experts)
-    return policy_reuse(p, TokenStream(experts, row, num_experts), sizes)
-
-
-def reuse_and_mrc(
-    routing: Routing,
-    rows: list[np.ndarray],
-    sizes: tuple[int, ...],
-    workers: int | None = None,
-) -> tuple[ReuseStats, MRCStats]:
-    """Reuse statistics and LRU/LFU/Belady curves of routing in memory, in one pass per
-    layer (``rows[l]``: routing rows of layer l); the reference the sharded analysis is
-    tested against."""
-    E = routing.num_experts
-
-    def one_layer(layer: int) -> LayerReuse:
-        st = layer_stream(routing, layer, rows[layer])
-        return layer_reuse(st.experts, st.row, E, sizes)
-
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        parts = list(pool.map(one_layer, range(len(rows))))
-    return combine_reuse(parts, sizes, routing.top_k, E, workers)
 
 
 def combine_reuse(
