@@ -1,12 +1,13 @@
-"""Plan format v3: the single schema of offloading plan files (docs/plan-format.md).
+"""Plan format v4: the single schema of offloading plan files (docs/plan-format.md).
 
 A plan is a JSON file the tuner writes and the runtime reads: which model it is for, the
 expert-slot budget and its layout, pinned experts, the eviction policy and prefetcher with
 their parameters and tables, per-phase overrides, the worst-case memory it needs, where it
 came from, the metrics expected on the validation splits and (since v2) how the cache
-adapts when the traffic drifts, and (since v3) how waiting requests are ordered and batched.
-v1 and v2 files still load (no drift detection before v2; first come, first served before
-v3). Every dataclass validates on construction; :func:`load_plan` turns any malformed file into a :class:`PlanError` that
+adapts when the traffic drifts, (since v3) how waiting requests are ordered and batched,
+and (since v4) a host-RAM tier between the device slots and the disk store. v1-v3 files
+still load (no drift detection before v2; first come, first served before v3; before v4
+every expert is in host RAM). Every dataclass validates on construction; :func:`load_plan` turns any malformed file into a :class:`PlanError` that
 names the file and the field.
 """
 
@@ -27,8 +28,8 @@ from moetrace.store.files import write_text_atomic
 from moetrace.store.schema import PHASES, Manifest, ModelInfo
 
 PLAN_FORMAT = "moetrace-plan"
-PLAN_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+PLAN_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 LAYOUT_KINDS = ("per_layer", "pool")
 BATCHING = ("continuous", "static")
 """``continuous``: a request joins the running batch as soon as a place is free (vLLM,
@@ -256,6 +257,86 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class RamTier:
+    """Host RAM between the device slots and a disk store of every expert (format v4).
+
+    ``slots`` experts fit in RAM (``bytes`` when the expert size is known). The RAM cache
+    sees the device's misses and prefetches: a device miss that hits RAM pays the RAM ->
+    device link only, one that misses RAM pays the disk -> RAM link too. Its ``layout`` and
+    ``eviction`` work as the device cache's (``eviction.pinned``: the experts kept in RAM
+    for good, the placement); ``prefetch`` predicts experts to read from disk into RAM
+    only; ``adaptation`` is its own drift detector. ``worst_case_bytes``: the RAM slots
+    plus a staging area of ``top_k`` experts for reads that get no RAM slot."""
+
+    slots: int
+    layout: CacheLayout
+    eviction: EvictionConfig = field(default_factory=lambda: EvictionConfig("lru"))
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
+    adaptation: Adaptation = field(default_factory=Adaptation)
+    bytes: int | None = None
+    worst_case_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.slots, int) and self.slots >= 0,
+            f"ram.slots must be an integer >= 0, got {self.slots!r}",
+        )
+        _require(
+            self.layout.total_slots <= self.slots,
+            f"ram.layout needs {self.layout.total_slots} slots > ram.slots {self.slots}",
+        )
+        _require(self.bytes is None or self.bytes >= 0, f"ram.bytes must be >= 0, got {self.bytes}")
+        _require(
+            self.worst_case_bytes is None or self.worst_case_bytes >= 0,
+            f"ram.worst_case_bytes must be >= 0, got {self.worst_case_bytes}",
+        )
+        pinned = sum(len(r) for r in self.eviction.pinned)
+        _require(pinned <= self.slots, f"ram pins {pinned} experts > ram.slots {self.slots}")
+
+    def check_shape(self, routing: RoutingShape) -> None:
+        """Raise PlanError unless the tier fits the model's MoE layers and experts."""
+        L, E = routing.num_layers, routing.num_experts
+        caps = self.layout.capacities
+        _require(
+            len(caps) == L,
+            f"ram.layout.capacities has {len(caps)} entries, the model has {L} MoE layers",
+        )
+        _require(all(c <= E for c in caps), f"ram.layout.capacities must be <= num_experts {E}")
+        pinned = self.eviction.pinned
+        if pinned:
+            _require(
+                len(pinned) == L,
+                f"ram.eviction.pinned has {len(pinned)} rows, the model has {L} MoE layers",
+            )
+            for i, row in enumerate(pinned):
+                out = [e for e in row if not 0 <= e < E]
+                _require(not out, f"ram.eviction.pinned[{i}]: expert ids {out[:3]} out of range")
+
+
+def ram_tier_from_json(data: Any) -> RamTier:
+    """A plan file's ``ram`` section (PlanError naming the field when malformed)."""
+    obj = _obj(data, "ram")
+    subs = {"layout": CacheLayout, "eviction": EvictionConfig, "prefetch": PrefetchConfig,
+            "adaptation": Adaptation}  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(RamTier)}
+    extra = sorted(set(obj) - set(fields))
+    _require(not extra, f"unknown field ram.{extra[0]}" if extra else "")
+    for name in ("slots", "layout"):
+        _require(name in obj, f"missing field ram.{name}")
+    for key in ("slots", "bytes", "worst_case_bytes"):
+        if key in obj:
+            _check_type(obj[key], fields[key].type, f"ram.{key}")
+    try:
+        parts = {
+            k: _build(c, obj, k, optional=k != "layout", prefix="ram.") for k, c in subs.items()
+        }
+    except PlanError as exc:  # a section's own check names its field without the tier
+        msg = str(exc)
+        raise PlanError(msg if "ram." in msg else f"ram.{msg}") from None
+    return RamTier(**{k: v for k, v in obj.items() if k not in subs}, **parts)
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a plan came from: traces, the request split, seed and tool version."""
 
@@ -286,8 +367,8 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Plan:
-    """An offloading plan (format v3; v1 files load with adaptation off, v1 and v2 with
-    first come, first served scheduling)."""
+    """An offloading plan (format v4; v1 files load with adaptation off, v1-v2 with first
+    come, first served scheduling, v1-v3 with every expert in host RAM)."""
 
     routing: RoutingShape
     budget: Budget
@@ -301,6 +382,8 @@ class Plan:
     """Metrics measured on the validation split: the plan's and the baselines'."""
     adaptation: Adaptation = field(default_factory=Adaptation)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ram: RamTier | None = None
+    """The host-RAM tier over a disk store (v4); None: every expert is in host RAM."""
     format_version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -353,6 +436,8 @@ class Plan:
             self.worst_case_bytes is None or self.worst_case_bytes >= 0,
             f"worst_case_bytes must be >= 0, got {self.worst_case_bytes}",
         )
+        if self.ram is not None:
+            self.ram.check_shape(self.routing)
 
     @property
     def num_pinned(self) -> int:
@@ -428,6 +513,10 @@ class Plan:
                 data["format_version"] >= 3 or "schedule" not in data,
                 "field 'schedule' needs format_version 3",
             )
+            _require(
+                data["format_version"] >= 4 or data.get("ram") is None,
+                "field 'ram' needs format_version 4",
+            )
             known = {f.name for f in dataclasses.fields(cls)} | {"format"}
             extra = sorted(set(data) - known)
             _require(not extra, f"unknown field {extra[0]!r}" if extra else "")
@@ -449,6 +538,7 @@ class Plan:
                 if data["format_version"] >= 2
                 else Adaptation(),
                 schedule=_build(ScheduleConfig, data, "schedule", optional=True),
+                ram=None if data.get("ram") is None else ram_tier_from_json(data["ram"]),
             )
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None

@@ -1,4 +1,4 @@
-"""Plan format v3 (reads v1, v2): round trip, validation errors naming file and field, compatibility."""
+"""Plan format v4 (reads v1-v3): round trip, validation errors naming file and field, compatibility."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from moetrace.store.plan import (
     Plan,
     PrefetchConfig,
     Provenance,
+    RamTier,
     RoutingShape,
     ScheduleConfig,
     load_plan,
@@ -32,6 +33,9 @@ def model(**kw: object) -> ModelInfo:
     args = {"name": "m", "num_layers": 4, "moe_layers": (1, 3), "num_experts": 8, "top_k": 2}
     args.update(kw)
     return ModelInfo(**args)  # type: ignore[arg-type]
+
+
+RAM = RamTier(slots=6, layout=CacheLayout("pool", (0, 0), pool_slots=6))
 
 
 def plan(**kw: object) -> Plan:
@@ -91,6 +95,15 @@ caps = st.lists(st.integers(0, 8), min_size=1, max_size=5)
             st.sampled_from(["max_wait", "window", "probe_layers"]), st.floats(0, 1e4), max_size=3
         ),
     ),
+    ram=st.one_of(
+        st.none(),
+        st.tuples(
+            st.integers(0, 40),
+            st.sampled_from(["lru", "pinned_lru", "arc"]),
+            st.integers(0, 2),
+            st.integers(0, 2),
+        ),
+    ),
 )
 def test_round_trip_hypothesis(
     caps: list[int],
@@ -102,8 +115,21 @@ def test_round_trip_hypothesis(
     seed: int,
     adaptation: Adaptation,
     schedule: ScheduleConfig,
+    ram: tuple[int, str, int, int] | None,
 ) -> None:
     L = len(caps)
+    tier = None
+    if ram is not None:
+        extra, ram_policy, n_pin, ahead = ram
+        tier = RamTier(
+            slots=L * 2 + extra,
+            layout=CacheLayout("pool", (0,) * L, pool_slots=L * 2 + extra),
+            eviction=EvictionConfig(ram_policy, pinned=tuple(tuple(range(n_pin)) for _ in caps)),
+            prefetch=PrefetchConfig("transition", 1 + ahead, 2),
+            adaptation=adaptation,
+            bytes=(L * 2 + extra) * 100,
+            worst_case_bytes=(L * 2 + extra + 2) * 100,
+        )
     layout = (
         CacheLayout("pool", tuple(caps), pool_slots=sum(caps) + 1)
         if pool
@@ -119,22 +145,29 @@ def test_round_trip_hypothesis(
         provenance=Provenance(seed=seed),
         adaptation=adaptation,
         schedule=schedule,
+        ram=tier,
     )
     again = Plan.from_json(json.loads(p.dumps()))
     assert again == p
     assert again.to_json() == p.to_json()
-    v2 = json.loads(p.dumps())  # the same plan as format v2 wrote it: no schedule section
+    v3 = json.loads(p.dumps())  # format v3: no ram section (every expert in host RAM)
+    v3["format_version"] = 3
+    del v3["ram"]
+    old3 = Plan.from_json(v3)
+    assert old3.ram is None
+    assert replace(old3, ram=tier) == p
+    v2 = dict(v3)  # the same plan as format v2 wrote it: no schedule section
     v2["format_version"] = 2
     del v2["schedule"]
     old2 = Plan.from_json(v2)
     assert old2.schedule == ScheduleConfig() and old2.schedule.batch_size == 1
-    assert replace(old2, schedule=schedule) == p
+    assert replace(old2, schedule=schedule, ram=tier) == p
     v1 = dict(v2)  # format v1: no adaptation section either
     v1["format_version"] = 1
     del v1["adaptation"]
     old = Plan.from_json(v1)
     assert old.adaptation == Adaptation() and old.adaptation.window == 0
-    assert replace(old, adaptation=adaptation, schedule=schedule) == p
+    assert replace(old, adaptation=adaptation, schedule=schedule, ram=tier) == p
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -155,7 +188,7 @@ def write(tmp_path: Path, data: object) -> Path:
             r"pinned\[0\] pins 5 experts > layer capacity 4",
         ),
         (lambda d: d["eviction"].update(pinned=[[9], []]), "out of range"),
-        (lambda d: d.update(format_version=4), "format version 4 is not supported"),
+        (lambda d: d.update(format_version=5), "format version 5 is not supported"),
         (lambda d: d.update(format_version=1), "'adaptation' needs format_version 2"),
         (lambda d: d.update(format_version=2), "'schedule' needs format_version 3"),
         (lambda d: d["schedule"].update(batch_size=0), "schedule.batch_size must be"),
@@ -174,10 +207,20 @@ def write(tmp_path: Path, data: object) -> Path:
         (lambda d: d["phase_overrides"].update(warmup={}), "unknown phase 'warmup'"),
         (lambda d: d["budget"].update(slots=2), "layout needs 8 slots > budget.slots 2"),
         (lambda d: d["layout"].update(kind="ring"), "layout.kind must be one of"),
+        (lambda d: d.update(format_version=3), "'ram' needs format_version 4"),
+        (lambda d: d["ram"].update(slots=1), "ram.layout needs 6 slots > ram.slots 1"),
+        (lambda d: d["ram"].update(slots="six"), "field ram.slots must be an integer"),
+        (lambda d: d["ram"].update(disk=1), "unknown field ram.disk"),
+        (lambda d: d["ram"].pop("layout"), "missing field ram.layout"),
+        (lambda d: d["ram"]["layout"].update(capacities=[0]), "ram.layout.capacities has 1"),
+        (lambda d: d["ram"]["eviction"].update(pinned=[[9], []]), r"ram.eviction.pinned\[0\]"),
+        (lambda d: d["ram"]["eviction"].update(pinned=[[0, 1, 2, 3], [4, 5, 6]]), "ram pins 7"),
+        (lambda d: d["ram"]["prefetch"].update(lookahead=0), "ram.prefetch.lookahead must be"),
+        (lambda d: d["ram"]["adaptation"].update(window=-2), "adaptation.window must be"),
     ],
 )
 def test_malformed_file_names_file_and_field(tmp_path: Path, mutate, match: str) -> None:
-    data = plan().to_json()
+    data = plan(ram=RAM).to_json()
     mutate(data)
     path = write(tmp_path, data)
     with pytest.raises(PlanError, match=match) as info:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from moetrace.cli import main
-from moetrace.store.plan import ScheduleConfig, load_plan
+from moetrace.store.plan import PLAN_VERSION, ScheduleConfig, load_plan
 from moetrace.tuner.sched.search import QueueSettings, loses_to_fcfs
 from moetrace.tuner.sim.synthetic import write_synthetic_trace
 from moetrace.tuner.tune import TuneConfig, tune
@@ -81,7 +81,7 @@ def test_cli_tune_and_simulate_queue(topics: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "schedule: affinity" in r.output and "[random]" in r.output and "fcfs" in r.output
     plan = load_plan(tmp_path / "p.json")
-    assert plan.format_version == 3 and plan.schedule.batch_size == 4
+    assert plan.format_version == PLAN_VERSION and plan.schedule.batch_size == 4
     out = tmp_path / "q.json"
     r = CliRunner().invoke(main, ["simulate", str(topics), "--plan", str(tmp_path / "p.json"),
                                   "--arrival-rate", "50", "--json", str(out)])  # fmt: skip

@@ -88,6 +88,72 @@ def make_plan(
     )
 
 
+class RamReplay:
+    """The RAM tier's side of a replay (plans with ``ram``): its cache, built by the same
+    code as the device's, its prefetcher, the disk link and the kernel's RAM arguments.
+    Without a RAM tier, placeholders the kernel does not read (``has_ram`` false)."""
+
+    def __init__(self, plan: Plan, hardware: HardwareProfile, num_layers: int, num_experts: int):
+        L, E = num_layers, num_experts
+        tier = plan.ram
+        self.tier = tier
+        if tier is None:  # a one-slot placeholder cache: the kernel needs typed arguments
+            layout, spec = CacheLayout("pool", (0,) * L, pool_slots=1), eviction_spec(
+                EvictionConfig("lru"), L, E)  # fmt: skip
+            self.dbw, self.dlat = 1.0, 0.0
+        else:
+            spec = eviction_spec(tier.eviction, L, E, {}, tier.adaptation)
+            if spec.oracle:
+                raise ConfigError(
+                    f"the RAM tier's policy {tier.eviction.policy!r} needs the future; "
+                    "use an online policy"
+                )
+            layout = tier.layout
+            self.dbw = hardware.disk_bytes_per_second
+            self.dlat = (hardware.disk_latency_us or 0.0) * 1e-6
+        self.st, self.cfg, missing = build_cache(layout, spec, E)
+        if missing:
+            raise ConfigError(f"{missing} experts pinned in RAM do not fit the RAM tier's slots")
+        self.num_slots = partitions(layout).num_slots
+        self.warm = int((self.st.slot_key[: self.num_slots] >= 0).sum()) if tier else 0
+        self.prefetcher = get_prefetcher(tier.prefetch if tier else PrefetchConfig(), L, E)
+        n = max(self.st.slot_key.shape[0], 1)
+        self.ready, self.busy = np.zeros(n), np.zeros(n)
+        self.out = np.zeros((E, 6), np.int64)
+        self.scratch_size = 0
+        self._grow(E)
+
+    def _grow(self, size: int) -> None:
+        if size > self.scratch_size:
+            self.scratch_size = size
+            self.pf_out = np.zeros((size, 3), np.int64)
+            self.miss = np.zeros(size, np.int64)
+            self.pq_layer = np.zeros(size, np.int64)
+            self.pq_exp = np.zeros(size, np.int64)
+
+    def prepare(self, events: Events, longest_device_prefetch: int) -> tuple[Any, ...]:
+        """The kernel's RAM arguments for ``events``."""
+        tier = self.tier
+        if tier is None:
+            ptr = np.zeros(events.num_events + 1, np.int64)
+            pf_layer = pf_exp = np.zeros(0, np.int64)
+        else:
+            fetch = fetch_per_event(events, tier.prefetch, {}, self.prefetcher.fetch_all)
+            ptr, pf_layer, pf_exp = self.prefetcher.candidates(events, fetch)
+        self._grow(max(longest_device_prefetch, int(np.diff(ptr).max(initial=0))))
+        return (
+            tier is not None, self.st, self.cfg, float(self.dbw), float(self.dlat),
+            ptr, pf_layer.astype(np.int64), pf_exp.astype(np.int64), self.ready, self.busy,
+            self.out, self.pf_out, self.miss, self.pq_layer, self.pq_exp,
+        )  # fmt: skip
+
+    def report(self) -> dict[str, Any] | None:
+        if self.tier is None:
+            return None
+        return {"slots": self.num_slots, "pinned": self.warm,
+                "drift": drift_report(self.st, self.cfg)}  # fmt: skip
+
+
 class Replay:
     """The simulator's state between kernel calls: the cache, the counters and the clock.
     :func:`simulate` replays a trace in one call; the queue model
@@ -131,8 +197,10 @@ class Replay:
         self.st, self.cfg, _ = build_cache(plan.layout, spec, E, occ)
         self.warm = float((self.st.slot_key[: parts.num_slots] >= 0).sum()) * bpe
         self.stats = np.zeros((K.NUM_STATS, L, 2))
-        self.clock = np.zeros(3)
+        self.clock = np.zeros(K.CLOCK_SIZE)
         self.slot_ready, self.out, self.pf_out = K.scratch(self.st.slot_key.shape[0], E, 0)
+        self.ram = RamReplay(plan, hardware, L, E)
+        self.warm_ram = self.ram.warm * bpe
 
     @property
     def now(self) -> float:
@@ -148,8 +216,10 @@ class Replay:
         fetch = fetch_per_event(events, plan.prefetch, plan.phase_overrides,
                                 self.prefetcher.fetch_all)  # fmt: skip
         pf_ptr, pf_layer, pf_exp = self.prefetcher.candidates(events, fetch)
-        if pf_exp.shape[0] > self.pf_out.shape[0]:
-            self.pf_out = np.zeros((pf_exp.shape[0], 3), np.int64)
+        longest = int(np.diff(pf_ptr).max(initial=0))
+        if longest > self.pf_out.shape[0]:
+            self.pf_out = np.zeros((longest, 3), np.int64)
+        ram = self.ram.prepare(events, longest)
         return float(K.replay(
             events.layer.astype(np.int64), events.phase.astype(np.int64),
             events.tokens.astype(np.int64), events.ptr, events.experts.astype(np.int64),
@@ -157,6 +227,7 @@ class Replay:
             float(self.bpe), hw.bytes_per_second, hw.transfer_latency_us * 1e-6,
             hw.layer_compute_base_us * 1e-6, hw.layer_compute_per_token_us * 1e-6, self.stats,
             self.slot_ready, self.out, self.pf_out, *(record or K.no_record()), self.clock,
+            *ram,
         ))  # fmt: skip
 
     def result(
@@ -169,6 +240,8 @@ class Replay:
             tokens_by_phase=np.asarray(tokens_by_phase).copy(),
             total_seconds=self.now,
             warmup_bytes=self.warm,
+            warmup_disk_bytes=self.warm_ram,
+            ram=self.ram.report(),
             bytes_per_expert=self.bpe,
             bytes_per_expert_assumed=self.assumed,
             moe_layers=plan.routing.moe_layers,

@@ -33,6 +33,10 @@ class SimResult:
     """The drift detector's report (see policy.cache.drift_report), if the plan has one."""
     timeline: Timeline | None = None
     """Per access and per event outcomes, when the replay recorded them (``record=True``)."""
+    warmup_disk_bytes: float = 0.0
+    """Bytes read from disk before the replay: the experts pinned in RAM (RAM tier)."""
+    ram: dict[str, Any] | None = None
+    """The RAM tier's slots, pinned experts and drift report; None without a RAM tier."""
 
     def _sum(self, row: int, phase: int | None = None) -> float:
         s = self.stats[row]
@@ -57,6 +61,15 @@ class SimResult:
             "tokens": int(tokens),
             "stall_s": stall,
             "stall_per_token_ms": None if tokens == 0 else 1e3 * stall / tokens,
+        } | (self._ram_metrics(phase) if self.ram is not None else {})
+
+    def _ram_metrics(self, phase: int | None) -> dict[str, Any]:
+        acc = self._sum(K.S_RAM_ACCESS, phase)
+        return {
+            "ram_accesses": int(acc),
+            "ram_hit_rate": _ratio(self._sum(K.S_RAM_HIT, phase), acc),
+            "ram_prefetch_issued": int(self._sum(K.S_RAM_PF_ISSUED, phase)),
+            "disk_bytes": int(self._sum(K.S_BYTES_DISK, phase)),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -64,6 +77,11 @@ class SimResult:
         out["tokens_per_s"] = _ratio(float(self.tokens_by_phase.sum()), self.total_seconds)
         out["total_s"] = self.total_seconds
         out["warmup_bytes"] = int(self.warmup_bytes)
+        if self.ram is not None:
+            out["warmup_disk_bytes"] = int(self.warmup_disk_bytes)
+            out["ram"] = {k: v for k, v in self.ram.items() if k != "drift"}
+            if self.ram["drift"].get("enabled"):
+                out["ram"]["drift"] = dict(self.ram["drift"])
         out["bytes_per_expert"] = self.bytes_per_expert
         out["bytes_per_expert_assumed"] = self.bytes_per_expert_assumed
         if self.drift is not None and self.drift.get("enabled"):
