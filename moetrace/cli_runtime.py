@@ -244,29 +244,67 @@ def bench_cmd(
     "--model", default=None,
     help="Model folder to time a layer of (default: demo), or an expert store: its disk reads.",
 )  # fmt: skip
-@click.option("--bytes", "nbytes", default="64MiB", show_default=True, help="Copy size.")
+@click.option("--bytes", "nbytes", default="64MiB", show_default=True,
+              help="Size of the timed copies and disk reads.")  # fmt: skip
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--dir", "directory", default=None,
+    help="Folder for the disk read test (default: the temporary folder); give one on the "
+    "SSD the experts will live on.",
+)  # fmt: skip
 @click.option("--name", default=None, help="Profile name.")
 @click.option("--out", "out", default=None, type=OutputFile(), help="JSON file.")
 def profile_cmd(
-    device: str, model: str | None, nbytes: str, repeats: int, name: str | None, out: str | None
+    device: str,
+    model: str | None,
+    nbytes: str,
+    repeats: int,
+    directory: str | None,
+    name: str | None,
+    out: str | None,
 ) -> None:
-    """Measure link bandwidth and per-layer compute; write a hardware profile.
+    """Measure both links and per-layer compute; write a hardware profile.
+
+    RAM -> device: pinned host -> GPU copies on CUDA, a host memcpy into an aligned buffer
+    on the CPU. Disk -> RAM: reads of a test file in --dir without the page cache
+    (O_DIRECT, else pread + DONTNEED). Prints one line per figure; the profile JSON goes
+    to --out, or to stdout without --out (the figures then on stderr).
 
     \b
     Example:
-      moetrace profile --device cpu --out hw/this-box.json
+      moetrace profile --device cpu --dir /mnt/nvme --out hw/this-box.json
       moetrace simulate TRACE --plan plan.json --hardware hw/this-box.json
     """
-    from moetrace.runtime.profile import profile_hardware
+    from moetrace.devices import check_device
+    from moetrace.runtime.expert_store import is_store
+    from moetrace.runtime.profile import measure_hardware, measure_store, profile_lines
     from moetrace.store.budget import parse_size
 
     size = parse_size(nbytes, "--bytes")
-    prof = profile_hardware(device, model=model, nbytes=size, repeats=repeats, name=name)
+    if model is not None and is_store(model):
+        if directory is not None:
+            raise click.UsageError(
+                "--dir does not apply to an expert store (its reads are timed where it lies)"
+            )
+        samples = measure_store(model, device=device)
+        prof = samples.profile(name, check_device(device).type)
+        lines = profile_lines(
+            prof, disk_mode=f"{samples.mode} reads of the store", link="store -> device"
+        )
+    else:
+        measured = measure_hardware(
+            device, model=model, nbytes=size, repeats=repeats, directory=directory
+        )
+        prof = measured.profile(name)
+        lines = measured.lines()
     text = json.dumps(prof.to_json(), indent=1, sort_keys=True)
+    for line in lines:
+        click.echo(line, err=not out)
     if out:
         write_output(out, text + "\n")
-    click.echo(text)
+        click.echo(f"wrote hardware profile {prof.name} to {out}")
+    else:
+        click.echo(text)
 
 
 def register(group: click.Group) -> None:
