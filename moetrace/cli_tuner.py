@@ -307,6 +307,21 @@ def schedule_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def placement_table(splits: list[dict[str, Any]]) -> str:
+    """Per split, the RAM placement written next to RAM as plain LRU over disk."""
+    out = [f"{'split':<22} {'RAM tier':<34} {'tok/s':>9} {'stall ms/tok':>12} "
+           f"{'dev hit':>7} {'RAM hit':>7} {'disk GB':>8}"]  # fmt: skip
+    for sp in splits:
+        for key in ("placement", "lru"):
+            r = sp[key]
+            out.append(
+                f"{sp['name'][:22]:<22} {r['name'][:34]:<34} {r['tokens_per_s']:>9.1f} "
+                f"{r['stall_per_token_ms']:>12.3f} {_fmt(r['hit_rate']):>7} "
+                f"{_fmt(r['ram_hit_rate']):>7} {r['disk_bytes'] / 1e9:>8.3f}"
+            )
+    return "\n".join(out)
+
+
 def _add_simulate(group: click.Group) -> None:
     @group.command("simulate")
     @click.argument("trace")
@@ -434,6 +449,11 @@ def _add_tune(group: click.Group) -> None:
         required=True,
         help="Device budget: N% of all experts, bytes (4GB, 4GiB) or slots.",
     )
+    @click.option(
+        "--ram-budget",
+        help="Host RAM for experts over a disk store (N%, bytes or slots): the plan gets a "
+        "RAM tier and its placement is tuned (needs a profile with a disk link).",
+    )
     @click.option("--hardware", help="Hardware profile name or JSON file (default pcie4-x16).")
     @click.option("--out", "out", required=True, type=OutputFile(), help="Plan file to write.")
     @click.option(
@@ -545,6 +565,18 @@ def _add_tune(group: click.Group) -> None:
                 f"fallback: the search chose {fb['from']!r}, which loses to LRU on "
                 f"{fb['reason']}; wrote {fb['to']!r} instead"
             )
+        placement = p.expected.get("placement")
+        if placement and p.ram is not None:
+            click.echo(
+                f"\nRAM tier: {p.ram.slots} slots, placement {placement['written']!r} "
+                f"({sum(len(r) for r in p.ram.eviction.pinned)} experts pinned, eviction "
+                f"{p.ram.eviction.policy}, RAM prefetch {p.ram.prefetch.name}); vs RAM as "
+                "LRU over disk on every split's validation requests:"
+            )
+            click.echo(placement_table(placement["splits"]))
+            if placement["fallback"]:
+                fb = placement["fallback"]
+                click.echo(f"placement fallback: {fb['from']!r} is slower on {fb['reason']}")
         sched = p.expected.get("schedule")
         if sched:
             sc = p.schedule

@@ -32,6 +32,7 @@ from moetrace.store.plan import (
     Provenance,
 )
 from moetrace.tuner.parallel import Fanout, default_workers, shared
+from moetrace.tuner.placement import tune_placement
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sched.arrivals import recorded_arrivals
 from moetrace.tuner.sched.search import (
@@ -137,6 +138,10 @@ class TuneConfig:
     ray: str | None = None
     """Run the replays on this Ray cluster instead (``auto``, ``ray://host:port``, or
     ``local`` for a new local cluster of ``workers`` CPUs)."""
+    ram_budget: str | None = None
+    """Host RAM for experts over a disk store (the budget syntax of ``budget``): the plan
+    gets a RAM tier whose placement is chosen (:mod:`moetrace.tuner.placement`); None:
+    every expert is in host RAM (two tiers)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.validation_fraction < 1.0:
@@ -449,6 +454,11 @@ def _tune(
 ) -> TuneResult:
     t0 = time.perf_counter()
     hw = load_hardware(config.hardware)
+    if config.ram_budget is not None and not hw.has_disk_link:
+        raise ConfigError(
+            f"--ram-budget needs a hardware profile with a disk link; {hw.name!r} has none "
+            "(measure one with `moetrace profile`)"
+        )
     loaded = load_traces(traces, order=config.order)
     model = loaded.model
     L, E, k = len(model.moe_layers), model.num_experts, model.top_k
@@ -540,6 +550,18 @@ def _tune(
         "tolerance": config.tolerance,
         "fallback": fallback,
     }
+    if config.ram_budget is not None:
+        ram_slots = parse_budget(config.ram_budget, L, E, bpe)
+        searched = [(sp.name, cand.plan(ev(sp.select), loaded.shape, bpe, ev(sp.fit)),
+                     ev(sp.fit), shifted(sp, sp.select)) for sp in search_splits]  # fmt: skip
+        judged = [(sp.name, p, ev(sp.tune), shifted(sp, sp.validation))
+                  for sp, p in zip(splits, plans, strict=True)]  # fmt: skip
+        adapt = Adaptation("lru", 0, DRIFT_MARGIN, DRIFT_HALFLIFE)  # window: RAM's own
+        tier, expected["placement"] = tune_placement(
+            searched, judged, ram_slots, hw, bpe, adaptation=adapt, fanout=fanout,
+            tolerance=config.tolerance,
+        )  # fmt: skip
+        plan = replace(plan, ram=tier)
     if config.queue is not None:
         if config.order != "arrival":
             log.warning("the schedule search needs order 'arrival'; the plan keeps FCFS")

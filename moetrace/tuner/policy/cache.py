@@ -166,15 +166,21 @@ class ExpertCache:
     def num_resident(self) -> int:
         return int((self.state.slot_key[: self.parts.num_slots] >= 0).sum())
 
-    def event(self, layer: int, experts: np.ndarray, phase: int = 1) -> np.ndarray:
+    def event(
+        self, layer: int, experts: np.ndarray, phase: int = 1, at: int | None = None
+    ) -> np.ndarray:
         """One event: ``layer`` needs ``experts`` (int64, in use order). Returns the
         cache's rows for them (see :func:`moetrace.tuner.policy.core.event`: slot, evicted
-        key, HIT / LOADED / STREAMED, ...); valid until the next call."""
+        key, HIT / LOADED / STREAMED, ...); valid until the next call. ``at``: the event's
+        index when it is not this cache's own count of events (a RAM tier sees only some
+        events of the device cache, and is stamped with the device's index, as in the
+        simulator)."""
         n = len(experts)
         if self._out.shape[0] < n:
             self._out = np.zeros((n, 6), np.int64)
-        core.event(self.state, self.config, layer, phase, experts, self.time, self._out)
-        self.time += 1
+        i = self.time if at is None else int(at)
+        core.event(self.state, self.config, layer, phase, experts, i, self._out)
+        self.time = i + 1
         return self._out[:n]
 
     def access(
@@ -195,19 +201,19 @@ class ExpertCache:
         return loads
 
     def prefetch(
-        self, layer: int, experts: list[int], phase: int
+        self, layer: int, experts: list[int], phase: int, at: int | None = None
     ) -> list[tuple[int, int, tuple[int, int] | None]]:
         """Give predicted ``experts`` of ``layer`` slots after the last access, as the
         simulator's kernel does: the slots that access uses, predicted experts already
         resident and each newly prefetched one are protected from the rest of the batch.
         Returns ``(expert, slot, evicted)`` per issued prefetch; an expert for which no slot
-        can be freed is left out (dropped)."""
+        can be freed is left out (dropped); ``at`` as in :meth:`event`."""
         if not experts:
             return []
         E = self.num_experts
         out = np.zeros((len(experts), 3), np.int64)
         layers = np.full(len(experts), layer, np.int64)
-        i = max(self.time - 1, 0)  # the event that issues the prefetch
+        i = max(self.time - 1, 0) if at is None else int(at)  # the event that issues it
         core.prefetch(self.state, self.config, phase, layers, np.asarray(experts, np.int64), i, out)
         issued: list[tuple[int, int, tuple[int, int] | None]] = []
         for q, e in enumerate(experts):
