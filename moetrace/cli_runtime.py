@@ -121,6 +121,16 @@ def run_cmd(
         f"prefetch precision {s['prefetch_precision']:.3f}, stalled {s['stall_s']:.3f}s",
         err=True,
     )
+    ram = s.get("ram")
+    if ram is not None:
+        mem = ram["memory"]
+        click.echo(
+            f"# RAM tier: hit rate {ram['hit_rate']:.3f} of {int(ram['accesses'])} device "
+            f"misses, {ram['disk_bytes'] / 2**20:.1f} MiB read from disk, "
+            f"{int(ram['prefetch_issued'])} RAM prefetches; RAM peak {mem['peak']} of "
+            f"{mem['limit']} bytes",
+            err=True,
+        )
     if stats.drift and stats.drift["switched"]:
         d = stats.drift
         click.echo(
@@ -175,8 +185,10 @@ def run_cmd(
     help="Replay: hardware profile (default: measured between the runs).",
 )
 @click.option(
-    "--tier", default="disk", show_default=True, type=click.Choice(["disk", "host"]),
-    help="Replay: experts between loads on disk (no page cache) or in host memory.",
+    "--tier", default="disk", show_default=True, type=click.Choice(["disk", "host", "ram"]),
+    help="Replay: experts between loads on disk (no page cache), in host memory, or "
+    "'ram': the plan's RAM tier over the store (a plan with a RAM tier; variants plan and "
+    "ram_lru, RAM as plain LRU over disk).",
 )  # fmt: skip
 @click.option("--out", "out", default=None, type=OutputFile(), help="JSON file.")
 def bench_cmd(
@@ -202,12 +214,17 @@ def bench_cmd(
     skeleton with the trace's routing shape and expert size (times --scale), experts read
     from an expert store on disk without the page cache, routing forced to the recorded
     one; measured tokens/s and stall per token next to the simulator's for the same run.
+    With --tier ram (a plan with a RAM tier): the plan vs its device cache over a RAM tier
+    of plain LRU, modeled with the measured copy into a device slot (RAM -> device link)
+    and the measured store read (disk link); each tier's hit rate and the RAM ledger's
+    peak vs its limit.
 
     \b
     Example:
       moetrace bench --plan plans/demo.json --budget 16MiB --repeats 5 --out bench.json
       moetrace bench --replay out/ds --plan ds.json --store /ssd/ds-store --scale 0.25 \\
           --requests 4 --max-tokens 200 --out replay.json
+      moetrace bench --replay out/ds --plan ds-ram.json --store /ssd/ds-store --tier ram
     """
     if replay is not None:
         from moetrace.runtime.replay import ReplayConfig, format_replay, run_replay

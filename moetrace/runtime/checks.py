@@ -126,3 +126,47 @@ def check_plan(
         if need > total:
             raise RuntimeEngineError(f"plan needs {need} bytes, {device} has {total} in all")
     return fp
+
+
+@dataclass(frozen=True)
+class RamFootprint:
+    """Host RAM bytes the runtime preallocates for a plan's RAM tier: its slots plus a
+    staging area of ``top_k`` experts for reads that get no RAM slot."""
+
+    slots: int
+    staging: int
+    bytes_per_expert: int
+    limit: int
+    """The RAM tier's budget in bytes (its ``worst_case_bytes``, else the footprint)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.slots + self.staging) * self.bytes_per_expert
+
+
+def check_ram(plan: Plan, info: ModelInfo) -> RamFootprint:
+    """Raise RuntimeEngineError unless ``plan``'s RAM tier fits its own budget and this
+    machine's free memory; return its footprint (the plan has a RAM tier)."""
+    ram = plan.ram
+    if ram is None:
+        raise RuntimeEngineError("the plan has no RAM tier")
+    bpe = int(info.bytes_per_expert or 0)
+    fp = RamFootprint(ram.slots, info.top_k, bpe, 0)
+    need = fp.total_bytes
+    if ram.bytes is not None and ram.bytes < ram.slots * bpe:
+        raise RuntimeEngineError(
+            f"RAM tier: ram.bytes {ram.bytes} cannot hold its {ram.slots} slots of {bpe} bytes "
+            f"({ram.slots * bpe} bytes)"
+        )
+    limit = ram.worst_case_bytes if ram.worst_case_bytes is not None else need
+    if limit < need:
+        raise RuntimeEngineError(
+            f"RAM tier needs {need} bytes ({ram.slots} slots + {info.top_k} staging of {bpe} "
+            f"bytes), over its budget ram.worst_case_bytes of {limit} bytes"
+        )
+    avail = available_memory(torch.device("cpu"))
+    if avail is not None and need > avail:
+        raise RuntimeEngineError(
+            f"RAM tier needs {need} bytes of host memory, only {avail} are available"
+        )
+    return RamFootprint(ram.slots, info.top_k, bpe, int(limit))

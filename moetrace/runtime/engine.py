@@ -6,6 +6,10 @@ to the ``moetrace_offload`` experts implementation and serves every experts call
 device slots managed by the plan's eviction policy and prefetcher. ``generate()`` and
 user code run unchanged; :meth:`OffloadEngine.close` (or leaving the ``with`` block)
 restores the previous implementation and removes every hook.
+
+A plan with a RAM tier (``plan.ram``) over an expert store on disk runs three tiers: the
+device slots, the RAM tier's slots in host memory (:class:`~moetrace.runtime.ram_tier.RamTier`)
+and the store; the RAM tier decides in the simulator's order (see :meth:`OffloadEngine._forward`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 from moetrace.devices import check_device
 from moetrace.errors import ConfigError, RuntimeEngineError
 from moetrace.runtime import experts as X
-from moetrace.runtime.checks import Footprint, check_plan, default_plan, model_info
+from moetrace.runtime.checks import Footprint, check_plan, check_ram, default_plan, model_info
 from moetrace.runtime.compute import ExpertsCall, SlotCompute
 from moetrace.runtime.expert_store import (
     DiskExpertSource,
@@ -34,8 +38,9 @@ from moetrace.runtime.expert_store import (
     model_fingerprint,
 )
 from moetrace.runtime.memory import ALIGN, ExpertMemory
+from moetrace.runtime.ram_tier import RamTier
 from moetrace.runtime.slots import SlotPool
-from moetrace.runtime.stats import RuntimeStats, TimelineRecorder, outcome_codes
+from moetrace.runtime.stats import RamStats, RuntimeStats, TimelineRecorder, outcome_codes
 from moetrace.store.budget import BudgetSpec, parse_budget
 from moetrace.store.plan import Plan
 from moetrace.tracer.attribution import LiveRows, eos_ids
@@ -62,6 +67,9 @@ class OffloadEngine:
     ``budget_bytes`` is the device memory for experts: bytes (an int), or any budget
     :func:`moetrace.store.budget.parse_budget` reads (``"25%"``, ``"64MiB"``, ``"96"`` slots);
     a budget in bytes includes the ``top_k`` staging slots, one in % or slots does not.
+
+    A plan with a RAM tier needs ``source`` to be an expert store on disk
+    (:meth:`from_store`); ``prefetch=False`` turns off the RAM tier's prefetcher too.
     """
 
     eos_token_id: int | Sequence[int] | None = None
@@ -139,22 +147,44 @@ class OffloadEngine:
                 f"use one of {X.INNER_IMPLEMENTATIONS}"
             )
         params = self.layers[0].params
+        self.ram: RamTier | None = None
+        """The RAM tier (plans with ``ram``): its cache, buffers and two queues."""
+        ram_stats = None
+        if plan.ram is not None:
+            if not isinstance(source, DiskExpertSource):
+                raise RuntimeEngineError(
+                    "the plan has a RAM tier over a disk store; run it from an expert store "
+                    "(moetrace prepare, OffloadEngine.from_store), not from experts in memory"
+                )
+            ram_fp = check_ram(plan, self.info)
+            ram_stats = RamStats(L)
+            self.ram = RamTier(
+                plan.ram, source, params, L, E, ram_fp, self.device, ram_stats,
+                prefetch=prefetch,
+            )  # fmt: skip
+            source = self.ram
         limit = budget_bytes if budget_bytes is not None else self.footprint.total_bytes
         self.memory = ExpertMemory(self.device, limit + ALIGN * len(params))
         """Expert memory as allocated (measured), checked after every experts call."""
-        self.pool = SlotPool(
-            params,
-            self.footprint.slots,
-            self.footprint.stream_slots,
-            self.device,
-            source,
-            self.memory,
-            async_loads=async_prefetch,
-        )
+        try:
+            self.pool = SlotPool(
+                params,
+                self.footprint.slots,
+                self.footprint.stream_slots,
+                self.device,
+                source,
+                self.memory,
+                async_loads=async_prefetch,
+            )
+        except BaseException:
+            if self.ram is not None:
+                self.ram.close()
+            raise
         self.compute = SlotCompute(
             self.pool, self.cache.state.where, self.info.num_experts, self.inner
         )
         self.stats = RuntimeStats(tuple(r.layer_id for r in self.layers), memory=self.memory)
+        self.stats.ram = ram_stats
         self._unswitched = plan.adaptation.window > 0  # a switch still to report
         if plan.adaptation.window > 0:
             self.stats.drift_probe = self.cache.drift
@@ -165,13 +195,22 @@ class OffloadEngine:
         if timeline_events:
             self.stats.timeline = TimelineRecorder(int(timeline_events), self.stats.layer_ids)
         self._prefetched: set[int] = set()
+        self._ram_pending: tuple[Any, ...] | None = None
+        """The RAM tier's prefetch of the latest event, when it waits for the device's
+        speculative prefetch (issued after the layer's compute)."""
         self._probing = False
         self._probe_counts: np.ndarray | None = None
         self._phase = PREFILL
         self._handles: list[Any] = []
         self._previous: str | None = None
         pins = sorted(self.cache.slot_of.items(), key=lambda kv: kv[1])
-        self.pool.load_many([(slot, layer, expert) for (layer, expert), slot in pins])
+        try:
+            self.pool.load_many([(slot, layer, expert) for (layer, expert), slot in pins])
+        except BaseException:
+            self.pool.close()
+            raise
+        if self.ram is not None:
+            self.ram.warming = False
         self._install()
 
     # ------------------------------------------------------------ constructors
@@ -237,7 +276,8 @@ class OffloadEngine:
         if self._previous is not None:
             X.set_implementation(self.model, self._previous)
             self._previous = None
-        self.pool.close()
+        self._ram_pending = None
+        self.pool.close()  # and the RAM tier, its source
 
     def set_phase(self, phase: int) -> None:
         """The phase (0 prefill, 1 decode) of the experts calls that follow, for callers
@@ -323,12 +363,19 @@ class OffloadEngine:
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
+        """One experts call, one event of the device cache. With a RAM tier the order is
+        the simulator's: the device cache's event; its misses as one event of the RAM
+        cache (stamped with the device event's index); the loads (RAM -> device copies,
+        after disk reads for RAM misses); the device's prefetches, looked up in RAM as
+        one batch; the RAM tier's own prefetches (disk -> RAM); then the compute."""
         layer, ph = ref.index, self._phase
         idx = top_k_index.cpu().numpy()  # the one host sync of the call (none on a CPU)
         if self._probing:
             flat = idx.reshape(-1)
             self._probe_counts = np.bincount(flat[flat >= 0], minlength=self.info.num_experts)
             raise _ProbeDone
+        if self._ram_pending is not None:
+            self._flush_ram_prefetch()
         live = self._live_rows(top_k_index)
         routed = idx if live is None else idx[live.cpu().numpy()]
         flat = routed.reshape(-1)
@@ -364,6 +411,8 @@ class OffloadEngine:
         streamed: list[int] = []
         if nhit < n:
             E = self.info.num_experts
+            if self.ram is not None:  # the misses, in use order: one event of the RAM cache
+                self.ram.decide(layer, need[status != HIT], ph, self.cache.time - 1)
             loads = []
             for j in np.flatnonzero(status != HIT).tolist():
                 e, s, old = int(need[j]), int(out[j, 0]), int(out[j, 1])
@@ -385,6 +434,12 @@ class OffloadEngine:
             )
         if self.prefetcher is not None and not self._speculative:
             self._issue_prefetch(ref, int(routed.shape[0]), need, count[need], ph)
+        if self.ram is not None and self.ram.prefetcher is not None:  # after the device's
+            args = (layer, need, count[need], int(routed.shape[0]), ph, self.cache.time - 1)
+            if self._speculative:
+                self._ram_pending = args
+            else:
+                self.ram.prefetch(*args, self.cache.resident)
         t0 = time.perf_counter()
         result, s, moved = self.compute.rows(call, need, streamed, live is not None)
         if moved:
@@ -488,6 +543,18 @@ class OffloadEngine:
         self._handles += attach_speculation(layout, self._speculate)
 
     def _speculate(self, pos: int, predict: Callable[[], torch.Tensor]) -> None:
+        """The device's speculative prefetch after layer ``pos`` (:meth:`_speculate_device`),
+        then the RAM tier's prefetch of that layer's event, in the simulator's order."""
+        self._speculate_device(pos, predict)
+        if self._ram_pending is not None:
+            self._flush_ram_prefetch()
+
+    def _flush_ram_prefetch(self) -> None:
+        args, self._ram_pending = self._ram_pending, None
+        if args is not None and self.ram is not None:
+            self.ram.prefetch(*args, self.cache.resident)
+
+    def _speculate_device(self, pos: int, predict: Callable[[], torch.Tensor]) -> None:
         """Prefetch for MoE layer ``pos + 1`` what its router picks for the live tokens of
         layer ``pos``'s output, most picked first, ``fetch`` of them (0: all)."""
         if pos + 1 >= len(self.layers):
@@ -508,6 +575,9 @@ class OffloadEngine:
     def _prefetch(self, target: int, predicted: list[int], ph: int) -> None:
         """Give ``predicted`` experts of MoE layer ``target`` slots, loading asynchronously."""
         issued = self.cache.prefetch(target, predicted, ph)
+        if self.ram is not None and issued:  # one lookup batch of the RAM cache
+            at = max(self.cache.time - 1, 0)
+            self.ram.decide_prefetch(target, [e for e, _, _ in issued], ph, at)
         placed = {e for e, _, _ in issued}
         for e in predicted:
             if e not in placed and not self.cache.resident(target, e):

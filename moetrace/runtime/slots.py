@@ -11,6 +11,10 @@ in issue order, so a demand load waits behind the prefetches already issued exac
 the timing model: one I/O thread for a disk tier, one side stream with an event per copy
 for host memory -> CUDA (the host waits on the event, so stalls are measured). Host
 memory -> CPU copies run on the caller's thread. A slot is waited for before use.
+
+With a RAM tier (:class:`~moetrace.runtime.ram_tier.RamTier` as the source) every load
+is the tier's: it queues the disk read and the RAM -> device copy it decided and returns
+the copy's future, which the slot waits for like any pending load.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from moetrace.runtime.expert_store import ExpertSource
 from moetrace.runtime.experts import ExpertParam
 from moetrace.runtime.memory import ExpertMemory
+from moetrace.runtime.ram_tier import RamTier
 
 STREAMED = (-1, -1)
 
@@ -57,10 +62,12 @@ class SlotPool:
         self.bytes_per_slot = sum(p.nbytes for p in params)
         self._pending: dict[int, Any] = {}
         self._cuda = device.type == "cuda"
-        self._stream = torch.cuda.Stream(device) if self._cuda else None
+        self._tier = source if isinstance(source, RamTier) else None
+        """The RAM tier that makes every load (three tiers), else None."""
+        self._stream = torch.cuda.Stream(device) if self._cuda and self._tier is None else None
         self._io = (
             ThreadPoolExecutor(1, "moetrace-io")
-            if async_loads and (not self._cuda or source.tier == "disk")
+            if async_loads and self._tier is None and (not self._cuda or source.tier == "disk")
             else None
         )
         self._queued = self._io is not None and source.tier == "disk"
@@ -99,6 +106,9 @@ class SlotPool:
         """Fill each ``(slot, layer, expert)`` and wait for all; return bytes moved."""
         for slot, _, _ in loads:
             self.wait(slot)
+        if self._tier is not None:
+            futs = [self._tier.submit(la, e, self.views(s)) for s, la, e in loads]
+            return sum(f.result() for f in futs)
         if self._cuda and not self._queued:  # on the link's stream, behind the prefetches
             moved = sum(self._copy_on_stream(s, la, e) for s, la, e in loads)
             for s, _, _ in loads:
@@ -119,6 +129,13 @@ class SlotPool:
     def load_async(self, slot: int, layer: int, expert: int) -> int:
         """Start filling ``slot`` in the background; :meth:`wait` before using it."""
         self.wait(slot)
+        if self._tier is not None:
+            fut = self._tier.submit(layer, expert, self.views(slot))
+            if self.async_loads:
+                self._pending[slot] = fut
+            else:
+                fut.result()
+            return self.bytes_per_slot
         if self._cuda and not self._queued:
             return self._copy_on_stream(slot, layer, expert)
         if self._io is None:

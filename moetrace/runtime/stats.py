@@ -28,6 +28,11 @@ COUNTERS = (
     "stall_s",
     "compute_s",
 )
+RAM_COUNTERS = ("ram_accesses", "ram_hits", "disk_bytes", "ram_prefetch_issued")
+"""The RAM tier's counters, in the simulator's vocabulary (``S_RAM_ACCESS``, ``S_RAM_HIT``,
+``S_BYTES_DISK``, ``S_RAM_PF_ISSUED``): the device's demand misses looked up in RAM, those
+found there, every byte read from disk (demand, device prefetches through RAM, RAM
+prefetches), and the RAM prefetches (disk -> RAM) issued."""
 
 
 @dataclass
@@ -109,6 +114,55 @@ def outcome_codes(hit: np.ndarray, streamed: np.ndarray, prefetched: np.ndarray)
 
 
 @dataclass
+class RamStats:
+    """The RAM tier's counters ``(L, 2)`` per MoE layer index and phase, the own seconds
+    of its disk reads and of its RAM -> device copies, and its memory ledger."""
+
+    num_layers: int
+    memory: ExpertMemory | None = field(default=None, repr=False)
+    counters: dict[str, np.ndarray] = field(init=False)
+    read_seconds: list[float] = field(default_factory=list)
+    """Each disk read's own time on the disk thread (no queueing)."""
+    copy_seconds: list[float] = field(default_factory=list)
+    """Each RAM -> device copy's own time on the copy thread (no queueing)."""
+    warmup_disk_bytes: int = 0
+    """Bytes read at start (the experts pinned in RAM or on the device), not counted."""
+    other_disk_bytes: int = 0
+    """Bytes read for experts that only padding or finished rows chose (no access, so
+    not in the counters, as in the simulator)."""
+
+    def __post_init__(self) -> None:
+        self.counters = {n: np.zeros((self.num_layers, 2)) for n in RAM_COUNTERS}
+
+    def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
+        self.counters[name][layer, phase] += value
+
+    def total(self, name: str, phase: int | None = None) -> float:
+        arr = self.counters[name]
+        return float(arr.sum() if phase is None else arr[:, phase].sum())
+
+    def summary(self, phase: int | None = None) -> dict[str, Any]:
+        acc = self.total("ram_accesses", phase)
+        mem = self.memory
+        return {
+            "accesses": acc,
+            "hits": self.total("ram_hits", phase),
+            "hit_rate": self.total("ram_hits", phase) / acc if acc else 0.0,
+            "disk_bytes": self.total("disk_bytes", phase),
+            "prefetch_issued": self.total("ram_prefetch_issued", phase),
+            "reads": len(self.read_seconds),
+            "read_s": float(sum(self.read_seconds)),
+            "copies": len(self.copy_seconds),
+            "copy_s": float(sum(self.copy_seconds)),
+            "warmup_disk_bytes": self.warmup_disk_bytes,
+            "other_disk_bytes": self.other_disk_bytes,
+            "memory": None
+            if mem is None
+            else {"current": int(mem.current), "peak": int(mem.peak), "limit": mem.limit},
+        }
+
+
+@dataclass
 class RuntimeStats:
     """Counters ``(L, 2)`` per layer index and phase (0 prefill, 1 decode).
 
@@ -126,6 +180,8 @@ class RuntimeStats:
     """Reads the plan's drift detector (set by the engine when the plan has one)."""
     timeline: TimelineRecorder | None = None
     """Per-event outcomes of the first events, when the engine records them."""
+    ram: RamStats | None = None
+    """The RAM tier's statistics (plans with a RAM tier over a disk store)."""
 
     def __post_init__(self) -> None:
         L = len(self.layer_ids)
@@ -151,8 +207,12 @@ class RuntimeStats:
         arr = self.counters[name]
         return float(arr.sum() if phase is None else arr[:, phase].sum())
 
-    def summary(self, phase: int | None = None) -> dict[str, float]:
-        out = {name: self.total(name, phase) for name in COUNTERS}
+    def summary(self, phase: int | None = None) -> dict[str, Any]:
+        """Totals and rates (one phase, or both); with a RAM tier, its section ``ram``:
+        accesses, hits, hit_rate, disk_bytes, prefetch_issued, the disk reads' and the
+        copies' own seconds (read_s, copy_s) and its memory ledger (current, peak, limit
+        bytes)."""
+        out: dict[str, Any] = {name: self.total(name, phase) for name in COUNTERS}
         acc = out["accesses"]
         out["hit_rate"] = out["hits"] / acc if acc else 0.0
         issued = out["prefetch_issued"]
@@ -162,6 +222,8 @@ class RuntimeStats:
             if out["prefetch_used"] + out["misses"]
             else 0.0
         )
+        if self.ram is not None:
+            out["ram"] = self.ram.summary(phase)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -170,6 +232,8 @@ class RuntimeStats:
             row: dict[str, Any] = {"layer": layer_id}
             for p, phase in enumerate(PHASES):
                 row[phase] = {name: float(self.counters[name][i, p]) for name in COUNTERS}
+                if self.ram is not None:
+                    row[phase] |= {n: float(self.ram.counters[n][i, p]) for n in RAM_COUNTERS}
             per_layer.append(row)
         out = {
             "total": self.summary(),

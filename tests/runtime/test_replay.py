@@ -96,3 +96,41 @@ def test_replay_host_tier(trace_and_plan, tmp_path):
     assert row["hit_rate"] == pytest.approx(row["model"]["hit_rate"]) and row["hit_rate"] < 1
     with pytest.raises(ConfigError, match="tier"):
         ReplayConfig("t", "p", "s", tier="tape")
+
+
+def test_replay_ram_tier(trace_and_plan, tmp_path):
+    """Three tiers: the plan's RAM tier vs plain LRU at the same RAM slots, experts on disk;
+    deterministic policies without prefetch hit exactly what the model says, per tier."""
+    import dataclasses
+
+    from moetrace.store.plan import load_plan
+    from moetrace.tuner.placement import ram_tier
+
+    root, plan = trace_and_plan
+    base = load_plan(plan)
+    shape = base.routing
+    ram = ram_tier(shape.num_layers, 6, "pinned_lru", ((0,), (1,), (2,)),
+                   bytes_per_expert=base.budget.bytes_per_expert, top_k=shape.top_k)  # fmt: skip
+    ram_plan = save_plan(dataclasses.replace(base, ram=ram), tmp_path / "ram.json")
+    cfg = ReplayConfig(
+        str(root / "trace"), str(ram_plan), str(tmp_path / "store"), requests=2, repeats=2,
+        tier="ram",
+    )  # fmt: skip
+    data = run_replay(cfg)
+    assert list(data["variants"]) == ["plan", "ram_lru"]  # lru is RAM LRU, no all_resident
+    assert data["hardware"]["disk_bandwidth_gbps"] > 0
+    for v, row in data["variants"].items():
+        m, r = row["model"], row["ram"]
+        assert row["hit_rate"] == pytest.approx(m["hit_rate"]), v
+        assert r["hit_rate"] == pytest.approx(m["ram_hit_rate"]), v
+        assert r["disk_bytes"] == m["disk_bytes"] > 0, v
+        assert 0 < r["peak_bytes"] <= r["limit_bytes"], v
+        assert len(row["tokens_per_second"]["raw"]) == 2
+        assert "tokens_per_second_error" in row and "model_run_link" in row
+    assert data["variants"]["plan"]["ram"] != data["variants"]["ram_lru"]["ram"]
+    with pytest.raises(ConfigError, match="RAM tier"):
+        run_replay(dataclasses.replace(cfg, plan=str(plan)))
+    with pytest.raises(ConfigError, match="tier 'ram'"):
+        run_replay(dataclasses.replace(cfg, tier="disk"))
+    with pytest.raises(ConfigError, match="ram_lru"):
+        ReplayConfig("t", "p", "s", variants=("ram_lru",))
