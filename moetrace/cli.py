@@ -65,7 +65,7 @@ def _register() -> None:
     from moetrace import cli_store
 
     cli_store.register(main)
-    for name in ("cli_tracer", "cli_tuner", "cli_runtime", "cli_dashboard", "cli_demo"):
+    for name in ("cli_tracer", "cli_tuner", "cli_size", "cli_runtime", "cli_dashboard", "cli_demo"):
         try:
             module = __import__(f"moetrace.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:

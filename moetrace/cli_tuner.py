@@ -454,6 +454,11 @@ def _add_tune(group: click.Group) -> None:
         help="Host RAM for experts over a disk store (N%, bytes or slots): the plan gets a "
         "RAM tier and its placement is tuned (needs a profile with a disk link).",
     )
+    @click.option(
+        "--sweep", is_flag=True,
+        help="Also model tokens/s over a grid of device and RAM sizes (moetrace size) and "
+        "write the frontier into the plan (the dashboard's Plans page draws it).",
+    )  # fmt: skip
     @click.option("--hardware", help="Hardware profile name or JSON file (default pcie4-x16).")
     @click.option("--out", "out", required=True, type=OutputFile(), help="Plan file to write.")
     @click.option(
@@ -590,4 +595,9 @@ def _add_tune(group: click.Group) -> None:
             if sched["fallback"]:
                 fb = sched["fallback"]
                 click.echo(f"schedule fallback: {fb['from']!r} loses on {fb['reason']}; wrote FCFS")
+        if "sizing" in p.expected:
+            from moetrace.tuner.sizing import format_sizing
+
+            click.echo("\nsizing (moetrace size):")
+            click.echo(format_sizing(p.expected["sizing"]))
         click.echo(f"wrote {out} ({result.seconds:.1f}s)")

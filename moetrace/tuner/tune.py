@@ -138,6 +138,9 @@ class TuneConfig:
     ray: str | None = None
     """Run the replays on this Ray cluster instead (``auto``, ``ray://host:port``, or
     ``local`` for a new local cluster of ``workers`` CPUs)."""
+    sweep: bool = False
+    """Also write the sizing frontier (:mod:`moetrace.tuner.sizing`, default grid) for
+    the traces and hardware in ``expected.sizing``."""
     ram_budget: str | None = None
     """Host RAM for experts over a disk store (the budget syntax of ``budget``): the plan
     gets a RAM tier whose placement is chosen (:mod:`moetrace.tuner.placement`); None:
@@ -572,6 +575,13 @@ def _tune(
                          for sp, p in zip(splits, plans, strict=True)]  # fmt: skip
             plan, expected["schedule"] = _tune_schedule(plan, queued, hw, bpe, config,
                                                         recorded, fanout)  # fmt: skip
+    if config.sweep:
+        from moetrace.tuner.sizing import SizingConfig, size
+
+        expected["sizing"] = size(traces, SizingConfig(
+            hardware=config.hardware, granularity=config.granularity,
+            bytes_per_expert=config.bytes_per_expert, workers=config.workers,
+        ))  # fmt: skip
     plan = replace(plan, expected=expected)
     return TuneResult(plan, validation, search.log, time.perf_counter() - t0, per_split,
                       fallback)  # fmt: skip
