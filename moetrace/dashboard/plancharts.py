@@ -176,3 +176,52 @@ def curves_small_multiples(
             padding=PADDING,
         )
     )
+
+
+def sizing_chart(
+    df: pd.DataFrame,
+    *,
+    title: str,
+    ram_order: Sequence[str],
+    target: float | None = None,
+) -> alt.LayerChart:
+    """Modeled tokens/s (y) against device memory (x), one line per RAM size (colour),
+    the Pareto-frontier points ringed, and a rule at ``target`` tokens/s.
+
+    ``df``: device_gb, tokens_per_s, ram (legend entry), frontier (bool), and the tooltip
+    texts device_text, ram_text, tps_text, device_hit, ram_hit, tier."""
+    values = list(df["tokens_per_s"]) + ([target] if target is not None else [])
+    y_title = "Tokens per second (modeled)"
+    x = alt.X("device_gb:Q", title="Device memory for experts (GB, worst case)",
+              scale=alt.Scale(zero=False), axis=alt.Axis(format=".3~g"))  # fmt: skip
+    y = alt.Y("tokens_per_s:Q", title=y_title,
+              scale=alt.Scale(domain=zoomed_domain(values, floor=0.0), zero=False),
+              axis=alt.Axis(format=",.4~g"))  # fmt: skip
+    color = alt.Color("ram:N", title="RAM GB", sort=list(ram_order),
+                      scale=alt.Scale(scheme=CATEGORY_SCHEME), legend=alt.Legend(labelLimit=320))  # fmt: skip
+    tooltip = [
+        alt.Tooltip("ram_text:N", title="RAM"),
+        alt.Tooltip("device_text:N", title="device"),
+        alt.Tooltip("tps_text:N", title=y_title),
+        alt.Tooltip("device_hit:N", title="device hit rate"),
+        alt.Tooltip("ram_hit:N", title="RAM hit rate"),
+        alt.Tooltip("tier:N", title="RAM tier"),
+        alt.Tooltip("frontier:N", title="on the frontier"),
+    ]
+    base = alt.Chart(df).encode(x=x, y=y, color=color, tooltip=tooltip)
+    lines = base.mark_line(point=alt.OverlayMarkDef(size=40, filled=True), strokeWidth=1.5)
+    front = base.transform_filter(alt.datum.frontier).mark_point(
+        shape="diamond", size=160, filled=False, strokeWidth=2
+    )
+    layers: list[alt.Chart] = [lines, front]
+    if target is not None:
+        rule = (
+            alt.Chart(pd.DataFrame({"target": [float(target)], "text": [f"{target:,.4g}/s"]}))
+            .mark_rule(strokeDash=[5, 4], color="#555")
+            .encode(
+                y=alt.Y("target:Q", title=y_title),
+                tooltip=[alt.Tooltip("text:N", title="target tokens/s")],
+            )  # fmt: skip
+        )
+        layers.append(rule)
+    return alt.layer(*layers).properties(padding=PADDING, title=title, height=340)

@@ -236,7 +236,7 @@ def plan_facts(plan: Any) -> dict[str, str]:
 
     caps = plan.layout.capacities
     bpe = plan.budget.bytes_per_expert
-    return {
+    facts = {
         "budget slots": str(plan.budget.slots),
         "budget": N.nbytes(plan.budget.bytes or (bpe * plan.budget.slots if bpe else None)),
         "layout": plan.layout.kind,
@@ -256,6 +256,40 @@ def plan_facts(plan: Any) -> dict[str, str]:
         "expected hit rate": N.pct(expected_hit_rate(plan)),
         "expected stall per token": N.ms(expected_metric(plan, "stall_per_token_ms")),
         "expected tokens/s": N.per_s(expected_metric(plan, "tokens_per_s")),
+    }
+    return {**facts, **ram_facts(plan)}
+
+
+def drift_window(window: int) -> str:
+    """A RAM drift detector's window: 'off' at 0, else the RAM accesses per window."""
+    from moetrace.dashboard import numbers as N
+
+    return "off" if not window else f"{N.plain(window)} RAM accesses"
+
+
+def ram_facts(plan: Any) -> dict[str, str]:
+    """The host-RAM tier's facts as text (none for a plan with every expert in RAM)."""
+    from moetrace.dashboard import numbers as N
+
+    ram = getattr(plan, "ram", None)
+    if ram is None:
+        return {}
+    bpe = plan.budget.bytes_per_expert
+    every = plan.routing.num_layers * plan.routing.num_experts
+    pf = ram.prefetch
+    return {
+        "RAM tier slots": str(ram.slots),
+        "RAM tier": N.nbytes(ram.bytes or (bpe * ram.slots if bpe else None)),
+        "RAM layout": ram.layout.kind
+        + (f" ({ram.layout.pool_slots} slots)" if ram.layout.kind == "pool" else ""),
+        "RAM eviction policy": ram.eviction.policy,
+        "experts pinned in RAM": str(sum(len(r) for r in ram.eviction.pinned)),
+        "RAM prefetcher": pf.name
+        if pf.name == "none"
+        else f"{pf.name} ({pf.fetch} experts, {pf.lookahead} layers ahead)",
+        "RAM drift window": drift_window(ram.adaptation.window),
+        "worst case memory, RAM tier": N.nbytes(ram.worst_case_bytes),
+        "disk store (every expert)": N.nbytes(bpe * every if bpe else None),
     }
 
 

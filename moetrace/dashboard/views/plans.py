@@ -30,6 +30,7 @@ from moetrace.dashboard.data.plans import (
 from moetrace.dashboard.views.layer_curves import replay_allowed, sample_text, simulated_layers
 from moetrace.dashboard.views.plan_schedule import render_schedule
 from moetrace.dashboard.views.plan_stats import runtime_stats
+from moetrace.dashboard.views.plan_tiers import render_ram_tier, render_sizing
 from moetrace.errors import MoetraceError
 
 THIS_PLAN = "plan (this file)"
@@ -239,13 +240,15 @@ def _one_plan(ctx: PageContext, lp: LoadedPlan) -> None:
         width="stretch",
     )
     render_schedule(plan)
+    render_ram_tier(plan)
+    render_sizing(plan, lp.name)
     with st.expander("Cache layout, prefetcher and expected metrics (table)"):
         st.dataframe(pd.DataFrame({"value": list(facts.values())}, index=list(facts)))
         other = flatten(
             {
                 k: v
                 for k, v in dict(plan.expected).items()
-                if k not in ("rows", "splits", "schedule")
+                if k not in ("rows", "splits", "schedule", "placement", "sizing")
             }  # fmt: skip
         )
         if other:
