@@ -113,8 +113,21 @@ def outcome_codes(hit: np.ndarray, streamed: np.ndarray, prefetched: np.ndarray)
     return codes.astype(np.int64).tolist()
 
 
+class Counters:
+    """Named ``(L, 2)`` counters per MoE layer index and phase (``counters``)."""
+
+    counters: dict[str, np.ndarray]
+
+    def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
+        self.counters[name][layer, phase] += value
+
+    def total(self, name: str, phase: int | None = None) -> float:
+        arr = self.counters[name]
+        return float(arr.sum() if phase is None else arr[:, phase].sum())
+
+
 @dataclass
-class RamStats:
+class RamStats(Counters):
     """The RAM tier's counters ``(L, 2)`` per MoE layer index and phase, the own seconds
     of its disk reads and of its RAM -> device copies, and its memory ledger."""
 
@@ -133,13 +146,6 @@ class RamStats:
 
     def __post_init__(self) -> None:
         self.counters = {n: np.zeros((self.num_layers, 2)) for n in RAM_COUNTERS}
-
-    def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
-        self.counters[name][layer, phase] += value
-
-    def total(self, name: str, phase: int | None = None) -> float:
-        arr = self.counters[name]
-        return float(arr.sum() if phase is None else arr[:, phase].sum())
 
     def summary(self, phase: int | None = None) -> dict[str, Any]:
         acc = self.total("ram_accesses", phase)
@@ -163,7 +169,7 @@ class RamStats:
 
 
 @dataclass
-class RuntimeStats:
+class RuntimeStats(Counters):
     """Counters ``(L, 2)`` per layer index and phase (0 prefill, 1 decode).
 
     ``misses`` counts accesses that were not resident (``streamed`` ones included);
@@ -199,13 +205,6 @@ class RuntimeStats:
         switched the cache to its fallback, and the hit rates (plan vs shadow LRU) of the
         deciding window; None without a detector."""
         return None if self.drift_probe is None else self.drift_probe()
-
-    def add(self, name: str, layer: int, phase: int, value: float = 1.0) -> None:
-        self.counters[name][layer, phase] += value
-
-    def total(self, name: str, phase: int | None = None) -> float:
-        arr = self.counters[name]
-        return float(arr.sum() if phase is None else arr[:, phase].sum())
 
     def summary(self, phase: int | None = None) -> dict[str, Any]:
         """Totals and rates (one phase, or both); with a RAM tier, its section ``ram``:

@@ -24,6 +24,7 @@ from moetrace.store.plan import (
     RoutingShape,
 )
 from moetrace.tracer.recorder import RoutingRecorder
+from moetrace.tuner.placement import ram_tier
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.policy.prefetch import get_prefetcher
 from moetrace.tuner.sim import kernel as K
@@ -49,18 +50,7 @@ def setup(tmp_path_factory):
 
 
 def _ram(L: int, slots: int, policy: str = "lru", pinned=(), prefetch=None, bpe=None, k=2):  # type: ignore[no-untyped-def]
-    layout = (
-        CacheLayout("pool", (0,) * L, pool_slots=slots)
-        if slots
-        else CacheLayout("per_layer", (0,) * L)
-    )
-    return RamTier(
-        slots=slots,
-        layout=layout,
-        eviction=EvictionConfig(policy, pinned=pinned),
-        prefetch=prefetch or PrefetchConfig(),
-        worst_case_bytes=None if bpe is None else (slots + k) * bpe,
-    )
+    return ram_tier(L, slots, policy, pinned, prefetch, bpe, k)
 
 
 def _plan(model, ev: Events, case: str) -> Plan:  # type: ignore[no-untyped-def]

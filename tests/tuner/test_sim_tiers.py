@@ -10,7 +10,8 @@ import pytest
 
 from moetrace.errors import ConfigError
 from moetrace.store.hardware import HardwareProfile
-from moetrace.store.plan import CacheLayout, EvictionConfig, PrefetchConfig, RamTier
+from moetrace.store.plan import PrefetchConfig, RamTier
+from moetrace.tuner.placement import ram_tier
 from moetrace.tuner.policy import build_events
 from moetrace.tuner.sim import kernel as K
 from moetrace.tuner.sim.engine import simulate
@@ -28,17 +29,7 @@ COPY_BOUND = HardwareProfile(
 
 
 def ram(slots: int, policy: str = "lru", pinned=(), L: int = 3, **kw) -> RamTier:  # type: ignore[no-untyped-def]
-    layout = (
-        CacheLayout("pool", (0,) * L, pool_slots=slots)
-        if slots
-        else CacheLayout("per_layer", (0,) * L)
-    )
-    return RamTier(
-        slots=slots,
-        layout=layout,
-        eviction=EvictionConfig(policy, pinned=pinned),
-        **kw,
-    )
+    return replace(ram_tier(L, slots, policy, pinned), **kw)
 
 
 def reference(tokens, dev_cap: int, ram_slots: int, hw: HardwareProfile) -> dict[str, float]:  # type: ignore[no-untyped-def]
