@@ -421,6 +421,15 @@ def _add_simulate(group: click.Group) -> None:
             click.echo(
                 f"note: bytes_per_expert unknown, assumed {result.bytes_per_expert} (see --bytes-per-expert)"
             )
+        if plan.ram is not None:
+            ram = s["ram"]
+            click.echo(
+                f"RAM tier: {ram['slots']} slots ({ram['pinned']} pinned, {plan.ram.eviction.policy}"
+                f", RAM prefetch {plan.ram.prefetch.name}): RAM hit rate "
+                f"{_fmt(s['ram_hit_rate'])} of {s['ram_accesses']} device misses, "
+                f"{s['disk_bytes'] / 1e9:.2f} GB read from disk, {s['ram_prefetch_issued']} "
+                "RAM prefetches"
+            )
         d = s.get("drift")
         if d:
             click.echo(

@@ -114,6 +114,9 @@ def test_cli_tune_ram_budget(skewed: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "RAM tier: 32 slots" in r.output and "vs RAM as LRU over disk" in r.output
     assert json.loads(out.read_text())["ram"]["slots"] == 32
+    r = CliRunner().invoke(main, ["simulate", str(skewed), "--plan", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "RAM tier: 32 slots" in r.output and "read from disk" in r.output
     hw = tmp_path / "hw.json"
     hw.write_text(json.dumps({"name": "no-disk", "link_bandwidth_gbps": 25.0,
                               "transfer_latency_us": 10.0, "layer_compute_base_us": 200.0,
