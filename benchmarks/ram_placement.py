@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--ram-budget", default="25%")
     ap.add_argument("--hardware", default="pcie4-x16,pcie5-x16,h100-pcie")
     ap.add_argument("--granularity", default="pass", choices=("pass", "token"))
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: CPUs)")
     ap.add_argument("--traces", type=Path, default=Path("../shared/traces"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/st"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ram_placement.json"))
@@ -53,7 +54,8 @@ def main() -> None:
         for hw in args.hardware.split(","):
             t0 = time.perf_counter()
             cfg = TuneConfig(args.budget, hardware=hw, granularity=args.granularity,
-                             ram_budget=args.ram_budget, judge=("shift",), queue=None)  # fmt: skip
+                             ram_budget=args.ram_budget, judge=("shift",), queue=None,
+                             workers=args.workers)  # fmt: skip
             plan = tune([str(path)], cfg, progress=False).plan
             info = plan.expected["placement"]
             run = {"trace": name, "hardware": hw, "seconds": time.perf_counter() - t0,

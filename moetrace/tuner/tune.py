@@ -30,9 +30,10 @@ from moetrace.store.plan import (
     Plan,
     PrefetchConfig,
     Provenance,
+    RamTier,
 )
 from moetrace.tuner.parallel import Fanout, default_workers, shared
-from moetrace.tuner.placement import tune_placement
+from moetrace.tuner.placement import ram_tier, tune_placement
 from moetrace.tuner.policy.events import Events
 from moetrace.tuner.sched.arrivals import recorded_arrivals
 from moetrace.tuner.sched.search import (
@@ -230,9 +231,10 @@ class _Search:
         bpe: int | None,
         slots: int,
         fanout: Fanout,
+        ram: RamTier | None = None,
     ):
         self.loaded, self.splits, self.hw, self.bpe = loaded, splits, hw, bpe
-        self.fanout = fanout
+        self.fanout, self.ram = fanout, ram
         self.handles = [(fanout.share(f"search:{i}:fit", fit), fanout.share(f"search:{i}:sel", sel))
                         for i, (_, fit, sel) in enumerate(splits)]  # fmt: skip
         self.log: list[dict[str, Any]] = []
@@ -243,7 +245,7 @@ class _Search:
 
     def _rows(self, cands: Sequence[_Candidate]) -> list[list[dict[str, Any]]]:
         """Per candidate, its row on each split (replays fanned out)."""
-        tasks = [(c, fit, sel, self.loaded.shape, self.hw, self.bpe)
+        tasks = [(c, fit, sel, self.loaded.shape, self.hw, self.bpe, self.ram)
                  for c in cands for fit, sel in self.handles]  # fmt: skip
         rows = self.fanout.map(_candidate_row, tasks)
         n = len(self.handles)
@@ -270,11 +272,18 @@ class _Search:
 
 
 def _candidate_row(
-    c: _Candidate, fit: Any, sel: Any, shape: Any, hw: HardwareProfile, bpe: int | None
+    c: _Candidate,
+    fit: Any,
+    sel: Any,
+    shape: Any,
+    hw: HardwareProfile,
+    bpe: int | None,
+    ram: RamTier | None = None,
 ) -> dict[str, Any]:
-    """A task: fit ``c`` on the events ``fit`` stands for, replay those ``sel`` stands for."""
+    """A task: fit ``c`` on the events ``fit`` stands for, replay those ``sel`` stands for
+    (over the RAM tier ``ram``, if any)."""
     fit_ev, sel_ev = shared(fit), shared(sel)
-    plan = c.plan(sel_ev, shape, bpe, fit_ev)
+    plan = replace(c.plan(sel_ev, shape, bpe, fit_ev), ram=ram)
     return _row(c.name, simulate(sel_ev, plan, hw, bytes_per_expert=bpe))
 
 
@@ -496,8 +505,13 @@ def _tune(
         for sp in splits
         if sp.name not in judged_only and sp.name.split("=")[0] not in judged_only
     ]
+    base_ram = None  # three tiers: the device is chosen over RAM as plain LRU over disk
+    if config.ram_budget is not None:
+        ram_slots = parse_budget(config.ram_budget, L, E, bpe)
+        base_ram = ram_tier(L, ram_slots, "lru", bytes_per_expert=bpe, top_k=k)
     search = _Search(loaded, [(sp.name, ev(sp.fit), shifted(sp, sp.select))
-                              for sp in search_splits], hw, bpe, slots, fanout)  # fmt: skip
+                              for sp in search_splits], hw, bpe, slots, fanout,
+                     base_ram)  # fmt: skip
     n_pf = len(PREFETCH_GRID) + int(loaded.routing.speculative is not None)
     total = 3 + (len(EVICTION_GRID) - 1) + 3 + n_pf + 1
     search.progress = Progress(total, label="tune", unit="candidate", enabled=progress,
@@ -516,7 +530,7 @@ def _tune(
             plans.append(plan_s)
             rows = validate(plan_s, ev(sp.tune), shifted(sp, sp.validation), hw, bpe,
                             baselines=baselines.get(sp.name), fanout=fanout,
-                            key=f"validation:{sp.name}")  # fmt: skip
+                            key=f"validation:{sp.name}", ram=base_ram)  # fmt: skip
             baselines[sp.name] = [r for r in rows[2:] if r["name"] != PLAN_LAYOUT_BOUND]
             per_split.append({"name": sp.name, "tune_requests": len(sp.tune),
                               "validation_requests": len(sp.validation),
@@ -553,15 +567,14 @@ def _tune(
         "tolerance": config.tolerance,
         "fallback": fallback,
     }
-    if config.ram_budget is not None:
-        ram_slots = parse_budget(config.ram_budget, L, E, bpe)
+    if base_ram is not None:
         searched = [(sp.name, cand.plan(ev(sp.select), loaded.shape, bpe, ev(sp.fit)),
                      ev(sp.fit), shifted(sp, sp.select)) for sp in search_splits]  # fmt: skip
         judged = [(sp.name, p, ev(sp.tune), shifted(sp, sp.validation))
                   for sp, p in zip(splits, plans, strict=True)]  # fmt: skip
         adapt = Adaptation("lru", 0, DRIFT_MARGIN, DRIFT_HALFLIFE)  # window: RAM's own
         tier, expected["placement"] = tune_placement(
-            searched, judged, ram_slots, hw, bpe, adaptation=adapt, fanout=fanout,
+            searched, judged, base_ram.slots, hw, bpe, adaptation=adapt, fanout=fanout,
             tolerance=config.tolerance,
         )  # fmt: skip
         plan = replace(plan, ram=tier)
@@ -659,11 +672,13 @@ def validate(
     baselines: list[dict[str, Any]] | None = None,
     fanout: Fanout | None = None,
     key: str = "validation",
+    ram: RamTier | None = None,
 ) -> list[dict[str, Any]]:
     """The plan and the baselines on the validation events (baselines' tables from tune).
 
     ``baselines`` (the rows after the plan's two, from an earlier call on the same events)
-    are reused instead of replayed again. ``fanout``: where the replays run (default: in
+    are reused instead of replayed again. ``ram``: the RAM tier every run replays over
+    (three tiers; the plan's own is replaced). ``fanout``: where the replays run (default: in
     this process); ``key`` names the validation events shared with its workers.
     """
     L, E = val_ev.num_layers, val_ev.num_experts
@@ -694,7 +709,8 @@ def validate(
         bound = replace(no_pf, eviction=EvictionConfig("belady"), adaptation=Adaptation())
         runs.append((PLAN_LAYOUT_BOUND, bound))
     handle = val_ev if fanout is None else fanout.share(key, val_ev)
-    rows = (fanout or Fanout(1)).map(_plan_row, [(name, p, handle, hw, bpe) for name, p in runs])
+    rows = (fanout or Fanout(1)).map(_plan_row, [(name, replace(p, ram=ram), handle, hw, bpe)
+                                                 for name, p in runs])  # fmt: skip
     extra = rows.pop() if plan.layout != uniform else None
     if baselines is None:
         # mixtral-offloading's released cache is per-layer LRU with the current layer's

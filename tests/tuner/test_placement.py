@@ -92,9 +92,10 @@ def test_tune_with_ram_budget_writes_a_tier_never_slower_than_ram_lru(
     assert again.ram == plan.ram
 
 
-def test_a_placement_slower_than_lru_on_a_split_is_not_written() -> None:
+def test_a_placement_slower_than_lru_on_a_split_is_not_written(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The judge can fail: one split's validation requests prefer the experts the others
-    use least, and no drift detector rescues the pins."""
+    use least, and no drift detector rescues the pins. The next candidates by regret are
+    judged; with none left, RAM as LRU is written."""
     fit, sel, tune_ev, val = (_zipf(s) for s in range(4))
     plan = plan_for(tune_ev, "lru", 4)
     search = [("random", plan_for(fit, "lru", 4), fit, sel)]
@@ -103,8 +104,17 @@ def test_a_placement_slower_than_lru_on_a_split_is_not_written() -> None:
     assert rep["fallback"] is None and tier.eviction.pinned != ()
     drifted = [*same, ("shift", plan, tune_ev, _zipf(3, reverse=True))]
     tier, rep = P.tune_placement(search, drifted, 32, HW, 1_000_000)
-    assert rep["fallback"] is not None and rep["fallback"]["reason"].startswith("split shift")
+    fb = rep["fallback"]
+    assert fb is not None and fb["from"] == rep["chosen"] and fb["reason"].startswith("split shift")
+    assert fb["to"] == rep["written"] != rep["chosen"]
+    if rep["written"] != "lru":  # a later candidate holds on every split
+        assert all(sp["stall_vs_lru"] <= 1.0 for sp in rep["splits"])
+        assert rep["splits"][0]["placement"]["name"] == rep["written"]
+    monkeypatch.setattr(P, "MAX_TRIES", 1)
+    tier, rep = P.tune_placement(search, drifted, 32, HW, 1_000_000)
     assert rep["written"] == "lru" and tier.eviction.pinned == () and tier.eviction.policy == "lru"
+    assert [t["name"] for t in rep["fallback"]["tried"]] == [rep["chosen"]]
+    assert rep["splits"][1]["placement"]["name"] == rep["chosen"]  # the loss is shown
 
 
 def test_cli_tune_ram_budget(skewed: Path, tmp_path: Path) -> None:
