@@ -136,13 +136,18 @@ class Placement:
         hw: HardwareProfile,
         bpe: int | None,
         adaptation: Adaptation | None = None,
+        misses: np.ndarray | None = None,
     ) -> RamTier:
         """The tier for the device ``plan``, fitted on the events ``fit``; every placement
-        but ``lru`` gets ``adaptation`` (the RAM cache's drift detector)."""
+        but ``lru`` gets ``adaptation`` (the RAM cache's drift detector). ``misses``:
+        :func:`device_misses` of ``plan`` on ``fit`` when the caller has them."""
         L, E = fit.num_layers, fit.num_experts
         pinned: tuple[tuple[int, ...], ...] = ()
         if self.pin is not None and slots > 0:
-            counts = device_misses(fit, plan, hw, bpe) if self.pin == "misses" else activations(fit)
+            if self.pin == "misses":
+                counts = misses if misses is not None else device_misses(fit, plan, hw, bpe)
+            else:
+                counts = activations(fit)
             pinned = top_experts(counts, int(self.pin_fraction * slots))
         pf = self.prefetch
         if pf.name != "none":
@@ -194,19 +199,25 @@ def _score(
     bpe: int | None,
     fanout: Fanout,
     adaptation: Adaptation,
-) -> list[dict[str, Any]]:
-    runs = [(p.name, replace(plan, ram=p.tier(plan, fit, slots, hw, bpe, adaptation)), ev, hw,
-             bpe) for p in options]  # fmt: skip
-    return fanout.map(_row, runs)
+    misses: np.ndarray | None,
+) -> tuple[list[dict[str, Any]], list[RamTier]]:
+    """The rows of ``options``' tiers fitted on ``fit`` and replayed on ``ev``, and the
+    tiers."""
+    tiers = [p.tier(plan, fit, slots, hw, bpe, adaptation, misses) for p in options]
+    runs = [
+        (p.name, replace(plan, ram=t), ev, hw, bpe) for p, t in zip(options, tiers, strict=True)
+    ]
+    return fanout.map(_row, runs), tiers
 
 
-def ram_drift_window(events: Events, plan: Plan, hw: HardwareProfile, bpe: int | None) -> int:
+def ram_drift_window(events: Events, misses: np.ndarray) -> int:
     """RAM accesses per drift-detector window: about 64 tokens' worth of the device's
-    misses under ``plan`` (at least 512). The RAM sees a fraction of the device's
-    accesses, so the device's window (128 tokens of accesses) would leave a pinned RAM
-    placement that the traffic has drifted away from in place for hundreds of tokens."""
+    ``misses`` on ``events`` (:func:`device_misses`; at least 512). The RAM sees a
+    fraction of the device's accesses, so the device's window (128 tokens of accesses)
+    would leave a pinned RAM placement that the traffic has drifted away from in place
+    for hundreds of tokens."""
     tokens = max(float(events.tokens_by_phase.sum()), 1.0)
-    return max(512, int(64 * device_misses(events, plan, hw, bpe).sum() / tokens))
+    return max(512, int(64 * misses.sum() / tokens))
 
 
 def tune_placement(
@@ -235,15 +246,18 @@ def tune_placement(
     than ``lru`` by more than ``tolerance`` on some split's validation requests."""
     fan = fanout or Fanout(1)
     plan0 = search[0][1]
+    # each split's device misses, replayed once (the pinned candidates and the window)
+    search_misses = [device_misses(fit, plan, hw, bpe) for _, plan, fit, _ in search]
+    judge_misses: dict[str, np.ndarray] = {}
     adapt = adaptation or Adaptation()
     if adapt.window == 0 and adaptation is not None:  # sized on the RAM's own stream
-        adapt = replace(adapt, window=ram_drift_window(search[0][2], plan0, hw, bpe))
+        adapt = replace(adapt, window=ram_drift_window(search[0][2], search_misses[0]))
 
     def score(options: Sequence[Placement]) -> list[list[dict[str, Any]]]:
         per = []
-        for name, plan, fit, sel in search:
+        for (name, plan, fit, sel), misses in zip(search, search_misses, strict=True):
             h = fan.share(f"placement:select:{name}", sel)
-            per.append(_score(options, plan, fit, h, slots, hw, bpe, fan, adapt))
+            per.append(_score(options, plan, fit, h, slots, hw, bpe, fan, adapt, misses)[0])
         return per
 
     opts = candidates(plan0)
@@ -274,12 +288,15 @@ def tune_placement(
             todo = (
                 [cand] if name in lru_rows or cand.name == BASELINE else [cand, Placement(BASELINE)]
             )
-            got = _score(todo, plan, tune_ev, h, slots, hw, bpe, fan, adapt)
+            if cand.pin == "misses" and name not in judge_misses:
+                judge_misses[name] = device_misses(tune_ev, plan, hw, bpe)
+            got, tiers = _score(todo, plan, tune_ev, h, slots, hw, bpe, fan, adapt,
+                                judge_misses.get(name))  # fmt: skip
             lru_rows.setdefault(name, got[-1])
             mine, lru = got[0], lru_rows[name]
             ratio = _ratio(mine, lru)
             rows_c.append({"name": name, "placement": mine, "lru": lru, "stall_vs_lru": ratio})
-            tiers_c.append(cand.tier(plan, tune_ev, slots, hw, bpe, adapt))
+            tiers_c.append(tiers[0])
             if why is None and ratio is not None and ratio > 1.0 + tolerance:
                 why = f"split {name}: stall {ratio:.3f}x RAM as LRU"
         if not judged:

@@ -27,7 +27,7 @@ from moetrace.errors import ConfigError
 from moetrace.store.hardware import HardwareProfile, load_hardware
 from moetrace.store.plan import Adaptation, Plan
 from moetrace.tuner.parallel import Fanout, default_workers, shared
-from moetrace.tuner.placement import Placement, ram_drift_window
+from moetrace.tuner.placement import Placement, device_misses, ram_drift_window
 from moetrace.tuner.sim.engine import DEFAULT_BYTES_PER_EXPERT, make_plan, simulate
 from moetrace.tuner.sim.layouts import uniform_layout
 from moetrace.tuner.sim.trace import events_for, load_traces, parse_budget
@@ -107,13 +107,14 @@ def size(traces: Sequence[str | os.PathLike[str]], config: SizingConfig) -> dict
         for d in dev_slots:
             plan = make_plan(ev, loaded.shape, uniform_layout(d, L, E), "lru",
                              bytes_per_expert=bpe, fit_events=fit)  # fmt: skip
-            window = ram_drift_window(fit, plan, hw, bpe) if hw.has_disk_link else 0
+            misses = device_misses(fit, plan, hw, bpe)  # once per device size
+            window = ram_drift_window(fit, misses) if hw.has_disk_link else 0
             adapt = Adaptation("lru", window)
             for r in ram_slots:
                 if r >= L * E:
                     tiers = {"all in RAM": None}
                 else:
-                    tiers = {p.name: p.tier(plan, fit, r, hw, bpe, adapt)
+                    tiers = {p.name: p.tier(plan, fit, r, hw, bpe, adapt, misses)
                              for p in (Placement("lru"), PINNED)}  # fmt: skip
                 for name, tier in tiers.items():
                     runs.append((plan, tier, handle, hw, bpe))
