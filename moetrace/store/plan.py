@@ -295,22 +295,45 @@ class RamTier:
 
     def check_shape(self, routing: RoutingShape) -> None:
         """Raise PlanError unless the tier fits the model's MoE layers and experts."""
-        L, E = routing.num_layers, routing.num_experts
-        caps = self.layout.capacities
-        _require(
-            len(caps) == L,
-            f"ram.layout.capacities has {len(caps)} entries, the model has {L} MoE layers",
-        )
-        _require(all(c <= E for c in caps), f"ram.layout.capacities must be <= num_experts {E}")
-        pinned = self.eviction.pinned
-        if pinned:
+        check_cache_shape(self.layout, self.eviction, routing, "ram.")
+
+
+def check_cache_shape(
+    layout: CacheLayout,
+    eviction: EvictionConfig,
+    routing: RoutingShape,
+    prefix: str,
+    *,
+    layer_pins: bool = False,
+) -> None:
+    """Raise PlanError unless a cache's layout and pins fit the model: one capacity per MoE
+    layer, none over the experts, one pinned row per layer of valid expert ids and, with
+    ``layer_pins``, within a per-layer layout's capacities. ``prefix`` names the tier."""
+    L, E = routing.num_layers, routing.num_experts
+    caps = layout.capacities
+    _require(
+        len(caps) == L,
+        f"{prefix}layout.capacities has {len(caps)} entries, the model has {L} MoE layers",
+    )
+    too_big = [(i, c) for i, c in enumerate(caps) if c > E]
+    if too_big:
+        i, c = too_big[0]
+        raise PlanError(f"{prefix}layout.capacities[{i}] = {c} > num_experts {E}")
+    pinned = eviction.pinned
+    if not pinned:
+        return
+    _require(
+        len(pinned) == L,
+        f"{prefix}eviction.pinned has {len(pinned)} rows, the model has {L} MoE layers",
+    )
+    for i, row in enumerate(pinned):
+        out = [e for e in row if not 0 <= e < E]
+        _require(not out, f"{prefix}eviction.pinned[{i}]: expert ids {out[:3]} out of range")
+        if layer_pins and layout.kind == "per_layer":
             _require(
-                len(pinned) == L,
-                f"ram.eviction.pinned has {len(pinned)} rows, the model has {L} MoE layers",
+                len(row) <= caps[i],
+                f"{prefix}eviction.pinned[{i}] pins {len(row)} experts > layer capacity {caps[i]}",
             )
-            for i, row in enumerate(pinned):
-                out = [e for e in row if not 0 <= e < E]
-                _require(not out, f"ram.eviction.pinned[{i}]: expert ids {out[:3]} out of range")
 
 
 def ram_tier_from_json(data: Any) -> RamTier:
@@ -396,38 +419,11 @@ class Plan:
         object.__setattr__(self, "expected", _json_value(dict(self.expected), "expected"))
         bad = [p for p in self.phase_overrides if p not in PHASES]
         _require(not bad, f"phase_overrides: unknown phase {bad[0]!r}" if bad else "")
-        n_layers = self.routing.num_layers
-        caps = self.layout.capacities
-        _require(
-            len(caps) == n_layers,
-            f"layout.capacities has {len(caps)} entries, the model has {n_layers} MoE layers",
-        )
-        too_big = [(i, c) for i, c in enumerate(caps) if c > self.routing.num_experts]
-        _require(
-            not too_big,
-            f"layout.capacities[{too_big[0][0]}] = {too_big[0][1]} > num_experts "
-            f"{self.routing.num_experts}"
-            if too_big
-            else "",
-        )
+        check_cache_shape(self.layout, self.eviction, self.routing, "", layer_pins=True)
         _require(
             self.layout.total_slots <= self.budget.slots,
             f"layout needs {self.layout.total_slots} slots > budget.slots {self.budget.slots}",
         )
-        pinned = self.eviction.pinned
-        if pinned:
-            _require(
-                len(pinned) == n_layers,
-                f"eviction.pinned has {len(pinned)} rows, the model has {n_layers} MoE layers",
-            )
-            for i, row in enumerate(pinned):
-                out = [e for e in row if not 0 <= e < self.routing.num_experts]
-                _require(not out, f"eviction.pinned[{i}]: expert ids {out[:3]} out of range")
-                if self.layout.kind == "per_layer":
-                    _require(
-                        len(row) <= caps[i],
-                        f"eviction.pinned[{i}] pins {len(row)} experts > layer capacity {caps[i]}",
-                    )
         _require(
             self.num_pinned <= self.budget.slots,
             f"plan pins {self.num_pinned} experts > budget of {self.budget.slots} slots",
