@@ -1,6 +1,8 @@
 """A small fixture trace with planted structure (hot experts, a co-activated pair, a
 layer-to-layer transition, two request tags) and a plan for it, for the dashboard tests.
 
+:func:`dashboard_server` runs ``moetrace dashboard`` in a subprocess for the browser tests.
+
 Also runnable: ``python tests/dashboard/dashkit.py OUT_DIR`` writes ``OUT_DIR/trace`` and
 ``OUT_DIR/plan.json`` (used by the browser test's server subprocess).
 """
@@ -8,12 +10,57 @@ Also runnable: ``python tests/dashboard/dashkit.py OUT_DIR`` writes ``OUT_DIR/tr
 from __future__ import annotations
 
 import json
+import queue
+import re
+import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from moetrace.store import Manifest, ModelInfo, RequestRecord, SourceInfo, TraceWriter
+
+START_TIMEOUT_S = 90
+
+
+@contextmanager
+def dashboard_server(args: list[str]) -> Iterator[tuple[str, Path]]:
+    """``moetrace dashboard ARGS --no-browser`` in a subprocess: its URL and server log
+    once it has printed both (the test fails after :data:`START_TIMEOUT_S` without them);
+    stopped (terminated, killed if it lingers) on leaving."""
+    import pytest
+
+    cmd = [sys.executable, "-m", "moetrace.cli", "dashboard", *args, "--no-browser"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        seen: list[str] = []
+        url, log_path = None, None
+        while url is None or log_path is None:
+            try:
+                line = lines.get(timeout=START_TIMEOUT_S)
+            except queue.Empty:
+                pytest.fail(
+                    f"no URL and log from moetrace dashboard in {START_TIMEOUT_S} s: {seen}"
+                )
+            seen.append(line)
+            m = re.search(r"(http://\S+)", line)
+            url = url or (m.group(1) if m else None)
+            m = re.search(r"server log (\S+)", line)
+            log_path = log_path or (Path(m.group(1)) if m else None)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
 
 MOE_LAYERS = (1, 2, 3)
 NUM_EXPERTS = 8

@@ -8,24 +8,19 @@ dashboard`` at the repository root). Skipped when playwright or chromium is miss
 from __future__ import annotations
 
 import os
-import queue
-import re
 import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from dashkit import dashboard_server
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("MOETRACE_CHROMIUM", "/usr/bin/chromium")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 90
 PAGE_TIMEOUT_MS = 60_000
 PAGES = (
     # url path, page title, texts that must show, charts at least
@@ -62,39 +57,13 @@ def server(fixture_paths: dict[str, Path]) -> Iterator[str]:
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
         pytest.skip(f"chromium not found at {CHROMIUM}")
     p = fixture_paths
-    cmd = [
-        sys.executable, "-m", "moetrace.cli", "dashboard", str(p["trace"]), str(p["trace2"]),
-        "--plan", str(p["plan"]), "--plan", str(p["plan2"]), "--stats", str(p["stats"]),
-        "--no-browser",
+    args = [
+        str(p["trace"]), str(p["trace2"]), "--plan", str(p["plan"]), "--plan", str(p["plan2"]),
+        "--stats", str(p["stats"]),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    log_path = None
-    try:
-        seen: list[str] = []
-        url = None
-        while url is None or log_path is None:
-            try:
-                line = lines.get(timeout=START_TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(
-                    f"no URL and log from moetrace dashboard in {START_TIMEOUT_S} s: {seen}"
-                )
-            seen.append(line)
-            m = re.search(r"(http://\S+)", line)
-            url = url or (m.group(1) if m else None)
-            m = re.search(r"server log (\S+)", line)
-            log_path = log_path or (Path(m.group(1)) if m else None)
+    with dashboard_server(args) as (url, log_path):
         assert log_path.is_file()  # printed, and there while the server runs
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     assert log_path is not None and not log_path.exists()  # removed on a clean stop
 
 

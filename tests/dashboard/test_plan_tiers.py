@@ -6,7 +6,6 @@ RAM tier or a sizing grid shows none of it. Plans are tuned here on a tiny trace
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -283,33 +282,14 @@ def test_plan_without_ram_tier_or_grid_shows_neither(
 @pytest.fixture(scope="module")
 def server(tiers: dict[str, Path]) -> Iterator[str]:
     """``moetrace dashboard`` on the trace with the tuned plan, in a subprocess."""
-    from test_dashboard_browser import CHROMIUM, START_TIMEOUT_S
+    from dashkit import dashboard_server
+    from test_dashboard_browser import CHROMIUM
 
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium not found at {CHROMIUM}")
-    cmd = [sys.executable, "-m", "moetrace.cli", "dashboard", str(tiers["trace"]),
-           "--plan", str(tiers["tiered"]), "--no-browser"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        import queue
-        import re
-        import threading
-
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-        url = None
-        while url is None:
-            m = re.search(r"(http://\S+)", lines.get(timeout=START_TIMEOUT_S))
-            url = m.group(1) if m else None
+    with dashboard_server([str(tiers["trace"]), "--plan", str(tiers["tiered"])]) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.mark.browser
