@@ -86,9 +86,7 @@ def measure_copy(
     ram, dst = {}, {}
     for p in params:
         n = p.nbytes
-        buf = host.allocate(ROWS * n, f"ram/{p.name}")
-        if cuda:
-            buf = buf.pin_memory()
+        buf = host.allocate(ROWS * n, f"ram/{p.name}", pin=cuda)
         ram[p.name] = buf.view(p.dtype).view(ROWS, *p.shape)
         dst[p.name] = slots.allocate(top_k * n, p.name).view(p.dtype).view(top_k, *p.shape)
         ram[p.name].view(torch.uint8).fill_(1)

@@ -27,14 +27,17 @@ ALIGN = 4096
 """Byte alignment of every expert buffer (the page size; direct I/O needs the block size)."""
 
 
-def _aligned_bytes(nbytes: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """A uint8 tensor of ``nbytes`` whose address is ALIGN-aligned, and the bytes allocated."""
+def _aligned_bytes(
+    nbytes: int, device: torch.device, pin: bool = False
+) -> tuple[torch.Tensor, int]:
+    """A uint8 tensor of ``nbytes`` whose address is ALIGN-aligned, and the bytes allocated;
+    ``pin``: page-locked host memory (a CPU buffer that CUDA copies read asynchronously)."""
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
         raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=device)
         measured = torch.cuda.memory_allocated(device) - before
     else:
-        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=device)
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, device=device, pin_memory=pin)
         measured = raw.untyped_storage().nbytes()
     off = (-raw.data_ptr()) % ALIGN
     return raw[off : off + nbytes], int(measured)
@@ -51,11 +54,12 @@ class ExpertMemory:
     buffers: dict[str, int] = field(default_factory=dict)
     """What each named buffer measured, in bytes."""
 
-    def allocate(self, nbytes: int, name: str) -> torch.Tensor:
-        """An aligned uint8 buffer of ``nbytes`` on the device, accounted as ``name``."""
+    def allocate(self, nbytes: int, name: str, pin: bool = False) -> torch.Tensor:
+        """An aligned uint8 buffer of ``nbytes`` on the device, accounted as ``name``
+        (``pin``: page-locked, for a host buffer that CUDA copies read)."""
         if name in self.buffers:
             raise RuntimeEngineError(f"expert buffer {name!r} is already allocated")
-        buf, measured = _aligned_bytes(nbytes, self.device)
+        buf, measured = _aligned_bytes(nbytes, self.device, pin)
         self.track(name, measured)
         return buf
 

@@ -142,12 +142,7 @@ class RamTier:
     # ------------------------------------------------------------ buffers
     def _buffer(self, nbytes: int, name: str) -> torch.Tensor:
         """An aligned host buffer from the tier's ledger (pinned for a CUDA device)."""
-        if not self._cuda:
-            return self.memory.allocate(nbytes, name)
-        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
-        self.memory.track(name, raw.untyped_storage().nbytes())
-        off = (-raw.data_ptr()) % ALIGN
-        return raw[off : off + nbytes]
+        return self.memory.allocate(nbytes, name, pin=self._cuda)
 
     def _release(self) -> None:
         for name in list(self.memory.buffers):
